@@ -1,0 +1,421 @@
+"""§4.1 Architecture of "Visual Instruction Tuning" (LLaVA).
+
+    X_v --g (vision encoder, frozen)--> Z_v --W (projection)--> H_v --+
+    X_q --word embeddings-----------------------------------> H_q --+--> f_phi (LLM) --> X_a
+
+One directory holds a model, in the layout of transformers' LlavaForConditionalGeneration
+(llava-hf): config.json, model*.safetensors, the tokenizer and the image processor. A model saved
+here loads in transformers and a llava-hf checkpoint loads here; so does the authors' own layout.
+
+    import llava
+    model = llava.build("openai/clip-vit-large-patch14", "lmsys/vicuna-13b-v1.5")  # new, W random
+    model = llava.load("llava-hf/llava-1.5-7b-hf")                                 # or a saved one
+    for text in model.generate_text(conversation, image): print(text, end="")
+"""
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+
+from safetensors.torch import load_file
+from transformers.initialization import no_init_weights
+from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
+                          AutoTokenizer, LlavaConfig)
+
+import data
+
+AUTHORS_IMAGE_TOKEN_ID = -200  # the authors' IMAGE_TOKEN_INDEX: a position id outside the vocabulary
+
+
+# ----------------------------------------------------------------------------------------------
+# §4.1: g, W and f_phi
+# ----------------------------------------------------------------------------------------------
+
+def make_projector(kind, vision_dim, text_dim):
+    """W: from the vision encoder's width to the LLM's word-embedding width."""
+    if kind == "linear":  # the paper: H_v = W · Z_v  (Eq. 1)
+        return nn.Sequential(nn.Linear(vision_dim, text_dim))
+    if kind == "mlp2x_gelu":  # LLaVA-1.5: Linear, GELU, Linear
+        return nn.Sequential(nn.Linear(vision_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
+    raise ValueError(f"unknown projector {kind!r}; choose linear or mlp2x_gelu")
+
+
+class LLaVA(nn.Module):
+    def __init__(self, vision_tower, language_model, tokenizer, image_processor, projector="mlp2x_gelu",
+                 feature_layer=-2, keep_cls=False, image_token_id=None, template="paper"):
+        super().__init__()
+        self.vision_tower = vision_tower.requires_grad_(False).eval()  # g, always frozen
+        self.projector = make_projector(projector, vision_tower.config.hidden_size,
+                                        language_model.config.hidden_size)  # W
+        self.language_model = language_model  # f_phi, a causal LM with its LM head
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.projector_kind, self.feature_layer, self.keep_cls = projector, feature_layer, keep_cls
+        self.image_token_id = image_token_id
+        self.template = data.get_template(template)
+        patches = (vision_tower.config.image_size // vision_tower.config.patch_size) ** 2
+        self.num_image_tokens = patches + int(keep_cls)  # N_v: how many positions the image takes
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vision_tower.eval()  # frozen: no dropout, whatever the rest does
+        return self
+
+    def encode_images(self, pixel_values):
+        """X_v (B, 3, H, W) -> H_v (B, N_v, D), the visual tokens in the word-embedding space."""
+        with torch.no_grad():  # g is frozen: no activations kept for backward
+            hidden_states = self.vision_tower(pixel_values.to(self.vision_tower.dtype),
+                                              output_hidden_states=True).hidden_states
+            # Z_v = g(X_v): the grid features of one layer; the paper's default is the one before
+            # the last (feature_layer=-2). Position 0 is CLS, dropped unless keep_cls.
+            Z_v = hidden_states[self.feature_layer]  # (B, 1 + N, D_v)
+            Z_v = Z_v if self.keep_cls else Z_v[:, 1:]  # (B, N_v, D_v)
+        W = self.projector
+        return W(Z_v.to(W[0].weight.dtype))  # H_v = W · Z_v  (Eq. 1), (B, N_v, D)
+
+    def embed(self, input_ids, pixel_values=None):
+        """Word embeddings of the text, with H_v written over the image positions."""
+        is_image = input_ids == self.image_token_id  # (B, T)
+        # The image id may lie outside the vocabulary (the authors use -200): embed a 0 there.
+        embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
+        if pixel_values is None:
+            if is_image.any():
+                raise ValueError("input_ids hold image positions but no pixel_values were given")
+            return embeds
+        H_v = self.encode_images(pixel_values)  # (B_img, N_v, D)
+        if is_image.sum() != H_v.shape[0] * H_v.shape[1]:
+            raise ValueError(f"{int(is_image.sum())} image positions in input_ids but "
+                             f"{H_v.shape[0]} images x {H_v.shape[1]} visual tokens")
+        # Images fill the image positions in order: row by row through the batch.
+        return embeds.masked_scatter(is_image.unsqueeze(-1), H_v.to(embeds.dtype))
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
+                past_key_values=None, use_cache=False, num_items=None):
+        """Returns (logits (B, T, V), loss or None, past_key_values).
+
+        loss (Eq. 3): the negative log-likelihood of every labelled token given the ones before it,
+        averaged over the labelled tokens, or summed and divided by num_items when given (so that
+        gradient accumulation over micro-batches and ranks weighs every token the same).
+        """
+        inputs_embeds = self.embed(input_ids, pixel_values)  # (B, T, D)
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  past_key_values=past_key_values, use_cache=use_cache)
+        logits = out.logits  # (B, T, V)
+        loss = None
+        if labels is not None:  # position t predicts token t+1
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=data.IGNORE, reduction="sum")
+            loss = loss / (num_items if num_items is not None else (labels[:, 1:] != data.IGNORE).sum().clamp(min=1))
+        return logits, loss, out.past_key_values
+
+    # ------------------------------------------------------------------------------------------
+    # Generation (§5.1): greedy or sampled, one token at a time, with a KV cache
+    # ------------------------------------------------------------------------------------------
+
+    def prepare(self, conversations, image=None):
+        """A conversation ending in a human turn (and a PIL image) -> the model's inputs (1, T)."""
+        input_ids, _ = data.render(conversations, self.tokenizer, self.template,
+                                   image_token_id=self.image_token_id if image is not None else None,
+                                   num_image_tokens=self.num_image_tokens, for_generation=True)
+        device = self.projector[0].weight.device
+        pixel_values = None
+        if image is not None:
+            pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"].to(device)
+        return torch.tensor([input_ids], device=device), pixel_values
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
+                 use_cache=True, stop=None):
+        """Yield new token ids one by one until EOS, the stop string (the template's <STOP>), or
+        max_new_tokens. temperature 0 is greedy; otherwise sample with temperature and top-p."""
+        stop = self.template.stop if stop is None else stop
+        warpers = []
+        if temperature > 0:
+            warpers = [transformers.TemperatureLogitsWarper(temperature)]
+            if top_p < 1.0:
+                warpers.append(transformers.TopPLogitsWarper(top_p))
+        inputs_embeds = self.embed(input_ids, pixel_values)  # (1, T, D): the prompt, once
+        cache = transformers.DynamicCache() if use_cache else None
+        new_ids = []
+        for _ in range(max_new_tokens):
+            out = self.language_model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=use_cache)
+            logits = out.logits[:, -1].float()  # (1, V): the next token's scores
+            if temperature > 0:
+                for warp in warpers:
+                    logits = warp(input_ids, logits)
+                next_id = torch.multinomial(logits.softmax(-1), 1)  # (1, 1)
+            else:
+                next_id = logits.argmax(-1, keepdim=True)  # (1, 1)
+            token = int(next_id)
+            new_ids.append(token)
+            yield token
+            if token == self.tokenizer.eos_token_id or (stop and stop in self.tokenizer.decode(new_ids)):
+                return
+            next_embeds = self.language_model.get_input_embeddings()(next_id)  # (1, 1, D)
+            if use_cache:  # the cache holds keys and values of all earlier positions
+                inputs_embeds = next_embeds
+            else:  # no cache: run the whole sequence again
+                inputs_embeds = torch.cat([inputs_embeds, next_embeds], dim=1)
+            input_ids = torch.cat([input_ids, next_id], dim=1)
+
+    def generate_text(self, conversations, image=None, **kwargs):
+        """Yield the answer as pieces of text as they are generated, without the <STOP>."""
+        input_ids, pixel_values = self.prepare(conversations, image)
+        stop = self.template.stop
+        ids, shown = [], 0
+        for token in self.generate(input_ids, pixel_values, **kwargs):
+            if token == self.tokenizer.eos_token_id:
+                break
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            if stop in text:
+                yield text[shown:text.index(stop)]
+                return
+            # Hold back a tail that may be the start of the stop string or of a multi-byte letter.
+            safe = len(text.rstrip("\ufffd"))
+            for k in range(max(shown, safe - len(stop) + 1), safe):
+                if stop.startswith(text[k:safe]):
+                    safe = k
+                    break
+            if safe > shown:
+                yield text[shown:safe]
+                shown = safe
+        text = self.tokenizer.decode(ids)
+        if len(text) > shown:
+            yield text[shown:]
+
+    def answer(self, conversations, image=None, **kwargs):
+        return "".join(self.generate_text(conversations, image, **kwargs)).strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a new LLaVA from a vision encoder and an LLM (the start of stage 1)
+# ----------------------------------------------------------------------------------------------
+
+def load_vision_tower(name_or_path, dtype=None):
+    """The vision half of a CLIP-like model (or a vision model on its own), by hub id or directory."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    vision_config = getattr(config, "vision_config", config)
+    with quiet_transformers():  # a CLIP checkpoint also holds the text tower we leave out
+        return AutoModel.from_pretrained(name_or_path, config=vision_config, dtype=dtype)
+
+
+def build(vision, llm, projector="mlp2x_gelu", feature_layer=-2, keep_cls=False, template="paper",
+          dtype=None):
+    """A new LLaVA: g and f_phi from pretrained models (hub ids or directories), W random."""
+    vision_tower = load_vision_tower(vision, dtype)
+    language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    # An <image> token in the vocabulary, so that transformers' Llava can read what we save.
+    tokenizer.add_special_tokens({"additional_special_tokens": [data.IMAGE]})
+    if tokenizer.pad_token is None:  # LLaMA has none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
+        language_model.resize_token_embeddings(len(tokenizer))
+    return LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision, backend="pil"),
+                 projector, feature_layer, keep_cls, tokenizer.convert_tokens_to_ids(data.IMAGE), template)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading: the llava-hf layout, and the authors' layout
+# ----------------------------------------------------------------------------------------------
+
+# Our parameter names -> the names transformers' LlavaForConditionalGeneration writes and reads.
+TO_HF = [(r"^projector\.0\.", "multi_modal_projector.linear_1."),
+         (r"^projector\.2\.", "multi_modal_projector.linear_2.")]
+# Names in checkpoints -> ours. llava-hf on the hub, transformers 5, the authors' code.
+FROM_CHECKPOINT = [
+    (r"^multi_modal_projector\.linear_1\.", "projector.0."),
+    (r"^multi_modal_projector\.linear_2\.", "projector.2."),
+    (r"^model\.multi_modal_projector\.linear_1\.", "projector.0."),
+    (r"^model\.multi_modal_projector\.linear_2\.", "projector.2."),
+    (r"^(model\.)?vision_tower\.vision_model\.", "vision_tower."),  # transformers 4 nests CLIP
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    # the authors' LlavaLlamaForCausalLM
+    (r"^model\.mm_projector\.", "projector."),
+    (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
+]
+AUTHORS_LM = [(r"^model\.(?!mm_projector|vision_tower)", "language_model.model."),
+              (r"^lm_head\.", "language_model.lm_head.")]
+
+
+def rename(key, rules):
+    for pattern, replacement in rules:
+        new_key, n = re.subn(pattern, replacement, key)
+        if n:
+            return new_key
+    return key
+
+
+def save(model, path, state_dict=None, max_shard_size="5GB"):
+    """Write `path` in the llava-hf layout, atomically: a crash leaves the old directory intact.
+
+    state_dict: a full state dict gathered elsewhere (FSDP); default the model's own.
+    """
+    from huggingface_hub import save_torch_state_dict
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    weights = {rename(k, TO_HF): v.detach().contiguous() for k, v in state_dict.items()}
+    lm = model.language_model.config
+    if lm.tie_word_embeddings:
+        weights.pop("language_model.lm_head.weight", None)
+    if model.projector_kind == "linear":
+        # transformers' projector is always Linear, act, Linear: write the paper's single Linear W
+        # as Linear W, identity act, Linear I. It computes exactly W · Z_v.
+        W = weights["multi_modal_projector.linear_1.weight"]
+        weights["multi_modal_projector.linear_2.weight"] = torch.eye(W.shape[0], dtype=W.dtype)
+        weights["multi_modal_projector.linear_2.bias"] = torch.zeros(W.shape[0], dtype=W.dtype)
+    config = LlavaConfig(
+        vision_config=model.vision_tower.config.to_dict(), text_config=lm.to_dict(),
+        image_token_index=model.image_token_id, image_seq_length=model.num_image_tokens,
+        projector_hidden_act="gelu" if model.projector_kind == "mlp2x_gelu" else "linear",
+        vision_feature_layer=model.feature_layer,
+        vision_feature_select_strategy="full" if model.keep_cls else "default",
+        tie_word_embeddings=lm.tie_word_embeddings,
+        llava_projector=model.projector_kind, llava_template=model.template.name)  # ours; transformers ignores them
+    config.architectures = ["LlavaForConditionalGeneration"]
+
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_torch_state_dict(weights, tmp, max_shard_size=max_shard_size)
+    config.save_pretrained(tmp)
+    model.tokenizer.save_pretrained(tmp)
+    model.image_processor.save_pretrained(tmp)
+    old = path.rstrip("/") + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_weights(path):
+    """All tensors of a checkpoint directory: safetensors (one file or shards), else the authors'
+    pytorch_model*.bin read with weights_only=True (no code from the file is run)."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f.startswith("model"))
+    if not files:
+        files = sorted(f for f in os.listdir(path) if re.fullmatch(r"pytorch_model.*\.bin", f))
+    if not files:
+        raise FileNotFoundError(f"{path}: no model*.safetensors or pytorch_model*.bin")
+    weights = {}
+    for f in files:
+        full = os.path.join(path, f)
+        weights.update(load_file(full) if f.endswith(".safetensors")
+                       else torch.load(full, map_location="cpu", weights_only=True))
+    return weights
+
+
+def load_tokenizer_and_config(path):
+    """What data.py needs to render samples for a saved model, without loading its weights."""
+    path = resolve(path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if config.get("model_type") == "llava":
+        vc = config["vision_config"]
+        keep_cls = config.get("vision_feature_select_strategy", "default") == "full"
+        n = (vc["image_size"] // vc["patch_size"]) ** 2 + int(keep_cls)
+        return tokenizer, {"template": config.get("llava_template", "llava15"),
+                           "image_token_id": config["image_token_index"], "num_image_tokens": n}
+    vision = AutoConfig.from_pretrained(config["mm_vision_tower"])
+    vision = getattr(vision, "vision_config", vision)
+    return tokenizer, {"template": authors_template(config), "image_token_id": AUTHORS_IMAGE_TOKEN_ID,
+                       "num_image_tokens": (vision.image_size // vision.patch_size) ** 2}
+
+
+def resolve(path):
+    """A local directory as it is; otherwise a hub id, fetched (or found in the local cache)."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:
+        raise FileNotFoundError(f"{path}: not a directory, and the hub cannot give it ({type(e).__name__})")
+
+
+def authors_template(config):
+    return "llava15" if config.get("mm_projector_type", "linear") != "linear" else "paper"
+
+
+def load(path, dtype=None, vision=None, template=None):
+    """A saved LLaVA: ours or llava-hf (model_type "llava"), or the authors' ("llava_llama").
+
+    Strict: a missing, unexpected or mis-shaped weight is an error that names it.
+    vision: for the authors' layout, where to find the vision tower if not `mm_vision_tower`.
+    """
+    path = resolve(path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    weights = read_weights(path)
+    if config.get("model_type") == "llava":  # llava-hf, or ours
+        llava_config = LlavaConfig.from_dict(config)
+        with no_init_weights():  # the weights come from the file
+            vision_tower = AutoModel.from_config(llava_config.vision_config, dtype=dtype)
+            language_model = AutoModelForCausalLM.from_config(llava_config.text_config, dtype=dtype)
+        projector = config.get("llava_projector", "mlp2x_gelu")
+        if projector == "linear":  # undo save()'s Linear, identity, Linear
+            eye = weights.pop("multi_modal_projector.linear_2.weight", None)
+            bias = weights.pop("multi_modal_projector.linear_2.bias", None)
+            if eye is None or not torch.equal(eye, torch.eye(eye.shape[0], dtype=eye.dtype)) or bias.any():
+                raise ValueError(f"{path}: a linear projector needs multi_modal_projector.linear_2 = identity")
+        elif config.get("projector_hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{path}: projector_hidden_act {config['projector_hidden_act']!r} is not supported")
+        model = LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(path, backend="pil"),
+                      projector, llava_config.vision_feature_layer,
+                      llava_config.vision_feature_select_strategy == "full",
+                      llava_config.image_token_index, template or config.get("llava_template", "llava15"))
+        weights = {rename(k, FROM_CHECKPOINT): v for k, v in weights.items()}
+    elif "mm_vision_tower" in config:  # the authors' LlavaLlamaForCausalLM
+        text_config = AutoConfig.for_model("llama", **{k: v for k, v in config.items() if k != "model_type"})
+        with no_init_weights():
+            language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+        vision = vision or config["mm_vision_tower"]
+        vision_tower = load_vision_tower(vision, dtype)
+        model = LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision, backend="pil"),
+                      config.get("mm_projector_type", "linear"), config.get("mm_vision_select_layer", -2),
+                      config.get("mm_vision_select_feature", "patch") == "cls_patch",
+                      AUTHORS_IMAGE_TOKEN_ID, template or authors_template(config))
+        weights = {rename(k, FROM_CHECKPOINT[-2:] + AUTHORS_LM): v for k, v in weights.items()}
+        for k, v in model.vision_tower.state_dict().items():  # the vision tower came from elsewhere
+            weights.setdefault("vision_tower." + k, v)
+    else:
+        raise ValueError(f"{path}/config.json: neither a LLaVA (model_type 'llava') nor the authors' "
+                         f"layout (mm_vision_tower); got model_type {config.get('model_type')!r}")
+    load_strict(model, weights, path)
+    return model
+
+
+def load_strict(model, weights, source):
+    expected = model.state_dict()
+    if model.language_model.config.tie_word_embeddings:
+        weights.pop("language_model.lm_head.weight", None)
+        expected.pop("language_model.lm_head.weight", None)
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise ValueError(f"{source}: missing weight {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise ValueError(f"{source}: unexpected weight {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for k, v in weights.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{source}: weight {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(weights, strict=False)  # tied lm_head follows the embeddings
+    if model.language_model.config.tie_word_embeddings:
+        model.language_model.tie_weights()
+
+
+class quiet_transformers:
+    """Silence transformers' load reports inside a `with` block."""
+    def __enter__(self):
+        self.level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        transformers.logging.set_verbosity(self.level)
