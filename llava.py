@@ -162,23 +162,23 @@ class LLaVA(nn.Module):
                 inputs_embeds = torch.cat([inputs_embeds, next_embeds], dim=1)
             input_ids = torch.cat([input_ids, next_id], dim=1)
 
-    def generate_text(self, conversations, image=None, **kwargs):
+    def generate_text(self, conversations, image=None, stop=None, **kwargs):
         """Yield the answer as pieces of text as they are generated, without the <STOP>."""
         input_ids, pixel_values = self.prepare(conversations, image)
-        stop = self.template.stop
+        stop = self.template.stop if stop is None else stop
         ids, shown = [], 0
-        for token in self.generate(input_ids, pixel_values, **kwargs):
+        for token in self.generate(input_ids, pixel_values, stop=stop, **kwargs):
             if token == self.tokenizer.eos_token_id:
                 break
             ids.append(token)
             text = self.tokenizer.decode(ids, skip_special_tokens=False)
-            if stop in text:
+            if stop and stop in text:
                 yield text[shown:text.index(stop)]
                 return
             # Hold back a tail that may be the start of the stop string or of a multi-byte letter.
             safe = len(text.rstrip("\ufffd"))
             for k in range(max(shown, safe - len(stop) + 1), safe):
-                if stop.startswith(text[k:safe]):
+                if stop and stop.startswith(text[k:safe]):
                     safe = k
                     break
             if safe > shown:
