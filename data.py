@@ -12,6 +12,7 @@ Only the answers X_a and their <STOP> are trained (Eq. 3); every other label is 
 """
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 
@@ -190,6 +191,590 @@ def show(input_ids, labels, tokenizer, image_token_id=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# §3 in miniature: the toy world and its symbolic representation
+# ----------------------------------------------------------------------------------------------
+# Offline there is neither COCO nor GPT-4. The toy world stands in for both: images of simple shapes,
+# each with the symbolic representation of §3 (captions, and boxes `category: [x1, y1, x2, y2]`
+# normalized to 0..1), and a rule-based teacher that reads only that representation.
+# Objects sit in the cells of a 3x3 grid; with the vision encoder's patch as large as a cell, one
+# object is about one visual token.
+
+SHAPES = ["square", "circle", "triangle"]
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
+          "purple": (150, 60, 190)}
+GRID = 3  # cells per side
+ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]
+PLACES = {"top": "at the top", "middle": "in the middle", "bottom": "at the bottom"}
+
+BRIEF = [  # the paper's brief-description instructions (stage 1)
+    "Describe the image concisely.", "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.", "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.", "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.", "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.", "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented."]
+DETAILED = [  # detailed-description instructions, as in the paper's list
+    "Describe the following image in detail.", "Provide a detailed description of the given image.",
+    "Give an elaborate explanation of the image you see.", "Share a comprehensive rundown of the presented image.",
+    "Explain the various aspects of the image before you.", "Analyze the image in a comprehensive and detailed manner."]
+
+
+def toy_scene(rng, cell=16):
+    """1 to 3 objects in distinct grid cells: shape, color, size and box in pixels."""
+    objects = []
+    for index in rng.sample(range(GRID * GRID), rng.randint(1, 3)):
+        row, col = divmod(index, GRID)
+        size = rng.choice(["small", "large"])
+        side = rng.choice([8, 10]) if size == "small" else rng.choice([14, 16])
+        x1 = col * cell + (cell - side) // 2  # centered in its cell: one object, one patch
+        y1 = row * cell + (cell - side) // 2
+        objects.append({"shape": rng.choice(SHAPES), "color": rng.choice(list(COLORS)), "size": size,
+                        "row": row, "col": col, "box": [x1, y1, x1 + side, y1 + side]})
+    return objects
+
+
+def draw(objects, cell=16):
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (GRID * cell, GRID * cell), (255, 255, 255))
+    pen = ImageDraw.Draw(image)
+    for o in objects:
+        x1, y1, x2, y2 = o["box"]
+        rgb = COLORS[o["color"]]
+        if o["shape"] == "square":
+            pen.rectangle([x1, y1, x2 - 1, y2 - 1], fill=rgb)
+        elif o["shape"] == "circle":
+            pen.ellipse([x1, y1, x2 - 1, y2 - 1], fill=rgb)
+        else:
+            pen.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=rgb)
+    return image
+
+
+def name(o):
+    return f"{o['color']} {o['shape']}"
+
+
+def where(o):
+    """'at the top left', 'in the center', ..."""
+    row, col = ROWS[o["row"]], COLS[o["col"]]
+    if row == "middle":
+        return "in the center" if col == "center" else f"on the {col}"
+    return PLACES[row] if col == "center" else f"at the {row} {col}"
+
+
+def symbolic(objects, cell=16):
+    """§3's symbolic representation: captions and normalized boxes, all the teacher may see."""
+    side = GRID * cell
+    names = [f"a {o['size']} {name(o)}" for o in objects]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    captions = [f"{listed[0].upper()}{listed[1:]}.",
+                " ".join(f"{n[0].upper()}{n[1:]} {where(o)}." for n, o in zip(names, objects))]
+    boxes = [f"{name(o)}: [{', '.join(f'{v / side:.2f}' for v in o['box'])}]" for o in objects]
+    return {"captions": captions, "boxes": boxes}
+
+
+def parse_boxes(boxes):
+    """The teacher's view: objects back from `color shape: [x1, y1, x2, y2]` lines."""
+    objects = []
+    for line in boxes:
+        category, coords = line.split(": ")
+        x1, y1, x2, y2 = json.loads(coords)
+        color, shape = category.split(" ")
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        objects.append({"color": color, "shape": shape, "row": min(int(cy * GRID), GRID - 1),
+                        "col": min(int(cx * GRID), GRID - 1), "area": (x2 - x1) * (y2 - y1)})
+    for o in objects:
+        o["size"] = "large" if o["area"] > 0.02 else "small"  # a 16 px cell of 48 px holds 0.028
+    return objects
+
+
+# ----------------------------------------------------------------------------------------------
+# §3: the rule-based teacher, the stand-in for GPT-4
+# ----------------------------------------------------------------------------------------------
+
+def plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def unique(objects, key):
+    """Objects whose `key` (shape or color) no other object shares."""
+    return [o for o in objects if sum(p[key] == o[key] for p in objects) == 1]
+
+
+def absent_pair(objects, rng):
+    """A 'bag of patches' trap: a color and a shape that are both in the image, never together;
+    None when there is no such pair. The paper's model says yes to these."""
+    pairs = [(o["color"], p["shape"]) for o in objects for p in objects
+             if not any(q["color"] == o["color"] and q["shape"] == p["shape"] for q in objects)]
+    return rng.choice(pairs) if pairs else None
+
+
+def exists_question(objects, rng):
+    """'Is there a ...?' with yes and no equally likely; half the no's are compositional traps.
+    Returns (the thing asked about, "yes" or "no", whether it is a trap)."""
+    if rng.random() < 0.5:
+        return name(rng.choice(objects)), "yes", False
+    trap = absent_pair(objects, rng) if rng.random() < 0.5 else None
+    if trap is None:
+        present = {name(o) for o in objects}
+        trap = rng.choice([(c, s) for c in COLORS for s in SHAPES if f"{c} {s}" not in present])
+    color, shape = trap
+    is_trap = any(o["color"] == color for o in objects) and any(o["shape"] == shape for o in objects)
+    return f"{color} {shape}", "no", is_trap
+
+
+def conversation_turns(objects, rng):
+    """Questions with definite answers: colors, shapes, counts, positions, relative positions."""
+    turns = []
+    o = rng.choice(unique(objects, "shape") or objects)
+    if o in unique(objects, "shape"):
+        turns.append((f"What color is the {o['shape']}?", f"The {o['shape']} is {o['color']}."))
+    o = rng.choice(unique(objects, "color") or objects)
+    if o in unique(objects, "color"):
+        turns.append((f"What shape is the {o['color']} object?", f"The {o['color']} object is a {o['shape']}."))
+    n = len(objects)
+    turns.append(("How many objects are there in the image?", f"There {'is' if n == 1 else 'are'} {plural(n, 'object')}."))
+    shape = rng.choice(SHAPES)
+    k = sum(p["shape"] == shape for p in objects)
+    turns.append((f"How many {shape}s are there?", f"There {'is' if k == 1 else 'are'} {plural(k, shape) if k else 'no ' + shape + 's'}."))
+    o = rng.choice(objects)
+    if sum(name(p) == name(o) for p in objects) == 1:
+        turns.append((f"Where is the {name(o)}?", f"The {name(o)} is {where(o)} of the image."))
+    thing, answer, is_trap = exists_question(objects, rng)
+    question = f"Is there a {thing} in the image?"
+    if answer == "yes":
+        turns.append((question, f"Yes, there is a {thing} in the image."))
+    elif is_trap:  # both parts are there, but not together
+        color, shape = thing.split()
+        turns.append((question, f"No. There is a {color} object and there is a {shape}, but no {thing}."))
+    else:
+        turns.append((question, f"No, there is no {thing} in the image."))
+    rng.shuffle(turns)
+    return turns[:rng.randint(2, 4)]
+
+
+def describe(objects):
+    n = len(objects)
+    parts = [f"The image shows {plural(n, 'object')} on a white background."]
+    for o in objects:
+        parts.append(f"A {o['size']} {name(o)} is {where(o)}.")
+    return " ".join(parts)
+
+
+def reason(objects, rng):
+    """One question that needs a step: comparing positions or sizes, or counting after a change."""
+    if len(objects) >= 2 and rng.random() < 0.7:
+        a, b = rng.sample(objects, 2)
+        if name(a) != name(b) and rng.random() < 0.5 and a["row"] != b["row"]:
+            higher = a if a["row"] < b["row"] else b
+            return (f"Which is higher in the image, the {name(a)} or the {name(b)}?",
+                    f"The {name(a)} is {where(a)} and the {name(b)} is {where(b)}, "
+                    f"so the {name(higher)} is higher.")
+        if name(a) != name(b) and a["size"] != b["size"]:
+            larger = a if a["size"] == "large" else b
+            return (f"Which is larger, the {name(a)} or the {name(b)}?",
+                    f"The {name(a)} is {a['size']} and the {name(b)} is {b['size']}, so the {name(larger)} is larger.")
+    o = rng.choice(objects)
+    left = len(objects) - 1
+    return (f"If the {name(o)} were taken away, how many objects would be left?",
+            f"There {'is' if len(objects) == 1 else 'are'} {plural(len(objects), 'object')} now. Taking away the "
+            f"{name(o)} leaves {plural(left, 'object') if left else 'no objects'}.")
+
+
+def teacher(symbolic_rep, kind, rng):
+    """The stand-in for GPT-4: a symbolic representation -> one sample's conversations."""
+    objects = parse_boxes(symbolic_rep["boxes"])
+    if kind == "conversation":
+        turns = conversation_turns(objects, rng)
+    elif kind == "detail":
+        turns = [(rng.choice(DETAILED), describe(objects))]
+    elif kind == "reasoning":
+        turns = [reason(objects, rng)]
+    elif kind == "brief":  # stage 1: a brief instruction answered by the caption
+        turns = [(rng.choice(BRIEF), symbolic_rep["captions"][0])]
+    else:
+        raise ValueError(f"unknown response type {kind!r}")
+    first = turns[0][0]
+    conversations = [{"from": "human", "value": f"{IMAGE}\n{first}" if rng.random() < 0.5 else f"{first}\n{IMAGE}"}]
+    conversations.append({"from": "gpt", "value": turns[0][1]})
+    for question, answer in turns[1:]:
+        conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return conversations
+
+
+# ----------------------------------------------------------------------------------------------
+# §5.2 in miniature: multiple-choice questions in ScienceQA form
+# ----------------------------------------------------------------------------------------------
+
+CATEGORIES = ["color", "shape", "count", "position", "existence"]
+LETTERS = "ABCDE"
+
+
+def multiple_choice(objects, category, rng):
+    """(question, options, answer) for one category, or None if the image cannot ask it."""
+    if category == "color":
+        pool = unique(objects, "shape")
+        if not pool:
+            return None
+        o = rng.choice(pool)
+        return f"What color is the {o['shape']}?", [o["color"]] + rng.sample([c for c in COLORS if c != o["color"]], 3), o["color"]
+    if category == "shape":
+        pool = unique(objects, "color")
+        if not pool:
+            return None
+        o = rng.choice(pool)
+        return f"What shape is the {o['color']} object?", list(SHAPES), o["shape"]
+    if category == "count":
+        shape = rng.choice(SHAPES + ["object"])
+        k = len(objects) if shape == "object" else sum(o["shape"] == shape for o in objects)
+        return f"How many {shape}s are there?", ["0", "1", "2", "3"], str(k)
+    if category == "position":
+        pool = [o for o in objects if sum(name(p) == name(o) for p in objects) == 1]
+        if not pool:
+            return None
+        o = rng.choice(pool)
+        places = sorted({where({"row": r, "col": c}) for r in range(GRID) for c in range(GRID)} - {where(o)})
+        return f"Where is the {name(o)}?", [where(o)] + rng.sample(places, 3), where(o)
+    thing, answer, _ = exists_question(objects, rng)
+    return f"Is there a {thing} in the image?", ["yes", "no"], answer
+
+
+def mc_sample(objects, category, rng):
+    asked = multiple_choice(objects, category, rng)
+    if asked is None:
+        return None
+    question, options, answer = asked
+    rng.shuffle(options)
+    letter = LETTERS[options.index(answer)]
+    listed = " ".join(f"({LETTERS[i]}) {option}" for i, option in enumerate(options))
+    return {"question": f"Question: {question}\nOptions: {listed}", "answer": f"The answer is {letter}.",
+            "letter": letter, "category": category}
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the toy world as LLaVA JSON files and an image folder
+# ----------------------------------------------------------------------------------------------
+
+def make_toy_world(out, n_images=2000, n_eval=400, mc_per_image=1, seed=0, cell=16):
+    """Write out/images/*.png and the LLaVA JSON files; returns {file name: number of samples}.
+
+    stage1.json      brief instruction + caption pairs (stage 1, like CC-595K's chat.json)
+    conversation.json, detail.json, reasoning.json: the three response types (like LLaVA-Instruct)
+    mc_train.json    multiple-choice questions on training images (like ScienceQA's train split)
+    instruct.json    all of the above but stage 1, shuffled: stage 2's data
+    eval.json        multiple-choice questions on unseen images, with "category" and "answer"
+    symbolic.json    each image's symbolic representation (captions and boxes)
+    """
+    import random
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    files = {k: [] for k in ["stage1", "conversation", "detail", "reasoning", "mc_train", "eval", "symbolic"]}
+    for i in range(n_images + n_eval):
+        held_out = i >= n_images
+        objects = toy_scene(rng, cell)
+        questions = []  # multiple choice; on held-out images balanced over the categories
+        for j in range(mc_per_image):
+            category = CATEGORIES[(i * mc_per_image + j) % len(CATEGORIES)] if held_out else rng.choice(CATEGORIES)
+            while (mc := mc_sample(objects, category, rng)) is None:  # e.g. no shape appears once
+                objects = toy_scene(rng, cell)
+            questions.append(mc)
+        image_id = f"toy_{i:06d}"
+        image_file = f"{image_id}.png"
+        draw(objects, cell).save(os.path.join(out, "images", image_file))
+        rep = symbolic(objects, cell)
+        files["symbolic"].append({"id": image_id, "image": image_file, **rep})
+        for j, mc in enumerate(questions):
+            extra = {"category": mc["category"], "answer": mc["letter"]} if held_out else {}
+            files["eval" if held_out else "mc_train"].append(
+                {"id": f"{image_id}_mc{j}", "image": image_file, **extra, "conversations": [
+                    {"from": "human", "value": f"{IMAGE}\n{mc['question']}"}, {"from": "gpt", "value": mc["answer"]}]})
+        if held_out:
+            continue
+        for kind in ["brief", "conversation", "detail", "reasoning"]:
+            files["stage1" if kind == "brief" else kind].append(
+                {"id": f"{image_id}_{kind}", "image": image_file, "conversations": teacher(rep, kind, rng)})
+    files["instruct"] = files["conversation"] + files["detail"] + files["reasoning"] + files["mc_train"]
+    rng.shuffle(files["instruct"])
+    for key, samples in files.items():
+        write_json(os.path.join(out, f"{key}.json"), samples)
+    return {f"{k}.json": len(v) for k, v in files.items()}
+
+
+def write_json(path, obj):
+    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# §3 with a real teacher: GPT-assisted generation from COCO-style annotations
+# ----------------------------------------------------------------------------------------------
+# The teacher sees only text: the captions and the boxes of one image (the query), after a system
+# message and a few hand-written seed examples, as in-context pairs of (context, response).
+
+TEACHER_SYSTEM = {
+    "conversation": "You are an AI visual assistant, and you are seeing a single image. What you see is "
+    "provided with five sentences describing the image and the objects in it with their bounding boxes "
+    "(category: [x1, y1, x2, y2], coordinates normalized from 0 to 1). Design a conversation between you "
+    "and a person asking about this photo, answering as if you see the image. Ask diverse questions about "
+    "the object types, counting the objects, object actions, object locations and relative positions "
+    "between objects. Only include questions that have definite answers. Write each question after "
+    "'Question:' and each answer after 'Answer:', and separate the turns with a line '==='.",
+    "detail": "You are an AI visual assistant that can analyze a single image. You receive five sentences "
+    "describing the same image and the objects in it with their bounding boxes (category: [x1, y1, x2, "
+    "y2], normalized from 0 to 1). Describe the image in detail, as if you see it: the objects, their "
+    "counts, colors, positions and relations. Do not mention the sentences or the coordinates.",
+    "reasoning": "You are an AI visual assistant that can analyze a single image. You receive five "
+    "sentences describing the same image and the objects in it with their bounding boxes (category: "
+    "[x1, y1, x2, y2], normalized from 0 to 1). Create one plausible question about the image that needs "
+    "reasoning or background knowledge to answer, and answer it in detail, step by step, as if you see the "
+    "image. Write the question after 'Question:' and the answer after 'Answer:'.",
+}
+SEED_EXAMPLES = {  # (captions, boxes) -> the response a good teacher gives; written by hand
+    "conversation": [(
+        ["A man rides a bicycle down a city street.", "A cyclist passes a red bus on the road."],
+        ["person: [0.412, 0.301, 0.530, 0.802]", "bicycle: [0.398, 0.560, 0.551, 0.905]",
+         "bus: [0.012, 0.205, 0.361, 0.774]"],
+        "Question:\nWhat is the man riding?\n===\nAnswer:\nThe man is riding a bicycle.\n===\n"
+        "Question:\nWhat color is the bus?\n===\nAnswer:\nThe bus is red.\n===\n"
+        "Question:\nWhere is the bus relative to the cyclist?\n===\nAnswer:\nThe bus is to the left of the "
+        "cyclist, on the same road.")],
+    "detail": [(
+        ["Two dogs play with a ball on the grass.", "A brown dog and a white dog chase a ball in a park."],
+        ["dog: [0.102, 0.402, 0.420, 0.880]", "dog: [0.550, 0.380, 0.902, 0.851]",
+         "sports ball: [0.452, 0.700, 0.503, 0.760]"],
+        "The image shows two dogs playing in a grassy park. A brown dog on the left and a white dog on the "
+        "right both run toward a small ball lying on the grass between them.")],
+    "reasoning": [(
+        ["A kitchen counter with a cake and lit candles.", "A birthday cake sits next to a stack of plates."],
+        ["cake: [0.300, 0.402, 0.650, 0.750]", "dining table: [0.000, 0.520, 1.000, 1.000]"],
+        "Question:\nWhat occasion is likely being prepared for?\n===\nAnswer:\nA birthday celebration. The "
+        "cake carries lit candles, which people usually blow out on a birthday, and the stack of plates next "
+        "to it suggests that guests will share the cake.")],
+}
+
+
+def symbolic_context(captions, boxes):
+    """The teacher's view of one image: §3's captions, then boxes."""
+    return "\n".join(captions) + "\n\n" + "\n".join(boxes)
+
+
+def teacher_messages(captions, boxes, kind):
+    """Chat-completion messages: system message, the seed examples in context, then the query."""
+    messages = [{"role": "system", "content": TEACHER_SYSTEM[kind]}]
+    for seed_captions, seed_boxes, response in SEED_EXAMPLES[kind]:
+        messages += [{"role": "user", "content": symbolic_context(seed_captions, seed_boxes)},
+                     {"role": "assistant", "content": response}]
+    return messages + [{"role": "user", "content": symbolic_context(captions, boxes)}]
+
+
+def coco_annotations(captions_file, instances_file):
+    """COCO's captions_*.json and instances_*.json -> {image id: (file name, captions, boxes)} with
+    boxes as `category: [x1, y1, x2, y2]` normalized by the image size."""
+    captions, instances = load_json_object(captions_file), load_json_object(instances_file)
+    images = {im["id"]: im for im in instances["images"]}
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    out = {i: (im["file_name"], [], []) for i, im in images.items()}
+    for a in captions["annotations"]:
+        if a["image_id"] in out:
+            out[a["image_id"]][1].append(a["caption"].strip())
+    for a in instances["annotations"]:
+        im = images[a["image_id"]]
+        x, y, w, h = a["bbox"]
+        W, H = im["width"], im["height"]
+        box = [x / W, y / H, (x + w) / W, (y + h) / H]
+        out[a["image_id"]][2].append(f"{names[a['category_id']]}: [{', '.join(f'{v:.3f}' for v in box)}]")
+    return out
+
+
+def chat_completion(messages, base_url, model, api_key, timeout=60, retries=5, backoff=1.0):
+    """One call to an OpenAI-compatible /chat/completions endpoint with the standard library.
+    Timeouts, refused connections, 429 and 5xx are retried with exponential backoff; other HTTP
+    errors raise. The key goes in the Authorization header only, never in a message."""
+    import time
+    import urllib.error
+    import urllib.request
+    body = json.dumps({"model": model, "messages": messages, "temperature": 0.7}).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    for attempt in range(retries + 1):
+        request = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", body, headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                reply = json.loads(response.read())
+            return reply["choices"][0]["message"]["content"]
+        except urllib.error.HTTPError as e:
+            if e.code != 429 and e.code < 500:
+                raise RuntimeError(f"{base_url}: HTTP {e.code} {e.reason}") from None
+            error = f"HTTP {e.code}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            error = type(e).__name__
+        if attempt == retries:
+            raise RuntimeError(f"{base_url}: gave up after {retries + 1} tries ({error})")
+        time.sleep(backoff * 2 ** attempt)
+
+
+def parse_teacher_reply(text, kind, rng):
+    """The teacher's text -> LLaVA `conversations` (image prefix in the first turn).
+    conversation/reasoning: Question:/Answer: blocks separated by '==='. Raises ValueError."""
+    if kind == "detail":
+        if not text.strip():
+            raise ValueError("empty description")
+        pairs = [(rng.choice(DETAILED), text.strip())]
+    else:
+        blocks = [b.strip() for b in text.split("===") if b.strip()]
+        pairs, question = [], None
+        for block in blocks:
+            head, _, body = block.partition(":")
+            if head.strip() == "Question" and question is None and body.strip():
+                question = body.strip()
+            elif head.strip() == "Answer" and question is not None and body.strip():
+                pairs.append((question, body.strip()))
+                question = None
+            else:
+                raise ValueError(f"unexpected block {block[:40]!r}")
+        if not pairs or question is not None:
+            raise ValueError("no complete Question/Answer pair")
+        if kind == "reasoning":
+            pairs = pairs[:1]
+    conversations = []
+    for i, (question, answer) in enumerate(pairs):
+        conversations += [{"from": "human", "value": f"{IMAGE}\n{question}" if i == 0 else question},
+                          {"from": "gpt", "value": answer}]
+    return conversations
+
+
+def generate_with_teacher(annotations, kind, out_jsonl, base_url, model, api_key, limit=None, seed=0, **kwargs):
+    """Ask the teacher about every image; append each result to out_jsonl as it arrives.
+    A rerun skips the ids already in out_jsonl; a malformed reply is logged and skipped.
+    Returns (new samples, skipped)."""
+    import random
+    rng = random.Random(seed)
+    done = set()
+    if os.path.exists(out_jsonl):
+        with open(out_jsonl) as f:
+            for line in f:
+                try:
+                    done.add(json.loads(line)["id"])
+                except (json.JSONDecodeError, KeyError):
+                    pass  # a line cut short by a crash: that id is done again
+    new = skipped = 0
+    todo = [(str(i), a) for i, a in sorted(annotations.items())][:limit]
+    with open(out_jsonl, "a") as out:
+        for image_id, (file_name, captions, boxes) in todo:
+            sample_id = f"{image_id}_{kind}"
+            if sample_id in done:
+                continue
+            reply = chat_completion(teacher_messages(captions, boxes, kind), base_url, model, api_key, **kwargs)
+            try:
+                conversations = parse_teacher_reply(reply, kind, rng)
+            except ValueError as e:
+                print(f"skipped {sample_id}: malformed teacher reply ({e})", file=sys.stderr)
+                skipped += 1
+                continue
+            out.write(json.dumps({"id": sample_id, "image": file_name, "conversations": conversations}) + "\n")
+            out.flush()
+            new += 1
+    return new, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: LLaVA's public JSON files as they are (chat.json, llava_instruct_150k.json, ...)
+# ----------------------------------------------------------------------------------------------
+
+def load_image(path, pad_to_square=False, background=(0, 0, 0)):
+    """Any image file as 8-bit RGB: RGBA and palettes over white, grayscale, CMYK, 16-bit.
+    pad_to_square: LLaVA-1.5's padding of the short side with `background` (the image mean)."""
+    from PIL import Image
+    import numpy as np
+    with Image.open(path) as image:
+        image.load()
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or 32-bit grayscale
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray((pixels.clip(0, top) / top * 255).round().astype(np.uint8), "L")
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    image = image.convert("RGB")
+    if pad_to_square and image.width != image.height:
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), background)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+    return image
+
+
+class LazyDataset:
+    """A LLaVA JSON file read once; each sample is rendered and its image read only when asked for.
+
+    Bad samples (missing or corrupt image, broken turns, <image> without an image, ...) give None
+    and a one-line message naming the sample and file; with strict=True the first one is fatal.
+    """
+
+    def __init__(self, json_path, image_folder, model, max_length=2048, pad_to_square=False, strict=False):
+        self.path, self.image_folder, self.max_length = json_path, image_folder, max_length
+        self.samples = load_json(json_path)
+        self.tokenizer, self.template = model.tokenizer, model.template
+        self.image_processor, self.image_token_id = model.image_processor, model.image_token_id
+        self.num_image_tokens, self.pad_to_square, self.strict = model.num_image_tokens, pad_to_square, strict
+        mean = getattr(self.image_processor, "image_mean", [0, 0, 0])
+        self.background = tuple(int(255 * m) for m in mean)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        try:
+            return self.load(index)
+        except SampleError as e:
+            if self.strict:
+                raise
+            print(f"skipped: {e}", file=sys.stderr)
+            return None
+
+    def load(self, index):
+        import torch
+        sample = self.samples[index]
+        sample_id = f"{sample.get('id', index)!s} ({self.path}[{index}])" if isinstance(sample, dict) else index
+        if not isinstance(sample, dict) or "conversations" not in sample:
+            raise SampleError(f"sample {sample_id}: no 'conversations'")
+        pixel_values = None
+        if sample.get("image") is not None:
+            image_path = os.path.join(self.image_folder, sample["image"])
+            try:
+                image = load_image(image_path, self.pad_to_square, self.background)
+            except Exception as e:  # missing, truncated, not an image
+                raise SampleError(f"sample {sample_id}: cannot read image {image_path}: {type(e).__name__}: {e}")
+            pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        input_ids, labels = render(sample["conversations"], self.tokenizer, self.template,
+                                   self.image_token_id if pixel_values is not None else None,
+                                   self.num_image_tokens, max_length=self.max_length, sample_id=sample_id)
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+
+
+def collate(samples, pad_id):
+    """Pad a list of samples on the right into one batch; None (skipped) samples are counted."""
+    import torch
+    kept = [s for s in samples if s is not None]
+    T = max((len(s["input_ids"]) for s in kept), default=1)
+    input_ids = torch.full((len(kept), T), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(kept), T), IGNORE, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(kept), T), dtype=torch.long)  # (B, T)
+    for i, s in enumerate(kept):
+        n = len(s["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
+    images = [s["pixel_values"] for s in kept if s["pixel_values"] is not None]
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": torch.stack(images) if images else None,  # (B_img, 3, H, W)
+            "skipped": len(samples) - len(kept)}
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -215,6 +800,14 @@ def main(argv=None):
                              image_token_id=config["image_token_id"] if has_image else None,
                              num_image_tokens=config["num_image_tokens"], sample_id=sample.get("id", args.index))
         print(show(ids, labels, tokenizer, config["image_token_id"]))
+
+
+def load_json_object(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: cannot read JSON: {e}")
 
 
 def load_json(path):

@@ -85,6 +85,10 @@ class LLaVA(nn.Module):
         if pixel_values is None:
             if is_image.any():
                 raise ValueError("input_ids hold image positions but no pixel_values were given")
+            if self.training and self.projector[0].weight.requires_grad:
+                # A text-only batch still runs W (times 0): under FSDP every rank must take part
+                # in W's gradient reduction, whatever its batch holds.
+                embeds = embeds + 0 * self.projector(embeds.new_zeros(1, self.projector[0].in_features)).sum()
             return embeds
         H_v = self.encode_images(pixel_values)  # (B_img, N_v, D)
         if is_image.sum() != H_v.shape[0] * H_v.shape[1]:
@@ -390,6 +394,33 @@ def load(path, dtype=None, vision=None, template=None):
                          f"layout (mm_vision_tower); got model_type {config.get('model_type')!r}")
     load_strict(model, weights, path)
     return model
+
+
+def save_projector(model, path, state_dict=None):
+    """Stage 1's output: W alone (keys 0.weight, 0.bias, ...), written atomically."""
+    from safetensors.torch import save_file
+    state_dict = model.projector.state_dict() if state_dict is None else state_dict
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, path + ".tmp",
+              metadata={"projector": model.projector_kind})
+    os.replace(path + ".tmp", path)
+
+
+def load_projector(model, path):
+    """W from stage 1: our projector.safetensors (or a directory holding it), or the authors'
+    mm_projector.bin (read with weights_only=True)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "projector.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no stage-1 projector here; run stage 1 or pass --projector")
+    weights = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
+                                                                               weights_only=True)
+    weights = {re.sub(r"^(model\.)?mm_projector\.", "", k): v for k, v in weights.items()}
+    expected = model.projector.state_dict()
+    problems = sorted(set(expected) ^ set(weights)) or [k for k in expected if weights[k].shape != expected[k].shape]
+    if problems:
+        raise ValueError(f"{path}: does not fit this model's {model.projector_kind} projector "
+                         f"(weight {problems[0]}); was it made for other models?")
+    model.projector.load_state_dict(weights)
 
 
 def load_strict(model, weights, source):
