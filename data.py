@@ -283,7 +283,7 @@ def parse_boxes(boxes):
         objects.append({"color": color, "shape": shape, "row": min(int(cy * GRID), GRID - 1),
                         "col": min(int(cx * GRID), GRID - 1), "area": (x2 - x1) * (y2 - y1)})
     for o in objects:
-        o["size"] = "large" if o["area"] > 0.02 else "small"  # a 16 px cell of 48 px holds 0.028
+        o["size"] = "large" if o["area"] > 0.5 / GRID ** 2 else "small"  # more than half a cell
     return objects
 
 
@@ -322,32 +322,51 @@ def exists_question(objects, rng):
     return f"{color} {shape}", "no", is_trap
 
 
-def conversation_turns(objects, rng):
-    """Questions with definite answers: colors, shapes, counts, positions, relative positions."""
-    turns = []
-    o = rng.choice(unique(objects, "shape") or objects)
-    if o in unique(objects, "shape"):
-        turns.append((f"What color is the {o['shape']}?", f"The {o['shape']} is {o['color']}."))
-    o = rng.choice(unique(objects, "color") or objects)
-    if o in unique(objects, "color"):
-        turns.append((f"What shape is the {o['color']} object?", f"The {o['color']} object is a {o['shape']}."))
-    n = len(objects)
-    turns.append(("How many objects are there in the image?", f"There {'is' if n == 1 else 'are'} {plural(n, 'object')}."))
-    shape = rng.choice(SHAPES)
-    k = sum(p["shape"] == shape for p in objects)
-    turns.append((f"How many {shape}s are there?", f"There {'is' if k == 1 else 'are'} {plural(k, shape) if k else 'no ' + shape + 's'}."))
-    o = rng.choice(objects)
-    if sum(name(p) == name(o) for p in objects) == 1:
-        turns.append((f"Where is the {name(o)}?", f"The {name(o)} is {where(o)} of the image."))
+# One question-answer pair per kind of fact; None when the image cannot ask it unambiguously.
+def ask_color(objects, rng):
+    pool = unique(objects, "shape")  # "the circle" must name one object
+    o = rng.choice(pool) if pool else None
+    return o and (f"What color is the {o['shape']}?", f"The {o['shape']} is {o['color']}.", o["color"])
+
+
+def ask_shape(objects, rng):
+    pool = unique(objects, "color")
+    o = rng.choice(pool) if pool else None
+    return o and (f"What shape is the {o['color']} object?", f"The {o['color']} object is a {o['shape']}.", o["shape"])
+
+
+def ask_count(objects, rng):
+    what = rng.choice(SHAPES + ["object"])
+    k = sum(what in ("object", o["shape"]) for o in objects)
+    told = plural(k, what) if k else f"no {what}s"
+    return f"How many {what}s are there?", f"There {'is' if k == 1 else 'are'} {told}.", str(k)
+
+
+def ask_position(objects, rng):
+    pool = [o for o in objects if sum(name(p) == name(o) for p in objects) == 1]
+    o = rng.choice(pool) if pool else None
+    return o and (f"Where is the {name(o)}?", f"The {name(o)} is {where(o)} of the image.", where(o))
+
+
+def ask_existence(objects, rng):
     thing, answer, is_trap = exists_question(objects, rng)
-    question = f"Is there a {thing} in the image?"
     if answer == "yes":
-        turns.append((question, f"Yes, there is a {thing} in the image."))
+        told = f"Yes, there is a {thing} in the image."
     elif is_trap:  # both parts are there, but not together
         color, shape = thing.split()
-        turns.append((question, f"No. There is a {color} object and there is a {shape}, but no {thing}."))
+        told = f"No. There is a {color} object and there is a {shape}, but no {thing}."
     else:
-        turns.append((question, f"No, there is no {thing} in the image."))
+        told = f"No, there is no {thing} in the image."
+    return f"Is there a {thing} in the image?", told, answer
+
+
+ASK = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
+       "existence": ask_existence}
+
+
+def conversation_turns(objects, rng):
+    """Questions with definite answers: colors, shapes, counts, positions, existence."""
+    turns = [qa[:2] for ask in ASK.values() if (qa := ask(objects, rng))]
     rng.shuffle(turns)
     return turns[:rng.randint(2, 4)]
 
@@ -409,44 +428,35 @@ CATEGORIES = ["color", "shape", "count", "position", "existence"]
 LETTERS = "ABCDE"
 
 
-def multiple_choice(objects, category, rng):
-    """(question, options, answer) for one category, or None if the image cannot ask it."""
-    if category == "color":
-        pool = unique(objects, "shape")
-        if not pool:
-            return None
-        o = rng.choice(pool)
-        return f"What color is the {o['shape']}?", [o["color"]] + rng.sample([c for c in COLORS if c != o["color"]], 3), o["color"]
-    if category == "shape":
-        pool = unique(objects, "color")
-        if not pool:
-            return None
-        o = rng.choice(pool)
-        return f"What shape is the {o['color']} object?", list(SHAPES), o["shape"]
-    if category == "count":
-        shape = rng.choice(SHAPES + ["object"])
-        k = len(objects) if shape == "object" else sum(o["shape"] == shape for o in objects)
-        return f"How many {shape}s are there?", ["0", "1", "2", "3"], str(k)
-    if category == "position":
-        pool = [o for o in objects if sum(name(p) == name(o) for p in objects) == 1]
-        if not pool:
-            return None
-        o = rng.choice(pool)
-        places = sorted({where({"row": r, "col": c}) for r in range(GRID) for c in range(GRID)} - {where(o)})
-        return f"Where is the {name(o)}?", [where(o)] + rng.sample(places, 3), where(o)
-    thing, answer, _ = exists_question(objects, rng)
-    return f"Is there a {thing} in the image?", ["yes", "no"], answer
+OPTIONS = {"color": list(COLORS), "shape": SHAPES, "count": ["0", "1", "2", "3"], "existence": ["yes", "no"],
+           "row": ROWS, "column": COLS}
 
 
 def mc_sample(objects, category, rng):
-    asked = multiple_choice(objects, category, rng)
-    if asked is None:
-        return None
-    question, options, answer = asked
-    rng.shuffle(options)
-    letter = LETTERS[options.index(answer)]
+    """A question of `category` in ScienceQA form, or None if the image cannot ask it.
+
+    As in the paper's best ScienceQA variant, the answer reasons first: the fact, then "The answer
+    is X.". Options come in a fixed order, so the letter follows from the fact: the questions test
+    what the model sees, not how well a tiny LM matches words to letters.
+    """
+    if category == "position":  # the row or the column of an object named once
+        asked = ask_position(objects, rng)
+        if asked is None:
+            return None
+        question, fact, _ = asked
+        o = next(o for o in objects if f"the {name(o)}?" in question)
+        axis = rng.choice(["row", "column"])
+        question, right = f"In which {axis} is the {name(o)}?", (ROWS[o["row"]] if axis == "row" else COLS[o["col"]])
+        options = OPTIONS[axis]
+    else:
+        asked = ASK[category](objects, rng)
+        if asked is None:
+            return None
+        question, fact, right = asked
+        options = OPTIONS[category]
+    letter = LETTERS[options.index(right)]
     listed = " ".join(f"({LETTERS[i]}) {option}" for i, option in enumerate(options))
-    return {"question": f"Question: {question}\nOptions: {listed}", "answer": f"The answer is {letter}.",
+    return {"question": f"Question: {question}\nOptions: {listed}", "answer": f"{fact} The answer is {letter}.",
             "letter": letter, "category": category}
 
 
@@ -470,13 +480,15 @@ def make_toy_world(out, n_images=2000, n_eval=400, mc_per_image=1, seed=0, cell=
     files = {k: [] for k in ["stage1", "conversation", "detail", "reasoning", "mc_train", "eval", "symbolic"]}
     for i in range(n_images + n_eval):
         held_out = i >= n_images
-        objects = toy_scene(rng, cell)
-        questions = []  # multiple choice; on held-out images balanced over the categories
-        for j in range(mc_per_image):
-            category = CATEGORIES[(i * mc_per_image + j) % len(CATEGORIES)] if held_out else rng.choice(CATEGORIES)
-            while (mc := mc_sample(objects, category, rng)) is None:  # e.g. no shape appears once
-                objects = toy_scene(rng, cell)
-            questions.append(mc)
+        # Multiple-choice questions; on held-out images balanced over the categories. A scene that
+        # cannot ask one (say, no shape appears just once) is drawn again.
+        categories = [CATEGORIES[(i * mc_per_image + j) % len(CATEGORIES)] if held_out else rng.choice(CATEGORIES)
+                      for j in range(mc_per_image)]
+        while True:
+            objects = toy_scene(rng, cell)
+            questions = [mc_sample(objects, category, rng) for category in categories]
+            if all(questions):
+                break
         image_id = f"toy_{i:06d}"
         image_file = f"{image_id}.png"
         draw(objects, cell).save(os.path.join(out, "images", image_file))
@@ -786,9 +798,33 @@ def main(argv=None):
     p.add_argument("--index", type=int, default=0, help="which sample")
     p.add_argument("--model", default="out/toy/stage2", help="a model directory (for its tokenizer)")
     p.add_argument("--template", default=None, help="paper or llava15 (default: the model's)")
+    p = sub.add_parser("toy", help="write the toy world: images and LLaVA JSON files")
+    p.add_argument("--out", default="out/toy/data", help="output folder")
+    p.add_argument("--images", type=int, default=2000, help="training images")
+    p.add_argument("--eval", type=int, default=500, help="held-out images for the multiple-choice evaluation")
+    p.add_argument("--mc-per-image", type=int, default=2, help="multiple-choice questions per image")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("teacher", help="GPT-assisted generation from COCO annotations with a chat-completions API")
+    p.add_argument("--captions", required=True, help="COCO captions_*.json")
+    p.add_argument("--instances", required=True, help="COCO instances_*.json")
+    p.add_argument("--kind", required=True, choices=["conversation", "detail", "reasoning"])
+    p.add_argument("--out", required=True, help="JSONL file, appended to; a rerun skips the ids in it")
+    p.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
+    p.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4"), help="the teacher model")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images")
     args = parser.parse_args(argv)
 
-    if args.command == "show":
+    if args.command == "toy":
+        import time
+        start = time.time()
+        sizes = make_toy_world(args.out, args.images, args.eval, args.mc_per_image, args.seed)
+        print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + f" ({time.time() - start:.1f} s)")
+    elif args.command == "teacher":
+        key = os.environ.get("OPENAI_API_KEY")  # from the environment only: never a flag, never printed
+        new, skipped = generate_with_teacher(coco_annotations(args.captions, args.instances), args.kind,
+                                             args.out, args.base_url, args.model, key, limit=args.limit)
+        print(f"{args.out}: {new} new samples, {skipped} malformed replies skipped")
+    elif args.command == "show":
         import llava
         tokenizer, config = llava.load_tokenizer_and_config(args.model)
         samples = load_json(args.file)
@@ -811,11 +847,8 @@ def load_json_object(path):
 
 
 def load_json(path):
-    try:
-        with open(path) as f:
-            samples = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{path}: cannot read LLaVA JSON: {e}")
+    """A LLaVA JSON file: a list of samples."""
+    samples = load_json_object(path)
     if not isinstance(samples, list):
         raise SystemExit(f"{path}: expected a JSON list of samples")
     return samples

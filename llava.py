@@ -264,7 +264,7 @@ def save(model, path, state_dict=None, max_shard_size="5GB"):
     """
     from huggingface_hub import save_torch_state_dict
     state_dict = model.state_dict() if state_dict is None else state_dict
-    weights = {rename(k, TO_HF): v.detach().contiguous() for k, v in state_dict.items()}
+    weights = {rename(k, TO_HF): own_storage(v) for k, v in state_dict.items()}
     lm = model.language_model.config
     if lm.tie_word_embeddings:
         weights.pop("language_model.lm_head.weight", None)
@@ -296,6 +296,15 @@ def save(model, path, state_dict=None, max_shard_size="5GB"):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def own_storage(tensor):
+    """A tensor that safetensors can write: a copy if it is a view into a larger storage (as the
+    full state dict gathered from FSDP shards can hold)."""
+    tensor = tensor.detach().contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
 
 
 def read_weights(path):

@@ -1,5 +1,6 @@
 """Tests: CPU, offline, tiny models built from configs. Run: python -m pytest -q test_llava.py"""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -195,20 +196,18 @@ def test_kv_cache_generation_equals_no_cache(saved):
                                           top_p=0.9, use_cache=False))
 
 
-def test_generation_stops_at_the_stop_string(saved):
+def test_generation_stops_at_the_stop_string_and_at_eos(saved):
     model, _, _ = saved
+    decode, eos = model.tokenizer.decode, model.tokenizer.eos_token_id
     input_ids, pixel_values = model.prepare(CONVERSATION[:1], image())
     ids = list(model.generate(input_ids, pixel_values, max_new_tokens=12, stop=""))
-    text = model.tokenizer.decode(ids)
-    # A stop string that greedy decoding is known to produce, late in the answer.
-    k = next(k for k in range(len(text) // 2, len(text) - 3)
-             if text.index(text[k:k + 3]) == k and "\ufffd" not in text[k:k + 3])
-    stop = text[k:k + 3]
-    ids_stopped = list(model.generate(input_ids, pixel_values, max_new_tokens=12, stop=stop))
-    assert len(ids_stopped) < len(ids) and stop in model.tokenizer.decode(ids_stopped)
-    pieces = list(model.generate_text(CONVERSATION[:1], image(), max_new_tokens=12, stop=stop))
-    assert "".join(pieces) == text[:text.index(stop)]  # streamed: the text before the stop string
-    assert len(pieces) >= 2
+    assert ids[-1] == eos and eos not in ids[:-1] and len(ids) < 12  # this untrained model ends with EOS
+    # ... and writes "###" (the paper's <STOP>) before that: with the template's stop it ends there.
+    j = next(j for j in range(len(ids)) if "###" in decode(ids[:j + 1]))
+    assert j < len(ids) - 1
+    assert list(model.generate(input_ids, pixel_values, max_new_tokens=12)) == ids[:j + 1]
+    streamed = list(model.generate_text(CONVERSATION[:1], image(), max_new_tokens=12))
+    assert "".join(streamed) == decode(ids[:j + 1]).split("###")[0]  # the text before the stop string
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,3 +329,654 @@ def test_show_cli_marks_trained_tokens(saved, tmp_path):
     assert "<image x16>" in out
     assert "[[ The square is red.###]]" in out and "[[ There are two circles.###]]" in out
     assert "Human: How many circles are there?###Assistant:" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# §3: the toy world and its teacher
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def toy_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    sizes = data.make_toy_world(str(out), n_images=60, n_eval=20, seed=0)
+    return out, sizes
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+def test_toy_world_is_deterministic(toy_world, tmp_path):
+    out, sizes = toy_world
+    again = data.make_toy_world(str(tmp_path / "a"), n_images=60, n_eval=20, seed=0)
+    assert again == sizes
+    for name in sizes:
+        assert (tmp_path / "a" / name).read_bytes() == (out / name).read_bytes(), name
+    for image in ["toy_000000.png", "toy_000079.png"]:
+        assert (tmp_path / "a" / "images" / image).read_bytes() == (out / "images" / image).read_bytes()
+    data.make_toy_world(str(tmp_path / "b"), n_images=60, n_eval=20, seed=1)
+    assert (tmp_path / "b" / "symbolic.json").read_bytes() != (out / "symbolic.json").read_bytes()
+
+
+def test_toy_world_has_the_promised_variety(toy_world):
+    out, _ = toy_world
+    objects = [data.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")]
+    assert {len(o) for o in objects} == {1, 2, 3}
+    assert {o["shape"] for os_ in objects for o in os_} == set(data.SHAPES)
+    assert {o["color"] for os_ in objects for o in os_} == set(data.COLORS)
+    assert {o["size"] for os_ in objects for o in os_} == {"small", "large"}
+
+
+def test_symbolic_representation_matches_the_pixels(toy_world):
+    """Each box's center pixel has the box's color; the boxes tell the teacher the truth."""
+    out, _ = toy_world
+    for rep in read(out / "symbolic.json"):
+        image = data.load_image(out / "images" / rep["image"])
+        for line in rep["boxes"]:
+            category, coords = line.split(": ")
+            x1, y1, x2, y2 = json.loads(coords)
+            center = (int((x1 + x2) / 2 * image.width), int((y1 + y2) / 2 * image.height) + 1)
+            assert image.getpixel(center) == data.COLORS[category.split()[0]], (rep["image"], line)
+
+
+def check_answer(question, answer, objects):
+    """An independent reading of one teacher answer against the objects of the boxes."""
+    import re
+    names = [f"{o['color']} {o['shape']}" for o in objects]
+    if m := re.fullmatch(r"What color is the (\w+)\?", question):
+        assert answer == f"The {m[1]} is {next(o['color'] for o in objects if o['shape'] == m[1])}."
+    elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        assert answer.endswith(f"a {next(o['shape'] for o in objects if o['color'] == m[1])}.")
+    elif m := re.fullmatch(r"How many (\w+)s are there\?", question):
+        k = sum(m[1] in ("object", o["shape"]) for o in objects)
+        assert (f" {k} {m[1]}" in answer) if k else ("no " in answer)
+    elif m := re.fullmatch(r"Is there a (\w+ \w+) in the image\?", question):
+        assert answer.startswith("Yes" if m[1] in names else "No")
+    elif m := re.fullmatch(r"Where is the (\w+ \w+)\?", question):
+        o = objects[names.index(m[1])]
+        assert data.where(o) in answer
+    elif m := re.fullmatch(r"Which is higher in the image, the (\w+ \w+) or the (\w+ \w+)\?", question):
+        a, b = objects[names.index(m[1])], objects[names.index(m[2])]
+        assert answer.endswith(f"the {m[1] if a['row'] < b['row'] else m[2]} is higher.")
+    elif m := re.fullmatch(r"Which is larger, the (\w+ \w+) or the (\w+ \w+)\?", question):
+        a = objects[names.index(m[1])]
+        assert answer.endswith(f"the {m[1] if a['size'] == 'large' else m[2]} is larger.")
+    elif m := re.fullmatch(r"If the (\w+ \w+) were taken away, how many objects would be left\?", question):
+        left = len(objects) - 1
+        assert answer.endswith(f"leaves {left} object{'s' if left != 1 else ''}." if left else "leaves no objects.")
+    else:
+        raise AssertionError(f"a question the check does not know: {question}")
+
+
+def test_every_teacher_answer_agrees_with_the_symbolic_representation(toy_world):
+    out, _ = toy_world
+    objects = {r["image"]: data.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")}
+    checked = 0
+    for kind in ["conversation", "reasoning"]:
+        for sample in read(out / f"{kind}.json"):
+            turns = sample["conversations"]
+            for q, a in zip(turns[::2], turns[1::2]):
+                check_answer(q["value"].replace("<image>", "").strip(), a["value"], objects[sample["image"]])
+                checked += 1
+    for sample in read(out / "detail.json"):  # every object, with its place
+        answer = sample["conversations"][1]["value"]
+        for o in objects[sample["image"]]:
+            assert f"{o['size']} {o['color']} {o['shape']} is {data.where(o)}" in answer
+    assert checked > 150
+
+
+def test_multiple_choice_answers_are_right_and_balanced(toy_world):
+    import re
+    out, _ = toy_world
+    objects = {r["image"]: data.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")}
+    questions = read(out / "eval.json")
+    assert {q["category"] for q in questions} == set(data.CATEGORIES)
+    train_images = {s["image"] for s in read(out / "instruct.json")}
+    for q in questions:
+        assert q["image"] not in train_images  # held out
+        text = q["conversations"][0]["value"]
+        options = dict(re.findall(r"\(([A-E])\) ([^(]+?)(?= \(|$)", text.split("Options: ")[1]))
+        question = re.search(r"Question: (.*)\n", text)[1]
+        right = options[q["answer"]]
+        assert q["conversations"][1]["value"].endswith(f" The answer is {q['answer']}.")
+        if q["category"] == "count":
+            n = re.fullmatch(r"How many (\w+)s are there\?", question)[1]
+            assert int(right) == sum(n in ("object", o["shape"]) for o in objects[q["image"]])
+        elif q["category"] == "existence":
+            assert (right == "yes") == (question[11:-14] in [f"{o['color']} {o['shape']}" for o in objects[q["image"]]])
+        elif q["category"] == "position":
+            axis, thing = re.fullmatch(r"In which (row|column) is the (\w+ \w+)\?", question).groups()
+            o = next(o for o in objects[q["image"]] if f"{o['color']} {o['shape']}" == thing)
+            assert right == (data.ROWS[o["row"]] if axis == "row" else data.COLS[o["col"]])
+        else:
+            check_answer(question, {"color": f"The {question[18:-1]} is {right}.", "shape": f"... a {right}."}[q["category"]],
+                         objects[q["image"]])
+        # the fact before the letter agrees with the image too
+        fact = q["conversations"][1]["value"].split(" The answer is")[0]
+        if q["category"] != "position":
+            check_answer(question, fact, objects[q["image"]])
+
+
+def test_existence_questions_balance_yes_and_no_with_compositional_traps():
+    import random
+    rng, answers, traps = random.Random(0), [], 0
+    for _ in range(2000):
+        objects = data.toy_scene(rng)
+        _, answer, is_trap = data.exists_question(objects, rng)
+        answers.append(answer)
+        traps += is_trap
+    assert 0.45 < answers.count("yes") / len(answers) < 0.55
+    assert traps > 0.2 * answers.count("no")  # the "bag of patches" trap is well represented
+
+
+def test_stage1_pairs_use_the_papers_brief_instructions(toy_world):
+    out, _ = toy_world
+    captions = {r["image"]: r["captions"][0] for r in read(out / "symbolic.json")}
+    for sample in read(out / "stage1.json"):
+        question, answer = (t["value"] for t in sample["conversations"])
+        assert question.replace("<image>", "").strip() in data.BRIEF
+        assert answer == captions[sample["image"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# §3 with a real teacher: messages, the HTTP client against a local server with faults
+# ----------------------------------------------------------------------------------------------
+
+def write_coco(tmp_path):
+    (tmp_path / "captions.json").write_text(json.dumps({"annotations": [
+        {"image_id": 1, "caption": "A dog on a couch. "}, {"image_id": 1, "caption": "A brown dog sleeps."},
+        {"image_id": 2, "caption": "Two cats."}, {"image_id": 3, "caption": "A bus."}]}))
+    (tmp_path / "instances.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "1.jpg", "width": 200, "height": 100},
+                   {"id": 2, "file_name": "2.jpg", "width": 100, "height": 100},
+                   {"id": 3, "file_name": "3.jpg", "width": 100, "height": 100}],
+        "categories": [{"id": 18, "name": "dog"}, {"id": 63, "name": "couch"}, {"id": 17, "name": "cat"}],
+        "annotations": [{"image_id": 1, "category_id": 18, "bbox": [20, 10, 100, 50]},
+                        {"image_id": 1, "category_id": 63, "bbox": [0, 0, 200, 100]},
+                        {"image_id": 2, "category_id": 17, "bbox": [0, 0, 50, 50]}]}))
+    return data.coco_annotations(tmp_path / "captions.json", tmp_path / "instances.json")
+
+
+def test_teacher_messages_for_a_coco_annotation(tmp_path):
+    annotations = write_coco(tmp_path)
+    file_name, captions, boxes = annotations[1]
+    assert file_name == "1.jpg" and captions == ["A dog on a couch.", "A brown dog sleeps."]
+    assert boxes == ["dog: [0.100, 0.100, 0.600, 0.600]", "couch: [0.000, 0.000, 1.000, 1.000]"]
+    for kind in ["conversation", "detail", "reasoning"]:
+        messages = data.teacher_messages(captions, boxes, kind)
+        assert messages[0] == {"role": "system", "content": data.TEACHER_SYSTEM[kind]}
+        assert [m["role"] for m in messages[1:]] == ["user", "assistant"] * len(data.SEED_EXAMPLES[kind]) + ["user"]
+        assert messages[-1]["content"] == ("A dog on a couch.\nA brown dog sleeps.\n\n"
+                                           "dog: [0.100, 0.100, 0.600, 0.600]\ncouch: [0.000, 0.000, 1.000, 1.000]")
+        assert "Question:" in messages[2]["content"] or kind == "detail"
+
+
+class Teacher:
+    """A real HTTP server on 127.0.0.1 that answers like a chat-completions endpoint, with faults:
+    the first request gets a 500, the second a 429, one image's reply is malformed once, and one
+    request is answered too slowly (a client timeout)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        self.requests, self.keys, self.malformed_once, self.slow_once = [], set(), {"2"}, True
+        teacher = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/chat/completions":
+                    self.send_error(404)
+                    return
+                teacher.requests.append(body)
+                teacher.keys.add(self.headers.get("Authorization"))
+                n = len(teacher.requests)
+                if n == 1 or n == 2:
+                    self.send_error(500 if n == 1 else 429)
+                    return
+                if teacher.slow_once and n == 4:
+                    teacher.slow_once = False
+                    import time
+                    time.sleep(1.5)
+                query = body["messages"][-1]["content"]
+                image = {"A dog": "1", "Two c": "2", "A bus": "3"}[query[:5]]
+                content = f"Question:\nWhat is in image {image}?\n===\nAnswer:\nSomething {image}.\n===\n"
+                if image in teacher.malformed_once:
+                    teacher.malformed_once.discard(image)
+                    content = "I cannot help with that."
+                reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_teacher_client_survives_faults_and_resumes(tmp_path, capfd):
+    annotations = write_coco(tmp_path)
+    teacher = Teacher()
+    out = tmp_path / "conversation.jsonl"
+    try:
+        new, skipped = data.generate_with_teacher(annotations, "conversation", str(out), teacher.url, "gpt-4",
+                                                  "sk-secret", timeout=1, retries=4, backoff=0.01)
+        assert (new, skipped) == (2, 1)  # image 2's reply was malformed: logged, skipped
+        assert "skipped 2_conversation: malformed teacher reply" in capfd.readouterr().err
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["id"] for r in rows] == ["1_conversation", "3_conversation"]
+        assert rows[0]["conversations"] == [{"from": "human", "value": "<image>\nWhat is in image 1?"},
+                                            {"from": "gpt", "value": "Something 1."}]
+        assert rows[0]["image"] == "1.jpg"
+        sent = len(teacher.requests)
+        # The rerun asks only for what is missing, and appends it.
+        new, skipped = data.generate_with_teacher(annotations, "conversation", str(out), teacher.url, "gpt-4",
+                                                  "sk-secret", timeout=1, retries=4, backoff=0.01)
+        assert (new, skipped) == (1, 0) and len(teacher.requests) == sent + 1
+        assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [
+            "1_conversation", "3_conversation", "2_conversation"]
+        assert teacher.keys == {"Bearer sk-secret"}
+        assert "sk-secret" not in out.read_text() and "sk-secret" not in "".join(capfd.readouterr())
+    finally:
+        teacher.close()
+
+
+def test_teacher_client_gives_up_with_a_clear_error():
+    teacher = Teacher()
+    teacher.requests.extend([{}] * 10)  # past the scripted faults
+    try:
+        with pytest.raises(RuntimeError, match=r"HTTP 404"):
+            data.chat_completion([], teacher.url + "/missing", "m", None, retries=0)
+    finally:
+        teacher.close()
+    with pytest.raises(RuntimeError, match="gave up after 2 tries"):
+        data.chat_completion([], "http://127.0.0.1:9/v1", "m", None, timeout=1, retries=1, backoff=0.01)
+
+
+@pytest.mark.parametrize("reply,kind,turns", [
+    ("Question:\nA?\n===\nAnswer:\nB.\n===\nQuestion:\nC?\n===\nAnswer:\nD.", "conversation", 4),
+    ("Question: Why?\n===\nAnswer: Because.", "reasoning", 2),
+    ("A long description.", "detail", 2),
+])
+def test_parse_teacher_reply(reply, kind, turns):
+    import random
+    conversations = data.parse_teacher_reply(reply, kind, random.Random(0))
+    assert len(conversations) == turns and conversations[0]["value"].startswith("<image>\n")
+    with pytest.raises(ValueError):
+        data.parse_teacher_reply("Question:\nA?\n===\nQuestion:\nB?", "conversation", random.Random(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets over LLaVA's public JSON shapes
+# ----------------------------------------------------------------------------------------------
+
+PUBLIC_SHAPES = {  # one sample of each public file, as the files have them
+    "chat.json (CC-595K)": {"id": "GCC_train_002582585", "image": "GCC_train_002582585.jpg", "conversations": [
+        {"from": "human", "value": "Provide a brief description of the given image.\n<image>"},
+        {"from": "gpt", "value": "olive oil is a healthy ingredient used liberally ."}]},
+    "llava_instruct_150k.json": {"id": "000000033471", "image": "000000033471.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat are the colors of the bus in the image?"},
+        {"from": "gpt", "value": "The bus in the image is white and red."},
+        {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+        {"from": "gpt", "value": "The back of the bus features an advertisement."}]},
+    "blip_laion_cc_sbu_558k.json": {"id": "004539375", "image": "00453/004539375.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nRender a clear and concise summary of the photo."},
+        {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"}]},
+    "text-only": {"id": "sharegpt_1", "conversations": [
+        {"from": "human", "value": "Write a haiku."}, {"from": "gpt", "value": "Leaves fall, quiet pond."}]},
+}
+
+
+def write_images(folder, names):
+    for i, name in enumerate(names):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (60 + i, 40), (10 * i, 100, 200)).save(path, "JPEG")
+
+
+def test_datasets_read_the_public_shapes(saved, tmp_path):
+    model, _, _ = saved
+    samples = list(PUBLIC_SHAPES.values())
+    write_images(tmp_path / "images", [s["image"] for s in samples if "image" in s])
+    (tmp_path / "data.json").write_text(json.dumps(samples))
+    dataset = data.LazyDataset(str(tmp_path / "data.json"), str(tmp_path / "images"), model, strict=True)
+    items = [dataset[i] for i in range(len(dataset))]
+    for sample, item in zip(samples, items):
+        n_image = int((item["input_ids"] == model.image_token_id).sum())
+        assert n_image == (model.num_image_tokens if "image" in sample else 0)
+        assert (item["pixel_values"] is not None) == ("image" in sample)
+        trained = trained_spans(item["input_ids"].tolist(), item["labels"].tolist(), model.tokenizer)
+        assert trained == [f" {t['value']}###" for t in sample["conversations"][1::2]]
+    batch = data.collate(items + [None], model.tokenizer.pad_token_id)
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["skipped"] == 1
+    assert batch["input_ids"].shape[0] == 4 and batch["attention_mask"].sum() == sum(len(i["input_ids"]) for i in items)
+    with torch.no_grad():  # a mixed batch (three images, one text-only sample) runs
+        _, loss, _ = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"])
+    assert torch.isfinite(loss)
+
+
+def test_dataset_is_lazy(saved, tmp_path):
+    """Nothing is read but the JSON until a sample is asked for: 100k samples whose images do not exist."""
+    model, _, _ = saved
+    sample = PUBLIC_SHAPES["chat.json (CC-595K)"]
+    (tmp_path / "big.json").write_text(json.dumps([dict(sample, id=str(i)) for i in range(100_000)]))
+    dataset = data.LazyDataset(str(tmp_path / "big.json"), str(tmp_path / "nowhere"), model)
+    assert len(dataset) == 100_000
+
+
+BAD_SAMPLES = [
+    ({"id": "b1", "image": "missing.jpg", "conversations": PUBLIC_SHAPES["llava_instruct_150k.json"]["conversations"]},
+     "sample b1 .*cannot read image .*missing.jpg"),
+    ({"id": "b2", "image": "corrupt.jpg", "conversations": PUBLIC_SHAPES["llava_instruct_150k.json"]["conversations"]},
+     "sample b2 .*cannot read image .*corrupt.jpg"),
+    ({"id": "b3", "image": "good.jpg", "conversations": [{"from": "human", "value": "<image>\nA?"},
+                                                       {"from": "human", "value": "B?"}]}, "sample b3 .*alternation"),
+    ({"id": "b4", "conversations": [{"from": "human", "value": "<image>\nA?"}, {"from": "gpt", "value": "B"}]},
+     "sample b4 .*<image> in turn 0 but no image"),
+    ({"id": "b5", "image": "good.jpg", "conversations": [{"from": "human", "value": "A?"}, {"from": "gpt", "value": "B"}]},
+     "sample b5 .*exactly one <image>"),
+    ({"id": "b6", "image": "good.jpg", "conversations": [{"from": "human", "value": "<image>\nA?"},
+                                                       {"from": "gpt", "value": ""}]}, "sample b6 .*turn 1 is empty"),
+    ({"id": "b7", "image": "good.jpg", "conversations": [{"from": "human", "value": "<image>\nA?"},
+                                                       {"from": "system", "value": "B"}]}, "sample b7 .*unknown role"),
+]
+
+
+def test_bad_samples_are_named_skipped_and_counted_or_fatal(saved, tmp_path, capfd):
+    model, _, _ = saved
+    write_images(tmp_path, ["good.jpg"])
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    samples = [s for s, _ in BAD_SAMPLES] + [PUBLIC_SHAPES["text-only"]]
+    (tmp_path / "bad.json").write_text(json.dumps(samples))
+    dataset = data.LazyDataset(str(tmp_path / "bad.json"), str(tmp_path), model)
+    batch = data.collate([dataset[i] for i in range(len(dataset))], model.tokenizer.pad_token_id)
+    assert batch["skipped"] == len(BAD_SAMPLES) and batch["input_ids"].shape[0] == 1
+    err = capfd.readouterr().err
+    import re
+    for _, message in BAD_SAMPLES:
+        assert re.search(message, err), message
+    assert "bad.json[0]" in err  # the file and index too
+    strict = data.LazyDataset(str(tmp_path / "bad.json"), str(tmp_path), model, strict=True)
+    for i, (_, message) in enumerate(BAD_SAMPLES):
+        with pytest.raises(data.SampleError, match=message):
+            strict[i]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "CMYK", "I;16", "1"])
+def test_images_of_every_mode_become_rgb(tmp_path, mode):
+    import numpy as np
+    if mode == "I;16":
+        image = Image.fromarray(np.full((20, 30), 65535, dtype=np.uint16))
+        assert image.mode == "I;16"
+    else:
+        image = Image.new("RGB", (30, 20), (255, 255, 255)).convert(mode)
+    path = tmp_path / ("x.tiff" if mode in ("CMYK", "I;16") else "x.png")
+    image.save(path)
+    rgb = data.load_image(path)
+    assert rgb.mode == "RGB" and rgb.size == (30, 20)
+    assert rgb.getpixel((5, 5)) == (255, 255, 255)  # white stays white, 16-bit scaled, not clipped
+
+
+def test_transparent_pixels_become_white_and_pad_to_square_uses_the_mean(tmp_path):
+    Image.new("RGBA", (30, 10), (255, 0, 0, 0)).save(tmp_path / "t.png")
+    assert data.load_image(tmp_path / "t.png").getpixel((0, 0)) == (255, 255, 255)
+    Image.new("RGB", (30, 10), (0, 0, 255)).save(tmp_path / "w.png")
+    square = data.load_image(tmp_path / "w.png", pad_to_square=True, background=(122, 116, 104))
+    assert square.size == (30, 30) and square.getpixel((0, 0)) == (122, 116, 104)
+    assert square.getpixel((15, 15)) == (0, 0, 255)
+
+
+# ----------------------------------------------------------------------------------------------
+# §4.2: training, one process and two, checkpoints and resume
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def train_setup(parts, toy_world):
+    """Tiny models and the toy world, ready for train.py."""
+    out, _ = toy_world
+    return ["--vision", parts[0], "--llm", parts[1], "--image-folder", str(out / "images"),
+            "--template", "paper", "--workers", "0", "--projector-type", "mlp2x_gelu"], out
+
+
+def run_train(args, nproc=1, check=True):
+    """train.py as a user runs it: `python train.py` or `torchrun --nproc_per_node N train.py`."""
+    command = [sys.executable, "train.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+        "train.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command + args, cwd=HERE, capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def exported(path):
+    return load_file(os.path.join(path, "model", "model.safetensors"))
+
+
+def metrics(path):
+    return [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+
+
+def stage2_args(train_setup, out, *extra):
+    common, world = train_setup
+    return common + ["--stage", "2", "--data", str(world / "instruct.json"), "--projector", "none",
+                     "--out", str(out), "--global-batch", "8", "--batch-size", "2", "--lr", "1e-3",
+                     "--max-steps", "4", "--checkpoint-every", "0", *extra]
+
+
+def test_two_processes_train_like_one(train_setup, tmp_path):
+    """Same global batch of 8: one process accumulates 4 micro-batches, two processes 2 each."""
+    run_train(stage2_args(train_setup, tmp_path / "one"))
+    run_train(stage2_args(train_setup, tmp_path / "two"), nproc=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4]
+    loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two))
+    w1, w2 = exported(tmp_path / "one"), exported(tmp_path / "two")
+    weight_diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    print(f"1 vs 2 processes: max loss difference {loss_diff:.2e}, max weight difference {weight_diff:.2e}")
+    assert loss_diff < 1e-5 and weight_diff < 1e-5
+    assert one[0]["loss"] > one[-1]["loss"]  # and it learns
+
+
+def test_bf16_mixed_precision_under_fsdp_runs(train_setup, tmp_path):
+    """The GPU recipe (BF16 compute, FP32 reduction) exercised on CPU with gloo."""
+    run_train(stage2_args(train_setup, tmp_path, "--dtype", "bf16", "--max-steps", "2"), nproc=2)
+    losses = [m["loss"] for m in metrics(tmp_path)]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_killed_run_resumes_to_the_same_weights(train_setup, tmp_path, nproc):
+    run_train(stage2_args(train_setup, tmp_path / "straight", "--max-steps", "5"), nproc=nproc)
+    killed = run_train(stage2_args(train_setup, tmp_path / "killed", "--max-steps", "5", "--checkpoint-every", "2",
+                                   "--kill-after-step", "3"), nproc=nproc, check=False)
+    assert killed.returncode != 0 and not os.path.exists(tmp_path / "killed" / "model")
+    assert open(tmp_path / "killed" / "checkpoints" / "latest").read() == "step_0000002"
+    run_train(stage2_args(train_setup, tmp_path / "killed", "--max-steps", "5", "--checkpoint-every", "2",
+                          "--resume"), nproc=nproc)
+    a, b = exported(tmp_path / "straight"), exported(tmp_path / "killed")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert [m["step"] for m in metrics(tmp_path / "killed")] == [1, 2, 3, 3, 4, 5]  # step 3 was redone
+
+
+def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(train_setup, tmp_path):
+    run_train(stage2_args(train_setup, tmp_path / "straight", "--max-steps", "5"))
+    crashed = run_train(stage2_args(train_setup, tmp_path / "crash", "--max-steps", "5", "--checkpoint-every", "2",
+                                    "--kill-in-save", "4"), check=False)
+    checkpoints = tmp_path / "crash" / "checkpoints"
+    assert crashed.returncode != 0 and (checkpoints / "step_0000004.tmp").exists()
+    assert open(checkpoints / "latest").read() == "step_0000002"
+    run_train(stage2_args(train_setup, tmp_path / "crash", "--max-steps", "5", "--checkpoint-every", "2", "--resume"))
+    a, b = exported(tmp_path / "straight"), exported(tmp_path / "crash")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_stage1_trains_only_the_projector_and_stage2_never_the_vision_encoder(train_setup, tmp_path):
+    common, world = train_setup
+    stage1 = train.train(train.get_args(common + [
+        "--stage", "1", "--data", str(world / "stage1.json"), "--out", str(tmp_path / "s1"), "--global-batch", "8",
+        "--batch-size", "4", "--max-steps", "3", "--checkpoint-every", "0"]))[0]
+    torch.manual_seed(0)  # train.py's seed: the same random W at the start
+    fresh = llava.build(common[1], common[3], projector="mlp2x_gelu")
+    before, after = fresh.state_dict(), stage1.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("projector.") for k in changed)
+    assert set(load_file(tmp_path / "s1" / "projector.safetensors")) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+    run_train(stage2_args(train_setup, tmp_path / "s2", "--projector", str(tmp_path / "s1"), "--max-steps", "2"))
+    final = llava.load(str(tmp_path / "s2" / "model")).state_dict()
+    for k, v in before.items():
+        if k.startswith("vision_tower."):
+            assert torch.equal(v, final[k]), k
+    assert not torch.equal(before["language_model.model.layers.0.mlp.up_proj.weight"],
+                           final["language_model.model.layers.0.mlp.up_proj.weight"])
+
+
+def test_missing_data_file_gets_one_line(train_setup, tmp_path):
+    common, _ = train_setup
+    result = run_train(common + ["--stage", "1", "--data", str(tmp_path / "chat.json"), "--out", str(tmp_path)],
+                       check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(f"train.py: --data {tmp_path / 'chat.json'} not found")
+
+
+# ----------------------------------------------------------------------------------------------
+# §5.1: chat.py, driven as a user drives it
+# ----------------------------------------------------------------------------------------------
+
+def chat(args, stdin=""):
+    return subprocess.run([sys.executable, "chat.py", *args], cwd=HERE, input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_one_shot_answer_equals_llava_generation(saved, tmp_path):
+    model, path, _ = saved
+    image().save(tmp_path / "red.png")
+    result = chat([str(tmp_path / "red.png"), "--model", path, "-p", "What color is the square?",
+                   "--temperature", "0", "--max-new-tokens", "12"])
+    assert result.returncode == 0, result.stderr
+    expected = model.answer([{"from": "human", "value": "<image>\nWhat color is the square?"}],
+                            data.load_image(tmp_path / "red.png"), max_new_tokens=12, temperature=0)
+    assert result.stdout == expected + "\n"  # the answer alone
+
+
+def test_repl_as_a_user_drives_it(saved, tmp_path):
+    _, path, _ = saved
+    image().save(tmp_path / "red.png")
+    Image.new("RGBA", (50, 50), (0, 0, 255, 128)).save(tmp_path / "blue.png")  # not RGB: fine
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    session = "\n".join(["What color is the square?", "And the circle?", "", "/image " + str(tmp_path / "missing.png"),
+                         "/image " + str(tmp_path / "broken.png"), "/image " + str(tmp_path / "blue.png"),
+                         "Describe it.", "/reset", "/dance", "Hello?"]) + "\n"
+    result = chat([str(tmp_path / "red.png"), "--model", path, "--temperature", "0", "--max-new-tokens", "6"],
+                  stdin=session)  # ends with EOF, as Ctrl-D
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("ASSISTANT: ") == 4  # four questions, four answers
+    assert "cannot use image " + str(tmp_path / "missing.png") in out
+    assert "cannot use image " + str(tmp_path / "broken.png") in out
+    assert "(image " + str(tmp_path / "blue.png") + " loaded; conversation reset)" in out
+    assert "(conversation reset)" in out and "unknown command /dance" in out
+
+
+def test_repl_drops_the_oldest_turns_when_the_context_is_full(saved, tmp_path):
+    model, path, _ = saved
+    image().save(tmp_path / "red.png")
+    limit = model.language_model.config.max_position_embeddings
+    prompt_length = model.prepare(CONVERSATION[:1], image())[0].shape[1]
+    n = limit - prompt_length - 20  # the first answer fits; a second question with it does not
+    result = chat([str(tmp_path / "red.png"), "--model", path, "--temperature", "0", "--max-new-tokens", str(n)],
+                  stdin="What color is the square?\nHow many circles are there?\n")
+    assert result.returncode == 0, result.stderr
+    assert "oldest exchanges dropped" in result.stdout and result.stdout.count("ASSISTANT: ") == 2
+
+
+def test_chat_without_a_model_says_what_to_do(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "chat.py"), "x.png"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "pass --model DIR or run python train.py --toy" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# §5: evaluation
+# ----------------------------------------------------------------------------------------------
+
+import eval as evaluation  # noqa: E402  (the module, not the builtin)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("The square is red. The answer is B.", "B"), ("The answer is (C).", "C"), ("B", "B"), ("(A)", "A"),
+    ("The answer is E.", None), ("I think it is red.", None), ("The answer is Blue.", None), ("", None),
+])
+def test_answer_extraction(text, expected):
+    assert evaluation.extract_answer(text, 4) == expected
+
+
+def test_mc_evaluation_counts_per_category(saved, toy_world):
+    model, _, _ = saved
+    out, _ = toy_world
+    questions = read(out / "eval.json")[:10]
+    results, rows = evaluation.evaluate_mc(model, questions, str(out / "images"), max_new_tokens=4)
+    assert results["overall"]["n"] == 10 and sum(r["n"] for c, r in results.items() if c != "overall") == 10
+    right = sum(row["predicted"] == row["answer"] for row in rows)
+    assert results["overall"]["accuracy"] == right / 10
+    assert 0.25 < results["overall"]["chance"] < 0.5
+    assert "overall" in evaluation.table(results, results)
+
+
+class Judge(Teacher):
+    """A judge on 127.0.0.1: scores 8 for the reference and 6 for the model; once, no scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.requests.extend([{}] * 10)  # no scripted HTTP faults
+        judge = self
+
+        def reply(handler):
+            body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+            judge.requests.append(body)
+            content = "8 6\nThe first answer is more detailed."
+            if "[Question]\nq2" in body["messages"][1]["content"] and not judge.bad_done:
+                judge.bad_done, content = True, "Both are fine."
+            out = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(out)))
+            handler.end_headers()
+            handler.wfile.write(out)
+        self.bad_done = False
+        self.server.RequestHandlerClass.do_POST = reply
+
+
+def test_llava_bench_relative_score_with_a_judge_and_resume(saved, tmp_path, capfd):
+    model, _, _ = saved
+    image().save(tmp_path / "a.png")
+    questions = [{"question_id": i, "image": "a.png", "text": f"q{i}", "category": c}
+                 for i, c in [(1, "conv"), (2, "detail"), (3, "complex")]]
+    judge = Judge()
+    try:
+        run = lambda: evaluation.evaluate_bench(model, questions, {"a.png": "A red square."},  # noqa: E731
+                                                {1: "r1", 2: "r2", 3: "r3"}, str(tmp_path), str(tmp_path / "bench"),
+                                                judge.url, "judge", "sk-x", timeout=5)
+        first = run()
+        assert first["overall"]["n"] == 2 and "question 2: the judge gave no two scores" in capfd.readouterr().err
+        calls = len(judge.requests)
+        second = run()  # resumes: only question 2 goes to the judge again; no answer is regenerated
+        assert len(judge.requests) == calls + 1
+        assert len(evaluation.read_jsonl(tmp_path / "bench" / "answers.jsonl")) == 3
+        assert second["overall"]["relative"] == pytest.approx(75.0) and second["overall"]["n"] == 3
+        assert second["detail"]["model"] == 6 and second["detail"]["reference"] == 8
+        prompt = judge.requests[-1]["messages"][1]["content"]
+        assert prompt.index("[Assistant 1]\nr2") < prompt.index("[Assistant 2]")  # the reference comes first
+        assert "[Context]\nA red square." in prompt
+    finally:
+        judge.close()

@@ -54,7 +54,7 @@ def get_args(argv=None):
     p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: align W; 2: fine-tune W and the LLM")
     p.add_argument("--vision", default="openai/clip-vit-large-patch14", help="vision encoder g (hub id or dir)")
     p.add_argument("--llm", default="lmsys/vicuna-13b-v1.5", help="language model f_phi (hub id or dir)")
-    p.add_argument("--projector-type", default="linear", help="linear (the paper) or mlp2x_gelu (LLaVA-1.5)")
+    p.add_argument("--projector-type", help="linear (the paper; the default) or mlp2x_gelu (LLaVA-1.5; the toy's)")
     p.add_argument("--projector", default="out/stage1", help="stage 2: the stage-1 output W starts from")
     p.add_argument("--feature-layer", type=int, default=-2, help="which vision layer gives Z_v (-2: penultimate)")
     p.add_argument("--template", default="paper", help="paper (###) or llava15 (USER:/ASSISTANT:)")
@@ -83,6 +83,7 @@ def get_args(argv=None):
     p.add_argument("--kill-after-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: a crash
     p.add_argument("--kill-in-save", type=int, default=None, help=argparse.SUPPRESS)  # tests: crash mid-save
     args = p.parse_args(argv)
+    args.projector_type = args.projector_type or ("mlp2x_gelu" if args.toy else "linear")
     for k, v in STAGE_DEFAULTS[args.stage].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -206,7 +207,7 @@ def load_checkpoint(out, model, optimizer, scheduler, rank):
     state = {"model": model_state, "optim": optim_state, f"rng_{rank}": torch.get_rng_state()}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=options)
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: not saved
     torch.set_rng_state(state[f"rng_{rank}"])
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
@@ -327,7 +328,7 @@ def train(args):
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
-    return loss_value
+    return model, loss_value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +386,7 @@ def make_toy_lm(path, tokenizer, width=64, layers=2, heads=4, seed=0):
 TOY = dict(n_images=2000, n_eval=500, image_size=48, patch_size=16)  # 3x3 grid: one cell, one patch
 
 
-def pretrain_toy_clip(path, data_dir, tokenizer, n_images, steps=300, batch=128, lr=1e-3):
+def pretrain_toy_clip(path, data_dir, tokenizer, n_images, steps=150, batch=128, lr=1e-3):
     """The CLIP stand-in: contrastive image-caption training (CLIP's own loss) on the toy world."""
     model = make_toy_clip(path, TOY["image_size"], TOY["patch_size"], width=128, layers=3, heads=4,
                           vocab_size=len(tokenizer))
@@ -407,7 +408,7 @@ def pretrain_toy_clip(path, data_dir, tokenizer, n_images, steps=300, batch=128,
     return loss.item()
 
 
-def pretrain_toy_lm(path, tokenizer, conversations, steps=400, batch=32, lr=2e-3):
+def pretrain_toy_lm(path, tokenizer, conversations, steps=300, batch=32, lr=2e-3):
     """The Vicuna stand-in: a causal LM trained on the toy conversations as text (no images), in
     the chat template, as Vicuna was trained on chats."""
     model = make_toy_lm(path, tokenizer, width=128, layers=4, heads=4)
@@ -436,13 +437,14 @@ def toy_demo(args):
     start = time.time()
     data_dir = os.path.join(out, "data")
     print(f"[1/5] the toy world (§3) -> {data_dir}")
-    sizes = data.make_toy_world(data_dir, TOY["n_images"], TOY["n_eval"], seed=args.seed)
+    sizes = data.make_toy_world(data_dir, TOY["n_images"], TOY["n_eval"], mc_per_image=2, seed=args.seed)
     print("      " + ", ".join(f"{k}: {v}" for k, v in sizes.items()))
 
     print("[2/5] stand-ins for CLIP ViT-L/14 and Vicuna")
     instruct = data.load_json(os.path.join(data_dir, "instruct.json"))
     stage1 = data.load_json(os.path.join(data_dir, "stage1.json"))
-    texts = [t.system for t in data.TEMPLATES.values()] + [
+    # The system message comes with every sample: weighted so that BPE gives it few tokens.
+    texts = [t.system for t in data.TEMPLATES.values()] * 500 + [
         turn["value"] for s in instruct + stage1 for turn in s["conversations"]]
     tokenizer = make_toy_tokenizer(texts, vocab_size=1024)
     clip_loss = pretrain_toy_clip(os.path.join(out, "clip"), data_dir, tokenizer, TOY["n_images"])
@@ -468,7 +470,7 @@ def toy_demo(args):
                         data.load_json(os.path.join(data_dir, "mc_train.json")))
     train(get_args(["--stage", "2", "--data", stage2_data, "--out", os.path.join(out, "stage2"),
                     "--projector", "none" if args.no_stage1 else os.path.join(out, "stage1"),
-                    "--lr", "1e-3", "--global-batch", "32", "--batch-size", "32", "--epochs", "2"] + common))
+                    "--lr", "1e-3", "--global-batch", "16", "--batch-size", "16", "--epochs", "2"] + common))
 
     print("[5/5] evaluation (§5): held-out multiple choice, by category")
     model = llava.load(os.path.join(out, "stage2", "model"))
