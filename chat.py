@@ -50,6 +50,7 @@ def reply(model, conversation, image, args, stream=True):
     try:
         for piece in model.generate_text(conversation, image, max_new_tokens=args.max_new_tokens,
                                          temperature=args.temperature, top_p=args.top_p):
+            piece = piece if pieces else piece.lstrip()  # the answer starts after "ASSISTANT: "
             pieces.append(piece)
             if stream:
                 print(piece, end="", flush=True)
