@@ -980,3 +980,61 @@ def test_llava_bench_relative_score_with_a_judge_and_resume(saved, tmp_path, cap
         assert "[Context]\nA red square." in prompt
     finally:
         judge.close()
+
+
+def test_huge_images_in_the_repl(saved, tmp_path):
+    """A decompression bomb is refused with a message; a large photo is used."""
+    _, path, _ = saved
+    Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # 200M pixels: PIL refuses to decode it
+    Image.new("RGB", (4000, 3000), (200, 30, 30)).save(tmp_path / "large.jpg")
+    result = chat([str(tmp_path / "bomb.png"), "--model", path, "--temperature", "0", "--max-new-tokens", "4"],
+                  stdin=f"Hi?\n/image {tmp_path / 'large.jpg'}\nWhat color is it?\n")
+    assert result.returncode == 0, result.stderr
+    assert "cannot use image " + str(tmp_path / "bomb.png") + ": DecompressionBombError" in result.stdout
+    assert "large.jpg loaded" in result.stdout and result.stdout.count("ASSISTANT: ") == 2
+
+
+def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
+    """In a pseudo-terminal: Ctrl-C at the prompt gives a fresh prompt; Ctrl-D leaves."""
+    import pty
+    import select
+    import time
+    _, path, _ = saved
+    image().save(tmp_path / "red.png")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: chat.py with the terminal as its own
+        os.chdir(HERE)
+        os.execv(sys.executable, [sys.executable, "chat.py", str(tmp_path / "red.png"), "--model", path,
+                                  "--temperature", "0", "--max-new-tokens", "4"])
+    screen = b""
+
+    def read_until(text, timeout=60):
+        nonlocal screen
+        deadline = time.time() + timeout
+        while text.encode() not in screen:
+            assert time.time() < deadline, f"no {text!r} in {screen[-500:]!r}"
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    screen += os.read(fd, 4096)
+                except OSError:
+                    break
+        return screen
+
+    try:
+        read_until("USER: ")
+        os.write(fd, b"\x03")  # Ctrl-C at the prompt
+        screen = b""
+        read_until("USER: ")
+        os.write(fd, b"What color is the square?\r")
+        read_until("ASSISTANT: ")
+        read_until("USER: ")
+        os.write(fd, b"\x04")  # Ctrl-D
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
