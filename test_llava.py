@@ -790,7 +790,7 @@ def test_two_processes_train_like_one(train_setup, tmp_path):
 
 def test_bf16_mixed_precision_under_fsdp_runs(train_setup, tmp_path):
     """The GPU recipe (BF16 compute, FP32 reduction) exercised on CPU with gloo."""
-    run_train(stage2_args(train_setup, tmp_path, "--dtype", "bf16", "--max-steps", "2"), nproc=2)
+    run_train(stage2_args(train_setup, tmp_path, "--dtype", "bf16", "--max-steps", "2", "--group-by-length"), nproc=2)
     losses = [m["loss"] for m in metrics(tmp_path)]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
@@ -1038,3 +1038,15 @@ def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
         except (ProcessLookupError, ChildProcessError):
             pass
         os.close(fd)
+
+
+def test_length_grouping_keeps_each_global_batch_and_cuts_padding():
+    lengths = [int(x) for x in torch.randint(10, 600, (64,), generator=torch.Generator().manual_seed(0))]
+    plain = [train.micro_batches(64, 16, 2, 2, r, 0, 4, seed=0) for r in range(2)]
+    grouped = [train.micro_batches(64, 16, 2, 2, r, 0, 4, seed=0, lengths=lengths) for r in range(2)]
+    padding = lambda batches: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)  # noqa: E731
+                                  for rank in batches for b in rank)
+    for step in range(4):  # each optimizer step sees the same 16 samples, grouped or not
+        per_step = lambda batches: {i for rank in batches for b in rank[step * 4:(step + 1) * 4] for i in b}  # noqa: E731
+        assert per_step(plain) == per_step(grouped) and len(per_step(plain)) == 16
+    assert padding(grouped) < padding(plain) / 2

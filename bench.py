@@ -1,0 +1,220 @@
+"""bench.py: llava.py measured side by side with transformers' LlavaForConditionalGeneration.
+
+Same weights, same inputs, one run; ours and the reference alternate after a warm-up.
+
+    python bench.py                 # tiny models (seconds)
+    python bench.py --size small    # a few seconds per training step on a CPU
+"""
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+import data
+import llava
+import train
+
+SIZES = {  # vision: image, patch, width, layers; LM: width, layers; batch, text tokens per sample
+    "tiny": dict(image=32, patch=8, v_width=64, v_layers=3, width=64, layers=2, batch=4, text=48, new_tokens=32),
+    "small": dict(image=224, patch=16, v_width=256, v_layers=6, width=512, layers=8, batch=4, text=192, new_tokens=64),
+}
+
+
+def timed(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    return [_time(fn) for _ in range(repeats)]
+
+
+def _time(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(ours, reference, repeats):
+    """Warm up both, then run them turn about; returns the two lists of seconds."""
+    for _ in range(2):
+        ours(), reference()
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(_time(ours))
+        b.append(_time(reference))
+    return a, b
+
+
+def report(name, a, b, unit="s", extra=""):
+    fmt = lambda xs: f"{min(xs):.4f} / {statistics.median(xs):.4f} / {max(xs):.4f}"  # noqa: E731
+    print(f"{name:<28} ours {fmt(a)} {unit}   transformers {fmt(b)} {unit}   "
+          f"ours/ref {statistics.median(a) / statistics.median(b):.2f}{extra}")
+
+
+def matmul_peak(n=1024, repeats=10):
+    """This machine's FP32 matmul FLOP/s: the yardstick of model FLOPs utilisation (MFU)."""
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    best = min(timed(lambda: x @ y, repeats))
+    return 2 * n ** 3 / best
+
+
+def make_models(size, root):
+    s = SIZES[size]
+    tokenizer = train.make_toy_tokenizer(["A chat between a curious human and an artificial intelligence assistant. "
+                                          "What color is the square? The square is red."] * 20, vocab_size=400)
+    train.make_toy_clip(os.path.join(root, "clip"), s["image"], s["patch"], s["v_width"], s["v_layers"], heads=4,
+                        vocab_size=len(tokenizer))
+    train.make_toy_lm(os.path.join(root, "lm"), tokenizer, s["width"], s["layers"], heads=8)
+    torch.manual_seed(0)
+    ours = llava.build(os.path.join(root, "clip"), os.path.join(root, "lm"), "mlp2x_gelu")
+    llava.save(ours, os.path.join(root, "llava"))
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(os.path.join(root, "llava"))
+    # An untrained model soon writes EOS; let both stop at <unk> instead, which it does not write,
+    # so that both generate every token asked for.
+    ours.tokenizer.eos_token = "<unk>"
+    return ours, reference
+
+
+def bench_training(ours, reference, size, stage, repeats, peak):
+    s = SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    n_v = ours.num_image_tokens
+    ids = torch.randint(10, 300, (s["batch"], n_v + s["text"]), generator=g)
+    ids[:, 1:1 + n_v] = ours.image_token_id  # (B, T): the image after BOS
+    labels = ids.clone()
+    labels[:, :1 + n_v] = data.IGNORE
+    pixel_values = torch.randn(s["batch"], 3, s["image"], s["image"], generator=g)
+    for model, lm in ((ours, ours.language_model), (reference, None)):
+        model.train()
+        model.requires_grad_(False)
+        projector = ours.projector if model is ours else reference.model.multi_modal_projector
+        projector.requires_grad_(True)
+        if stage == 2:
+            (lm if lm is not None else reference.model.language_model).requires_grad_(True)
+            if lm is None:
+                reference.lm_head.requires_grad_(True)
+    opt_a = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    opt_b = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+
+    def step_ours():
+        loss = ours(ids, pixel_values, labels=labels)[1]
+        loss.backward()
+        opt_a.step()
+        opt_a.zero_grad()
+
+    def step_reference():
+        loss = reference(input_ids=ids, pixel_values=pixel_values, labels=labels).loss
+        loss.backward()
+        opt_b.step()
+        opt_b.zero_grad()
+
+    a, b = alternate(step_ours, step_reference, repeats)
+    # FLOPs: forward 2·N·T everywhere; backward 4·N·T through trainable layers, 2·N·T (activation
+    # gradients only) through the frozen LM of stage 1; the vision tower runs forward only.
+    n_lm = sum(p.numel() for p in ours.language_model.parameters())
+    n_vision = sum(p.numel() for p in ours.vision_tower.parameters())
+    tokens = ids.numel()
+    flops = 2 * n_vision * s["batch"] * (n_v + 1) + (6 if stage == 2 else 4) * n_lm * tokens
+    mfu = flops / statistics.median(a) / peak
+    report(f"training step, stage {stage}", a, b, extra=f"   MFU ours {100 * mfu:.1f}%")
+
+
+@torch.no_grad()
+def bench_generation(ours, reference, size, repeats):
+    n = SIZES[size]["new_tokens"]
+    ours.eval(), reference.eval()
+    ids, pixel_values = ours.prepare([{"from": "human", "value": "<image>\nWhat color is the square?"}],
+                                     Image.new("RGB", (64, 48), (200, 30, 30)))
+
+    def first_ours():
+        next(iter(ours.generate(ids, pixel_values, max_new_tokens=1, stop="")))
+
+    def first_reference():
+        reference.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=1, do_sample=False,
+                           pad_token_id=ours.tokenizer.pad_token_id)
+
+    def all_ours():
+        assert len(list(ours.generate(ids, pixel_values, max_new_tokens=n, stop=""))) == n
+
+    def all_reference():
+        out = reference.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=n, do_sample=False,
+                                 eos_token_id=ours.tokenizer.eos_token_id, pad_token_id=ours.tokenizer.pad_token_id)
+        assert out.shape[1] - ids.shape[1] == n
+
+    a, b = alternate(first_ours, first_reference, repeats)
+    report("time to first token", a, b)
+    a, b = alternate(all_ours, all_reference, repeats)
+    print(f"{'greedy generation':<28} ours {n / statistics.median(a):.1f} tokens/s   transformers "
+          f"{n / statistics.median(b):.1f} tokens/s   ours/ref (time) {statistics.median(a) / statistics.median(b):.2f}")
+
+
+def bench_data(ours, root, workers, n=256):
+    """Samples/s through LazyDataset + collate with real JPEG decoding, at 224 and 336 px."""
+    folder = os.path.join(root, "jpeg")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        pixels = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)  # COCO's size, noise: a hard JPEG
+        Image.fromarray(pixels).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+        samples.append({"id": str(i), "image": f"{i}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown in the image?"},
+            {"from": "gpt", "value": "A scene with many colors and shapes, " * 8}]})
+    data.write_json(os.path.join(root, "samples.json"), samples)
+    for px in (224, 336):
+        ours.image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": px},
+                                                               crop_size={"height": px, "width": px})
+        dataset = data.LazyDataset(os.path.join(root, "samples.json"), folder, ours)
+        for w in (0, workers):
+            loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=w,
+                                                 collate_fn=lambda b: data.collate(b, ours.tokenizer.pad_token_id))
+            start = time.perf_counter()
+            count = sum(batch["input_ids"].shape[0] for batch in loader)
+            print(f"{'data pipeline':<28} {px} px, {w} workers: {count / (time.perf_counter() - start):.0f} samples/s")
+
+
+def bench_padding(n=20000, batch=16, seed=0):
+    """Share of padded positions per batch: random batches against length-grouped ones, on a
+    mix like LLaVA-1.5's (image samples: 576 visual tokens + text; a third text-only)."""
+    rng = np.random.default_rng(seed)
+    with_image = rng.random(n) < 0.67
+    lengths = np.where(with_image, 576, 0) + rng.lognormal(5.0, 0.8, n).astype(int) + 20
+    lengths = np.minimum(lengths, 2048)
+
+    def padding(order):
+        batches = [lengths[order[i:i + batch]] for i in range(0, n - batch + 1, batch)]
+        return 1 - sum(b.sum() for b in batches) / sum(b.max() * len(b) for b in batches)
+
+    random_order = rng.permutation(n)
+    megabatch = 8 * batch  # as train.py --group-by-length: sort inside each global batch of 128
+    grouped = np.concatenate([sorted(random_order[i:i + megabatch], key=lambda j: lengths[j])
+                              for i in range(0, n, megabatch)])
+    print(f"{'padding share':<28} random batches {100 * padding(random_order):.1f}%   "
+          f"length-grouped within a global batch of {megabatch} {100 * padding(grouped):.1f}%")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=list(SIZES), default="tiny")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--workers", type=int, default=2, help="data loader processes to compare with 0")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    peak = matmul_peak()
+    print(f"{args.size} models; {torch.get_num_threads()} threads; FP32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    with tempfile.TemporaryDirectory() as root:
+        ours, reference = make_models(args.size, root)
+        for stage in (1, 2):
+            bench_training(ours, reference, args.size, stage, args.repeats, peak)
+        bench_generation(ours, reference, args.size, args.repeats)
+        bench_data(ours, root, args.workers)
+    bench_padding()
+
+
+if __name__ == "__main__":
+    main()
