@@ -110,10 +110,11 @@ class LLaVA(nn.Module):
                                   past_key_values=past_key_values, use_cache=use_cache)
         logits = out.logits  # (B, T, V)
         loss = None
-        if labels is not None:  # position t predicts token t+1
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=data.IGNORE, reduction="sum")
-            loss = loss / (num_items if num_items is not None else (labels[:, 1:] != data.IGNORE).sum().clamp(min=1))
+        if labels is not None:  # position t predicts token t+1: shift the labels (cheaper than the logits)
+            targets = F.pad(labels[:, 1:], (0, 1), value=data.IGNORE)  # (B, T)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=data.IGNORE,
+                                   reduction="sum")
+            loss = loss / (num_items if num_items is not None else (targets != data.IGNORE).sum().clamp(min=1))
         return logits, loss, out.past_key_values
 
     # ------------------------------------------------------------------------------------------
@@ -146,7 +147,8 @@ class LLaVA(nn.Module):
         cache = transformers.DynamicCache() if use_cache else None
         new_ids = []
         for _ in range(max_new_tokens):
-            out = self.language_model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=use_cache)
+            out = self.language_model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=use_cache,
+                                      logits_to_keep=1)  # the LM head for the last position only
             logits = out.logits[:, -1].float()  # (1, V): the next token's scores
             if temperature > 0:
                 for warp in warpers:
@@ -157,7 +159,8 @@ class LLaVA(nn.Module):
             token = int(next_id)
             new_ids.append(token)
             yield token
-            if token == self.tokenizer.eos_token_id or (stop and stop in self.tokenizer.decode(new_ids)):
+            # A stop string that has just appeared lies in the last few tokens: decode only those.
+            if token == self.tokenizer.eos_token_id or (stop and stop in self.tokenizer.decode(new_ids[-len(stop) - 4:])):
                 return
             next_embeds = self.language_model.get_input_embeddings()(next_id)  # (1, 1, D)
             if use_cache:  # the cache holds keys and values of all earlier positions
