@@ -995,17 +995,28 @@ def test_huge_images_in_the_repl(saved, tmp_path):
 
 
 def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
-    """In a pseudo-terminal: Ctrl-C at the prompt gives a fresh prompt; Ctrl-D leaves."""
+    """In a pseudo-terminal: Ctrl-C at the prompt gives a fresh prompt, Ctrl-C during an answer
+    stops it and keeps the chat, Ctrl-D leaves."""
     import pty
     import select
     import time
-    _, path, _ = saved
+    model, _, _ = saved
     image().save(tmp_path / "red.png")
+    # A model that never stops on its own: its LM head is all zeros, so it writes <unk> forever.
+    with torch.no_grad():
+        head = model.language_model.lm_head.weight
+        saved_head = head.clone()
+        head.zero_()
+        try:
+            llava.save(model, str(tmp_path / "babbler"))
+        finally:
+            head.copy_(saved_head)
+    path = str(tmp_path / "babbler")
     pid, fd = pty.fork()
     if pid == 0:  # the child: chat.py with the terminal as its own
         os.chdir(HERE)
         os.execv(sys.executable, [sys.executable, "chat.py", str(tmp_path / "red.png"), "--model", path,
-                                  "--temperature", "0", "--max-new-tokens", "4"])
+                                  "--temperature", "0", "--max-new-tokens", "100000"])
     screen = b""
 
     def read_until(text, timeout=60):
@@ -1026,8 +1037,11 @@ def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
         screen = b""
         read_until("USER: ")
         os.write(fd, b"What color is the square?\r")
-        read_until("ASSISTANT: ")
-        read_until("USER: ")
+        read_until("<unk><unk><unk>")  # the answer is being written
+        os.write(fd, b"\x03")  # Ctrl-C during the answer
+        read_until("[stopped]")
+        screen = b""
+        read_until("USER: ")  # and the chat goes on
         os.write(fd, b"\x04")  # Ctrl-D
         _, status = os.waitpid(pid, 0)
         assert os.WEXITSTATUS(status) == 0
