@@ -997,7 +997,6 @@ def test_huge_images_in_the_repl(saved, tmp_path):
 def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
     """In a pseudo-terminal: Ctrl-C at the prompt gives a fresh prompt, Ctrl-C during an answer
     stops it and keeps the chat, Ctrl-D leaves."""
-    import pty
     import select
     import time
     model, _, _ = saved
@@ -1011,15 +1010,15 @@ def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
             llava.save(model, str(tmp_path / "babbler"))
         finally:
             head.copy_(saved_head)
-    path = str(tmp_path / "babbler")
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: chat.py with the terminal as its own
-        os.chdir(HERE)
-        os.execv(sys.executable, [sys.executable, "chat.py", str(tmp_path / "red.png"), "--model", path,
-                                  "--temperature", "0", "--max-new-tokens", "100000"])
+    import signal
+    argv = [sys.executable, "chat.py", str(tmp_path / "red.png"), "--model", str(tmp_path / "babbler"),
+            "--temperature", "0", "--max-new-tokens", "100000"]
+    fd, terminal = os.openpty()  # chat.py reads and writes a terminal; Ctrl-C is the SIGINT a terminal sends
+    child = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal, cwd=HERE)
+    os.close(terminal)
     screen = b""
 
-    def read_until(text, timeout=60):
+    def read_until(text, timeout=180):
         nonlocal screen
         deadline = time.time() + timeout
         while text.encode() not in screen:
@@ -1033,24 +1032,20 @@ def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
 
     try:
         read_until("USER: ")
-        os.write(fd, b"\x03")  # Ctrl-C at the prompt
+        child.send_signal(signal.SIGINT)  # Ctrl-C at the prompt
         screen = b""
         read_until("USER: ")
         os.write(fd, b"What color is the square?\r")
         read_until("<unk><unk><unk>")  # the answer is being written
-        os.write(fd, b"\x03")  # Ctrl-C during the answer
+        child.send_signal(signal.SIGINT)  # Ctrl-C during the answer
         read_until("[stopped]")
         screen = b""
         read_until("USER: ")  # and the chat goes on
         os.write(fd, b"\x04")  # Ctrl-D
-        _, status = os.waitpid(pid, 0)
-        assert os.WEXITSTATUS(status) == 0
+        assert child.wait(timeout=60) == 0
     finally:
-        try:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        child.kill()
+        child.wait()
         os.close(fd)
 
 
