@@ -567,6 +567,19 @@ SEED_EXAMPLES = {  # (captions, boxes) -> the response a good teacher gives; wri
 }
 
 
+def read_jsonl(path):
+    """The rows of a JSONL file (none if it does not exist); a last line cut short by a crash is ignored."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return rows
+
+
 def symbolic_context(captions, boxes):
     """The teacher's view of one image: §3's captions, then boxes."""
     return "\n".join(captions) + "\n\n" + "\n".join(boxes)
@@ -664,14 +677,7 @@ def generate_with_teacher(annotations, kind, out_jsonl, base_url, model, api_key
     Returns (new samples, skipped)."""
     import random
     rng = random.Random(seed)
-    done = set()
-    if os.path.exists(out_jsonl):
-        with open(out_jsonl) as f:
-            for line in f:
-                try:
-                    done.add(json.loads(line)["id"])
-                except (json.JSONDecodeError, KeyError):
-                    pass  # a line cut short by a crash: that id is done again
+    done = {row.get("id") for row in read_jsonl(out_jsonl)}  # a line cut short by a crash: done again
     new = skipped = 0
     todo = [(str(i), a) for i, a in sorted(annotations.items())][:limit]
     with open(out_jsonl, "a") as out:

@@ -114,19 +114,6 @@ def parse_scores(review):
     return (float(numbers[0]), float(numbers[1])) if len(numbers) == 2 else None
 
 
-def read_jsonl(path):
-    """The rows of a JSONL file; a last line cut short by a crash is ignored."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return rows
-
-
 def append_jsonl(path, row):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -138,14 +125,14 @@ def evaluate_bench(model, questions, contexts, references, image_folder, out, ju
     references: {question_id: reference answer}. Returns {category: relative score etc.}."""
     os.makedirs(out, exist_ok=True)
     answers_path, reviews_path = os.path.join(out, "answers.jsonl"), os.path.join(out, "reviews.jsonl")
-    answers = {r["question_id"]: r["text"] for r in read_jsonl(answers_path)}
+    answers = {r["question_id"]: r["text"] for r in data.read_jsonl(answers_path)}
     for q in questions:  # 1. the model's answers, saved one by one
         if q["question_id"] not in answers:
             image = data.load_image(os.path.join(image_folder, q["image"]))
             text = model.answer([{"from": "human", "value": f"{data.IMAGE}\n{q['text']}"}], image, temperature=0)
             answers[q["question_id"]] = text
             append_jsonl(answers_path, {"question_id": q["question_id"], "text": text})
-    reviews = {r["question_id"]: r for r in read_jsonl(reviews_path)}
+    reviews = {r["question_id"]: r for r in data.read_jsonl(reviews_path)}
     for q in questions:  # 2. the judge's reviews, saved one by one
         if q["question_id"] in reviews:
             continue
@@ -199,9 +186,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.command == "bench":
-        contexts = {r["image"]: r.get("caption", r.get("text", "")) for r in read_jsonl(args.context)}
-        references = {r["question_id"]: r["text"] for r in read_jsonl(args.references)}
-        questions = read_jsonl(args.questions)
+        contexts = {r["image"]: r.get("caption", r.get("text", "")) for r in data.read_jsonl(args.context)}
+        references = {r["question_id"]: r["text"] for r in data.read_jsonl(args.references)}
+        questions = data.read_jsonl(args.questions)
         for q in questions:
             if q["question_id"] not in references or q["image"] not in contexts:
                 sys.exit(f"{args.questions}: question {q['question_id']} has no reference answer or context")

@@ -244,12 +244,12 @@ FROM_CHECKPOINT = [
     (r"^model\.vision_tower\.", "vision_tower."),
     (r"^model\.language_model\.", "language_model.model."),
     (r"^lm_head\.", "language_model.lm_head."),
-    # the authors' LlavaLlamaForCausalLM
-    (r"^model\.mm_projector\.", "projector."),
-    (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
 ]
-AUTHORS_LM = [(r"^model\.(?!mm_projector|vision_tower)", "language_model.model."),
-              (r"^lm_head\.", "language_model.lm_head.")]
+# Names in the authors' LlavaLlamaForCausalLM checkpoints -> ours.
+FROM_AUTHORS = [(r"^model\.mm_projector\.", "projector."),
+                (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
+                (r"^model\.", "language_model.model."),
+                (r"^lm_head\.", "language_model.lm_head.")]
 
 
 def rename(key, rules):
@@ -398,7 +398,7 @@ def load(path, dtype=None, vision=None, template=None):
                       config.get("mm_projector_type", "linear"), config.get("mm_vision_select_layer", -2),
                       config.get("mm_vision_select_feature", "patch") == "cls_patch",
                       AUTHORS_IMAGE_TOKEN_ID, template or authors_template(config))
-        weights = {rename(k, FROM_CHECKPOINT[-2:] + AUTHORS_LM): v for k, v in weights.items()}
+        weights = {rename(k, FROM_AUTHORS): v for k, v in weights.items()}
         for k, v in model.vision_tower.state_dict().items():  # the vision tower came from elsewhere
             weights.setdefault("vision_tower." + k, v)
     else:

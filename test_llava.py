@@ -972,7 +972,7 @@ def test_llava_bench_relative_score_with_a_judge_and_resume(saved, tmp_path, cap
         calls = len(judge.requests)
         second = run()  # resumes: only question 2 goes to the judge again; no answer is regenerated
         assert len(judge.requests) == calls + 1
-        assert len(evaluation.read_jsonl(tmp_path / "bench" / "answers.jsonl")) == 3
+        assert len(data.read_jsonl(tmp_path / "bench" / "answers.jsonl")) == 3
         assert second["overall"]["relative"] == pytest.approx(75.0) and second["overall"]["n"] == 3
         assert second["detail"]["model"] == 6 and second["detail"]["reference"] == 8
         prompt = judge.requests[-1]["messages"][1]["content"]
