@@ -4,6 +4,7 @@ Same weights, same inputs, one run; ours and the reference alternate after a war
 
     python bench.py                 # tiny models (seconds)
     python bench.py --size small    # a few seconds per training step on a CPU
+    python bench.py --size small --profile   # also: where a stage-2 training step spends its time
 """
 import argparse
 import json
@@ -21,10 +22,14 @@ import data
 import llava
 import train
 
-SIZES = {  # vision: image, patch, width, layers; LM: width, layers; batch, text tokens per sample
-    "tiny": dict(image=32, patch=8, v_width=64, v_layers=3, width=64, layers=2, batch=4, text=48, new_tokens=32),
-    "small": dict(image=224, patch=16, v_width=256, v_layers=6, width=512, layers=8, batch=4, text=192, new_tokens=64),
+SIZES = {  # vision: image, patch, width, layers; LM: width, layers; batch, text tokens per sample (of
+    # them, the answer: the trained ones)
+    "tiny": dict(image=32, patch=8, v_width=64, v_layers=3, width=64, layers=2, batch=4, text=48, answer=12,
+                 new_tokens=32),
+    "small": dict(image=224, patch=16, v_width=256, v_layers=6, width=512, layers=8, batch=4, text=192, answer=48,
+                  new_tokens=64),
 }
+VOCABULARY = 32000  # Vicuna's (LLaMA's) vocabulary size: the LM head is as wide as the real one
 
 
 def timed(fn, repeats, warmup=2):
@@ -69,7 +74,7 @@ def make_models(size, root):
                                           "What color is the square? The square is red."] * 20, vocab_size=400)
     train.make_toy_clip(os.path.join(root, "clip"), s["image"], s["patch"], s["v_width"], s["v_layers"], heads=4,
                         vocab_size=len(tokenizer))
-    train.make_toy_lm(os.path.join(root, "lm"), tokenizer, s["width"], s["layers"], heads=8)
+    train.make_toy_lm(os.path.join(root, "lm"), tokenizer, s["width"], s["layers"], heads=8, vocab_size=VOCABULARY)
     torch.manual_seed(0)
     ours = llava.build(os.path.join(root, "clip"), os.path.join(root, "lm"), "mlp2x_gelu")
     llava.save(ours, os.path.join(root, "llava"))
@@ -80,15 +85,23 @@ def make_models(size, root):
     return ours, reference
 
 
-def bench_training(ours, reference, size, stage, repeats, peak):
+def training_batch(ours, size):
+    """BOS, the image, then text whose last `answer` tokens are the trained ones, as in LLaVA's data."""
     s = SIZES[size]
     g = torch.Generator().manual_seed(0)
     n_v = ours.num_image_tokens
-    ids = torch.randint(10, 300, (s["batch"], n_v + s["text"]), generator=g)
-    ids[:, 1:1 + n_v] = ours.image_token_id  # (B, T): the image after BOS
+    ids = torch.randint(10, 300, (s["batch"], 1 + n_v + s["text"]), generator=g)  # (B, T)
+    ids[:, 1:1 + n_v] = ours.image_token_id
     labels = ids.clone()
-    labels[:, :1 + n_v] = data.IGNORE
-    pixel_values = torch.randn(s["batch"], 3, s["image"], s["image"], generator=g)
+    labels[:, :-s["answer"]] = data.IGNORE  # the answer only (stage 1: the caption)
+    pixel_values = torch.randn(s["batch"], 3, s["image"], s["image"], generator=g)  # (B, 3, H, W)
+    return ids, labels, pixel_values
+
+
+def bench_training(ours, reference, size, stage, repeats, peak):
+    s = SIZES[size]
+    ids, labels, pixel_values = training_batch(ours, size)
+    n_v = ours.num_image_tokens
     for model, lm in ((ours, ours.language_model), (reference, None)):
         model.train()
         model.requires_grad_(False)
@@ -98,8 +111,10 @@ def bench_training(ours, reference, size, stage, repeats, peak):
             (lm if lm is not None else reference.model.language_model).requires_grad_(True)
             if lm is None:
                 reference.lm_head.requires_grad_(True)
-    opt_a = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
-    opt_b = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    # The optimizer train.py uses, for both.
+    opt_a = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0, fused=True)
+    opt_b = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0,
+                              fused=True)
 
     def step_ours():
         loss = ours(ids, pixel_values, labels=labels)[1]
@@ -114,14 +129,48 @@ def bench_training(ours, reference, size, stage, repeats, peak):
         opt_b.zero_grad()
 
     a, b = alternate(step_ours, step_reference, repeats)
-    # FLOPs: forward 2·N·T everywhere; backward 4·N·T through trainable layers, 2·N·T (activation
-    # gradients only) through the frozen LM of stage 1; the vision tower runs forward only.
-    n_lm = sum(p.numel() for p in ours.language_model.parameters())
-    n_vision = sum(p.numel() for p in ours.vision_tower.parameters())
-    tokens = ids.numel()
-    flops = 2 * n_vision * s["batch"] * (n_v + 1) + (6 if stage == 2 else 4) * n_lm * tokens
+    # Model FLOPs, the work the loss needs (attention scores left out, as small here): 2 per parameter
+    # and token forward; backward 4 through trainable layers, 2 (activation gradients only) through
+    # the frozen LM of stage 1. The LM head only at the trained positions, the vision tower forward
+    # only and up to the feature layer.
+    lm = ours.language_model
+    n_head = lm.get_output_embeddings().weight.numel()
+    n_body = sum(p.numel() for p in lm.parameters()) - n_head - lm.get_input_embeddings().weight.numel()
+    n_vision = sum(p.numel() for module in [ours.vision_tower.embeddings, *ours.feature_layers()]
+                   for p in module.parameters())
+    per_param_token = 6 if stage == 2 else 4
+    flops = (2 * n_vision * s["batch"] * (n_v + 1) + per_param_token * n_body * ids.numel()
+             + per_param_token * n_head * int((labels != data.IGNORE).sum()))
     mfu = flops / statistics.median(a) / peak
     report(f"training step, stage {stage}", a, b, extra=f"   MFU ours {100 * mfu:.1f}%")
+
+
+def profile_training(ours, size, repeats=5):
+    """Where our stage-2 step spends its time: its phases one by one, then torch.profiler's
+    busiest operators."""
+    ids, labels, pixel_values = training_batch(ours, size)
+    ours.train()
+    optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0,
+                                  fused=True)
+
+    def step():
+        ours(ids, pixel_values, labels=labels)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    with torch.no_grad():
+        vision = statistics.median(timed(lambda: ours.vision_features(pixel_values), repeats))
+    forward = statistics.median(timed(lambda: ours(ids, pixel_values, labels=labels)[1], repeats))
+    forward_backward = statistics.median(timed(lambda: ours(ids, pixel_values, labels=labels)[1].backward(), repeats))
+    whole = statistics.median(timed(step, repeats))
+    times = {"vision tower (frozen, no grad)": vision, "projector, LLM forward, loss": forward - vision,
+             "backward": forward_backward - forward, "optimizer step (Adam)": whole - forward_backward}
+    for name, t in times.items():
+        print(f"  {name:<34} {t * 1000:8.1f} ms  {100 * t / whole:5.1f}%")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=36))
 
 
 @torch.no_grad()
@@ -203,6 +252,7 @@ def main():
     p.add_argument("--size", choices=list(SIZES), default="tiny")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--workers", type=int, default=2, help="data loader processes to compare with 0")
+    p.add_argument("--profile", action="store_true", help="also profile our stage-2 training step")
     args = p.parse_args()
     torch.manual_seed(0)
     peak = matmul_peak()
@@ -212,6 +262,9 @@ def main():
         for stage in (1, 2):
             bench_training(ours, reference, args.size, stage, args.repeats, peak)
         bench_generation(ours, reference, args.size, args.repeats)
+        if args.profile:
+            print("where a stage-2 training step of ours spends its time:")
+            profile_training(ours, args.size)
         bench_data(ours, root, args.workers)
     bench_padding()
 

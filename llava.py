@@ -68,14 +68,30 @@ class LLaVA(nn.Module):
     def encode_images(self, pixel_values):
         """X_v (B, 3, H, W) -> H_v (B, N_v, D), the visual tokens in the word-embedding space."""
         with torch.no_grad():  # g is frozen: no activations kept for backward
-            hidden_states = self.vision_tower(pixel_values.to(self.vision_tower.dtype),
-                                              output_hidden_states=True).hidden_states
             # Z_v = g(X_v): the grid features of one layer; the paper's default is the one before
             # the last (feature_layer=-2). Position 0 is CLS, dropped unless keep_cls.
-            Z_v = hidden_states[self.feature_layer]  # (B, 1 + N, D_v)
+            Z_v = self.vision_features(pixel_values.to(self.vision_tower.dtype))  # (B, 1 + N, D_v)
             Z_v = Z_v if self.keep_cls else Z_v[:, 1:]  # (B, N_v, D_v)
         W = self.projector
         return W(Z_v.to(W[0].weight.dtype))  # H_v = W · Z_v  (Eq. 1), (B, N_v, D)
+
+    def feature_layers(self):
+        """The layers Z_v needs: a CLIP tower's layers up to `feature_layer` (for the paper's -2,
+        all but the last); the ones after it cannot change Z_v. None for a tower of another layout."""
+        if not hasattr(self.vision_tower, "pre_layrnorm"):
+            return None
+        layers = self.vision_tower.encoder.layers
+        return layers[:range(len(layers) + 1)[self.feature_layer]]  # hidden state i: after layer i (0: input)
+
+    def vision_features(self, pixel_values):
+        """The hidden states of layer `feature_layer` of the vision tower, (B, 1 + N, D_v)."""
+        layers, tower = self.feature_layers(), self.vision_tower
+        if layers is None:  # not CLIP's layout: run the whole tower, keep one of its hidden states
+            return tower(pixel_values, output_hidden_states=True).hidden_states[self.feature_layer]
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (B, 1 + N, D_v)
+        for layer in layers:
+            hidden = layer(hidden, None)  # no attention mask: every patch sees every patch
+        return hidden
 
     def embed(self, input_ids, pixel_values=None):
         """Word embeddings of the text, with H_v written over the image positions."""
@@ -99,22 +115,27 @@ class LLaVA(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
                 past_key_values=None, use_cache=False, num_items=None):
-        """Returns (logits (B, T, V), loss or None, past_key_values).
+        """Returns (logits, loss or None, past_key_values).
 
+        logits: (B, T, V) without labels; with labels (N, V), only at the N positions that have a
+        target: the LM head never runs where nothing is trained (in stage 1, the ~600 positions of
+        instruction and image before a caption of a few dozen), and the (B, T, V) logits never exist.
         loss (Eq. 3): the negative log-likelihood of every labelled token given the ones before it,
         averaged over the labelled tokens, or summed and divided by num_items when given (so that
         gradient accumulation over micro-batches and ranks weighs every token the same).
         """
         inputs_embeds = self.embed(input_ids, pixel_values)  # (B, T, D)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, use_cache=use_cache)
-        logits = out.logits  # (B, T, V)
-        loss = None
-        if labels is not None:  # position t predicts token t+1: shift the labels (cheaper than the logits)
+        keep = 0  # transformers' logits_to_keep: 0 keeps every position
+        if labels is not None:  # position t predicts token t+1: shift the labels, not the logits
             targets = F.pad(labels[:, 1:], (0, 1), value=data.IGNORE)  # (B, T)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=data.IGNORE,
-                                   reduction="sum")
-            loss = loss / (num_items if num_items is not None else (targets != data.IGNORE).sum().clamp(min=1))
+            keep = targets != data.IGNORE  # (B, T), True where a target is
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=keep)
+        logits = out.logits  # (B, T, V), or (N, V) with labels
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+            loss = loss / (num_items if num_items is not None else keep.sum().clamp(min=1))
         return logits, loss, out.past_key_values
 
     # ------------------------------------------------------------------------------------------

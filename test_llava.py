@@ -67,12 +67,55 @@ def test_logits_and_loss_equal_transformers(saved):
     input_ids, labels = torch.tensor([input_ids]), torch.tensor([labels])
     pixel_values = model.image_processor(images=image(), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        logits, loss, _ = model(input_ids, pixel_values, labels=labels)
+        logits = model(input_ids, pixel_values)[0]  # (1, T, V)
+        trained_logits, loss, _ = model(input_ids, pixel_values, labels=labels)  # (N, V): where targets are
         ref = hf(input_ids=input_ids, pixel_values=pixel_values, labels=labels)
     diff = (logits - ref.logits).abs().max().item()
     print(f"max abs logit difference against transformers: {diff:.2e}")
     assert diff <= 1e-5
+    has_target = torch.zeros_like(labels, dtype=torch.bool)
+    has_target[:, :-1] = labels[:, 1:] != data.IGNORE  # position t predicts token t + 1
+    assert 0 < has_target.sum() < labels.numel() - 1
+    assert torch.equal(trained_logits, logits[has_target])
     assert torch.allclose(loss, ref.loss, atol=1e-6)
+
+
+def test_padded_batch_loss_equals_transformers(saved):
+    """Two samples of different lengths, padded: the LM head runs only where targets are, per sample."""
+    model, _, hf = saved
+    args = (model.tokenizer, model.template, model.image_token_id, model.num_image_tokens)
+    samples = []
+    for conversation, color in ((CONVERSATION, (200, 30, 30)), (CONVERSATION[:2], (20, 30, 230))):
+        input_ids, labels = map(torch.tensor, data.render(conversation, *args))
+        pixel_values = model.image_processor(images=image(color), return_tensors="pt")["pixel_values"][0]
+        samples.append({"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values})
+    batch = data.collate(samples, model.tokenizer.pad_token_id)
+    inputs = dict(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                  attention_mask=batch["attention_mask"], labels=batch["labels"])
+    with torch.no_grad():
+        loss = model(**inputs)[1]
+        ref = hf(**inputs).loss
+    assert torch.allclose(loss, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("feature_layer", [-2, -1, 0, 1])
+def test_vision_tower_stops_at_the_feature_layer_with_the_same_features(saved, feature_layer):
+    model, _, _ = saved
+    pixel_values = model.image_processor(images=[image(), image((10, 200, 90))], return_tensors="pt")["pixel_values"]
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in model.vision_tower.encoder.layers]
+    model.feature_layer = feature_layer
+    try:
+        with torch.no_grad():
+            ours = model.vision_features(pixel_values)
+            n_run = len(calls)
+            full = model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[feature_layer]
+    finally:
+        model.feature_layer = -2
+        [h.remove() for h in hooks]
+    n_layers = len(model.vision_tower.encoder.layers)
+    assert n_run == {-2: n_layers - 1, -1: n_layers, 0: 0, 1: 1}[feature_layer]  # the layers Z_v needs
+    assert torch.equal(ours, full)
 
 
 def test_greedy_generation_equals_transformers(saved):

@@ -130,10 +130,14 @@ def shard(model, bf16):
     'uniform requires_grad' rule). BF16: compute in BF16, reduce gradients in FP32.
     """
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    # A CLIP tower's layers after the feature layer never run (llava.LLaVA.vision_features), and FSDP2
+    # expects a group to take part in every forward: those layers stay in the root group.
+    used = model.feature_layers()
+    unused = set() if used is None else set(model.vision_tower.encoder.layers) - set(used)
     for tower in (model.vision_tower, model.language_model):
         layer_names = set(getattr(tower, "_no_split_modules", None) or [])  # e.g. LlamaDecoderLayer
         for module in tower.modules():
-            if type(module).__name__ in layer_names:
+            if type(module).__name__ in layer_names and module not in unused:
                 fully_shard(module, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
 
@@ -257,8 +261,9 @@ def train(args):
     if dist.is_initialized():
         shard(model, bf16)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # Adam without weight decay; cosine schedule with 3% warm-up (Appendix C).
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    # Adam without weight decay; cosine schedule with 3% warm-up (Appendix C). fused: one kernel for
+    # all parameters instead of a dozen per tensor (3x faster steps on this CPU, and on GPU).
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=True)
 
     dataset = data.LazyDataset(args.data, args.image_folder, model, args.max_length, args.pad_to_square,
                                args.strict_data)
@@ -370,10 +375,10 @@ def make_toy_clip(path, image_size=32, patch_size=8, width=64, layers=3, heads=4
     return model
 
 
-def make_toy_lm(path, tokenizer, width=64, layers=2, heads=4, seed=0):
+def make_toy_lm(path, tokenizer, width=64, layers=2, heads=4, seed=0, vocab_size=None):
     """A small LLaMA-architecture causal LM (the stand-in for Vicuna) saved with its tokenizer."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=width, intermediate_size=4 * width,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
                          max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -405,7 +410,7 @@ def pretrain_toy_clip(path, data_dir, tokenizer, n_images, steps=150, batch=128,
     pixels = processor(images=[data.load_image(os.path.join(data_dir, "images", r["image"])) for r in reps],
                        return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
     text = tokenizer([r["captions"][1] + tokenizer.eos_token for r in reps], padding=True, return_tensors="pt")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     generator = torch.Generator().manual_seed(0)
     for _ in tqdm(range(steps), desc="CLIP stand-in", dynamic_ncols=True):
         idx = torch.randperm(len(reps), generator=generator)[:batch]
@@ -426,7 +431,7 @@ def pretrain_toy_lm(path, tokenizer, conversations, steps=300, batch=32, lr=2e-3
     for conv in conversations:
         text_only = [{"from": t["from"], "value": t["value"].replace(data.IMAGE, "").strip()} for t in conv]
         rows.append(torch.tensor(data.render(text_only, tokenizer, "paper")[0]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     generator = torch.Generator().manual_seed(0)
     for _ in tqdm(range(steps), desc="LM stand-in", dynamic_ncols=True):
         batch_rows = [rows[i] for i in torch.randperm(len(rows), generator=generator)[:batch]]
