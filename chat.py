@@ -9,6 +9,7 @@ Ctrl-D leaves; Ctrl-C stops an answer being written.
 """
 import argparse
 import os
+import signal
 import sys
 
 import torch
@@ -135,6 +136,9 @@ def main(argv=None):
         value = f"{data.IMAGE}\n{args.prompt}" if image is not None else args.prompt
         print(reply(model, [{"from": "human", "value": value}], image, args, stream=False))
         return
+    # Ctrl-C must reach the REPL even when a parent started us with SIGINT ignored (a background job
+    # of a non-interactive shell): Python raises KeyboardInterrupt only under its own handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     repl(model, image, args)
 
 
