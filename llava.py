@@ -57,8 +57,8 @@ class LLaVA(nn.Module):
         self.projector_kind, self.feature_layer, self.keep_cls = projector, feature_layer, keep_cls
         self.image_token_id = image_token_id
         self.template = data.get_template(template)
-        patches = (vision_tower.config.image_size // vision_tower.config.patch_size) ** 2
-        self.num_image_tokens = patches + int(keep_cls)  # N_v: how many positions the image takes
+        self.num_image_tokens = count_image_tokens(vision_tower.config.image_size, vision_tower.config.patch_size,
+                                                   keep_cls)  # N_v: how many positions the image takes
 
     def train(self, mode=True):
         super().train(mode)
@@ -356,13 +356,18 @@ def load_tokenizer_and_config(path):
     if config.get("model_type") == "llava":
         vc = config["vision_config"]
         keep_cls = config.get("vision_feature_select_strategy", "default") == "full"
-        n = (vc["image_size"] // vc["patch_size"]) ** 2 + int(keep_cls)
         return tokenizer, {"template": config.get("llava_template", "llava15"),
-                           "image_token_id": config["image_token_index"], "num_image_tokens": n}
+                           "image_token_id": config["image_token_index"],
+                           "num_image_tokens": count_image_tokens(vc["image_size"], vc["patch_size"], keep_cls)}
     vision = AutoConfig.from_pretrained(config["mm_vision_tower"])
     vision = getattr(vision, "vision_config", vision)
     return tokenizer, {"template": authors_template(config), "image_token_id": AUTHORS_IMAGE_TOKEN_ID,
-                       "num_image_tokens": (vision.image_size // vision.patch_size) ** 2}
+                       "num_image_tokens": count_image_tokens(vision.image_size, vision.patch_size)}
+
+
+def count_image_tokens(image_size, patch_size, keep_cls=False):
+    """N_v: one visual token per patch of the grid, and CLS if it is kept."""
+    return (image_size // patch_size) ** 2 + int(keep_cls)
 
 
 def resolve(path):
