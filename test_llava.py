@@ -557,12 +557,14 @@ def test_teacher_messages_for_a_coco_annotation(tmp_path):
 class Teacher:
     """A real HTTP server on 127.0.0.1 that answers like a chat-completions endpoint, with faults:
     the first request gets a 500, the second a 429, one image's reply is malformed once, and one
-    request is answered too slowly (a client timeout)."""
+    request is answered too slowly (a client timeout). faults=False: none of these."""
 
-    def __init__(self):
+    def __init__(self, faults=True):
         import http.server
         import threading
-        self.requests, self.keys, self.malformed_once, self.slow_once = [], set(), {"2"}, True
+        self.requests, self.keys = [], set()
+        self.malformed_once, self.slow_once = ({"2"}, True) if faults else (set(), False)
+        self.failing = {1: 500, 2: 429} if faults else {}  # request number -> HTTP error
         teacher = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -577,8 +579,8 @@ class Teacher:
                 teacher.requests.append(body)
                 teacher.keys.add(self.headers.get("Authorization"))
                 n = len(teacher.requests)
-                if n == 1 or n == 2:
-                    self.send_error(500 if n == 1 else 429)
+                if n in teacher.failing:
+                    self.send_error(teacher.failing[n])
                     return
                 if teacher.slow_once and n == 4:
                     teacher.slow_once = False
@@ -634,8 +636,7 @@ def test_teacher_client_survives_faults_and_resumes(tmp_path, capfd):
 
 
 def test_teacher_client_gives_up_with_a_clear_error():
-    teacher = Teacher()
-    teacher.requests.extend([{}] * 10)  # past the scripted faults
+    teacher = Teacher(faults=False)
     try:
         with pytest.raises(RuntimeError, match=r"HTTP 404"):
             data.chat_completion([], teacher.url + "/missing", "m", None, retries=0)
@@ -981,8 +982,7 @@ class Judge(Teacher):
     """A judge on 127.0.0.1: scores 8 for the reference and 6 for the model; once, no scores."""
 
     def __init__(self):
-        super().__init__()
-        self.requests.extend([{}] * 10)  # no scripted HTTP faults
+        super().__init__(faults=False)
         judge = self
 
         def reply(handler):
