@@ -220,9 +220,9 @@ DETAILED = [  # detailed-description instructions, as in the paper's list
 
 
 def toy_scene(rng, cell=16):
-    """1 to 3 objects in distinct grid cells: shape, color, size and box in pixels."""
+    """1 to 3 objects in distinct grid cells, in reading order: shape, color, size and box in pixels."""
     objects = []
-    for index in rng.sample(range(GRID * GRID), rng.randint(1, 3)):
+    for index in sorted(rng.sample(range(GRID * GRID), rng.randint(1, 3))):
         row, col = divmod(index, GRID)
         size = rng.choice(["small", "large"])
         side = rng.choice([8, 10]) if size == "small" else rng.choice([14, 16])
@@ -335,11 +335,19 @@ def ask_shape(objects, rng):
     return o and (f"What shape is the {o['color']} object?", f"The {o['color']} object is a {o['shape']}.", o["shape"])
 
 
+def listed(objects):
+    """'a red circle', 'a red circle and a blue square', 'a red circle, a blue square and a green circle'."""
+    names = [f"a {name(o)}" for o in sorted(objects, key=lambda o: (o["row"], o["col"]))]  # reading order
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+# Counting and existence answers reason first, as the paper's best ScienceQA answers do: they name the
+# objects that matter (one look at the image per object), then conclude from those words.
 def ask_count(objects, rng):
     what = rng.choice(SHAPES + ["object"])
-    k = sum(what in ("object", o["shape"]) for o in objects)
-    told = plural(k, what) if k else f"no {what}s"
-    return f"How many {what}s are there?", f"There {'is' if k == 1 else 'are'} {told}.", str(k)
+    matching = [o for o in objects if what in ("object", o["shape"])]
+    told = f"I see {listed(matching)}: {plural(len(matching), what)}." if matching else f"There are no {what}s."
+    return f"How many {what}s are there?", told, str(len(matching))
 
 
 def ask_position(objects, rng):
@@ -349,14 +357,12 @@ def ask_position(objects, rng):
 
 
 def ask_existence(objects, rng):
-    thing, answer, is_trap = exists_question(objects, rng)
-    if answer == "yes":
-        told = f"Yes, there is a {thing} in the image."
-    elif is_trap:  # both parts are there, but not together
-        color, shape = thing.split()
-        told = f"No. There is a {color} object and there is a {shape}, but no {thing}."
-    else:
-        told = f"No, there is no {thing} in the image."
+    thing, answer, _ = exists_question(objects, rng)
+    color = thing.split()[0]
+    same_color = [o for o in objects if o["color"] == color]  # a trap has these, in other shapes
+    seen = f"I see {listed(same_color)}" if same_color else f"I see nothing {color}"
+    told = f"{seen}, so yes, there is a {thing} in the image." if answer == "yes" else \
+        f"{seen}, so no, there is no {thing} in the image."
     return f"Is there a {thing} in the image?", told, answer
 
 
@@ -381,14 +387,15 @@ def describe(objects):
 
 def reason(objects, rng):
     """One question that needs a step: comparing positions or sizes, or counting after a change."""
-    if len(objects) >= 2 and rng.random() < 0.7:
-        a, b = rng.sample(objects, 2)
-        if name(a) != name(b) and rng.random() < 0.5 and a["row"] != b["row"]:
+    named_once = [o for o in objects if sum(name(p) == name(o) for p in objects) == 1]  # "the red circle" is one
+    if len(named_once) >= 2 and rng.random() < 0.7:
+        a, b = rng.sample(named_once, 2)
+        if rng.random() < 0.5 and a["row"] != b["row"]:
             higher = a if a["row"] < b["row"] else b
             return (f"Which is higher in the image, the {name(a)} or the {name(b)}?",
                     f"The {name(a)} is {where(a)} and the {name(b)} is {where(b)}, "
                     f"so the {name(higher)} is higher.")
-        if name(a) != name(b) and a["size"] != b["size"]:
+        if a["size"] != b["size"]:
             larger = a if a["size"] == "large" else b
             return (f"Which is larger, the {name(a)} or the {name(b)}?",
                     f"The {name(a)} is {a['size']} and the {name(b)} is {b['size']}, so the {name(larger)} is larger.")

@@ -426,15 +426,21 @@ def check_answer(question, answer, objects):
     """An independent reading of one teacher answer against the objects of the boxes."""
     import re
     names = [f"{o['color']} {o['shape']}" for o in objects]
+    reading_order = [f"{o['color']} {o['shape']}" for o in sorted(objects, key=lambda o: (o["row"], o["col"]))]
     if m := re.fullmatch(r"What color is the (\w+)\?", question):
         assert answer == f"The {m[1]} is {next(o['color'] for o in objects if o['shape'] == m[1])}."
     elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):
         assert answer.endswith(f"a {next(o['shape'] for o in objects if o['color'] == m[1])}.")
     elif m := re.fullmatch(r"How many (\w+)s are there\?", question):
-        k = sum(m[1] in ("object", o["shape"]) for o in objects)
-        assert (f" {k} {m[1]}" in answer) if k else ("no " in answer)
+        seen = [n for n in reading_order if m[1] in ("object", n.split()[1])]
+        k = len(seen)
+        assert answer.endswith(f": {k} {m[1]}{'s' if k > 1 else ''}.") if k else answer == f"There are no {m[1]}s."
+        assert [n for n in reading_order if f"a {n}" in answer] == seen
     elif m := re.fullmatch(r"Is there a (\w+ \w+) in the image\?", question):
-        assert answer.startswith("Yes" if m[1] in names else "No")
+        there = m[1] in names
+        assert answer.endswith(f"so {'yes' if there else 'no'}, there is {'a' if there else 'no'} {m[1]} in the image.")
+        same_color = [n for n in reading_order if n.split()[0] == m[1].split()[0]]
+        assert [n for n in reading_order if f"a {n}" in answer.split(", so")[0]] == same_color
     elif m := re.fullmatch(r"Where is the (\w+ \w+)\?", question):
         o = objects[names.index(m[1])]
         assert data.where(o) in answer
@@ -519,6 +525,7 @@ def test_stage1_pairs_use_the_papers_brief_instructions(toy_world):
         question, answer = (t["value"] for t in sample["conversations"])
         assert question.replace("<image>", "").strip() in data.BRIEF
         assert answer == captions[sample["image"]]
+
 
 
 # ----------------------------------------------------------------------------------------------
