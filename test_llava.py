@@ -528,6 +528,36 @@ def test_stage1_pairs_use_the_papers_brief_instructions(toy_world):
 
 
 
+def test_scene_words_describe_the_patch_the_image_puts_there(toy_world):
+    """The LM stand-in reads about cell k where the image will put patch k (row by row): the words
+    of cell k name the color drawn at the center of patch k, and empty cells name none."""
+    out, _ = toy_world
+    by_rgb = {rgb: name for name, rgb in data.COLORS.items()}
+    for rep in read(out / "symbolic.json"):
+        image = data.load_image(out / "images" / rep["image"])
+        side = image.width // data.GRID
+        for k, words in enumerate(train.scene_words(data.parse_boxes(rep["boxes"]))):
+            row, col = divmod(k, data.GRID)
+            drawn = by_rgb.get(image.getpixel((col * side + side // 2, row * side + side // 2 + 1)))
+            assert [w for w in words.split() if w in data.COLORS] == ([drawn] if drawn else []), (rep["image"], k)
+            assert words.endswith(f"{data.ROWS[row]} {data.COLS[col]}")
+
+
+def test_lm_stand_in_pretraining_reads_the_scene(toy_world, tmp_path):
+    """pretrain_toy_lm puts each cell's summed word embeddings at the image positions; after a few
+    steps the saved LM's answer loss is lower with the right scene than with another image's."""
+    out, _ = toy_world
+    samples = read(out / "conversation.json")
+    scenes = {r["image"]: train.scene_words(data.parse_boxes(r["boxes"])) for r in read(out / "symbolic.json")}
+    tokenizer = train.make_toy_tokenizer([t["value"] for s in samples for t in s["conversations"]], vocab_size=300)
+    train.pretrain_toy_lm(str(tmp_path / "lm"), tokenizer, samples, scenes, steps=60, batch=16, lr=3e-3)
+    lm = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "lm"))
+    shuffled = dict(zip(scenes, list(scenes.values())[1:] + list(scenes.values())[:1]))
+    with torch.no_grad():
+        losses = [lm(**train.scene_inputs(lm, tokenizer, train.scene_rows(tokenizer, samples, s))).loss.item()
+                  for s in (scenes, shuffled)]
+    assert losses[0] < losses[1], losses
+
 # ----------------------------------------------------------------------------------------------
 # §3 with a real teacher: messages, the HTTP client against a local server with faults
 # ----------------------------------------------------------------------------------------------
