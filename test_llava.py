@@ -240,17 +240,25 @@ def test_kv_cache_generation_equals_no_cache(saved):
 
 
 def test_generation_stops_at_the_stop_string_and_at_eos(saved):
+    """The untrained model writes 12 arbitrary tokens; made EOS, any one of them ends generation
+    there, and a stop string taken from its text ends it at the token that completes the string."""
     model, _, _ = saved
-    decode, eos = model.tokenizer.decode, model.tokenizer.eos_token_id
+    tokenizer = model.tokenizer
     input_ids, pixel_values = model.prepare(CONVERSATION[:1], image())
     ids = list(model.generate(input_ids, pixel_values, max_new_tokens=12, stop=""))
-    assert ids[-1] == eos and eos not in ids[:-1] and len(ids) < 12  # this untrained model ends with EOS
-    # ... and writes "###" (the paper's <STOP>) before that: with the template's stop it ends there.
-    j = next(j for j in range(len(ids)) if "###" in decode(ids[:j + 1]))
-    assert j < len(ids) - 1
-    assert list(model.generate(input_ids, pixel_values, max_new_tokens=12)) == ids[:j + 1]
-    streamed = list(model.generate_text(CONVERSATION[:1], image(), max_new_tokens=12))
-    assert "".join(streamed) == decode(ids[:j + 1]).split("###")[0]  # the text before the stop string
+    assert len(ids) == 12 and tokenizer.eos_token_id not in ids
+    eos = tokenizer.eos_token
+    try:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ids[4])
+        assert list(model.generate(input_ids, pixel_values, max_new_tokens=12, stop="")) == ids[:ids.index(ids[4]) + 1]
+    finally:
+        tokenizer.eos_token = eos
+    text = tokenizer.decode(ids)
+    stop = next(text[k:k + 2] for k in range(3, len(text)) if text[k:k + 2].isprintable() and "\ufffd" not in text[k:k + 2])
+    j = next(j for j in range(len(ids)) if stop in tokenizer.decode(ids[:j + 1]))
+    assert list(model.generate(input_ids, pixel_values, max_new_tokens=12, stop=stop)) == ids[:j + 1]
+    streamed = list(model.generate_text(CONVERSATION[:1], image(), max_new_tokens=12, stop=stop))
+    assert "".join(streamed) == tokenizer.decode(ids[:j + 1]).split(stop)[0]  # the text before the stop string
 
 
 # ----------------------------------------------------------------------------------------------
