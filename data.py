@@ -249,6 +249,11 @@ def draw(objects, cell=16):
     return image
 
 
+def and_list(names):
+    """'a', 'a and b', 'a, b and c'."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def name(o):
     return f"{o['color']} {o['shape']}"
 
@@ -265,7 +270,7 @@ def symbolic(objects, cell=16):
     """§3's symbolic representation: captions and normalized boxes, all the teacher may see."""
     side = GRID * cell
     names = [f"a {o['size']} {name(o)}" for o in objects]
-    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    listed = and_list(names)
     captions = [f"{listed[0].upper()}{listed[1:]}.",
                 " ".join(f"{n[0].upper()}{n[1:]} {where(o)}." for n, o in zip(names, objects))]
     boxes = [f"{name(o)}: [{', '.join(f'{v / side:.2f}' for v in o['box'])}]" for o in objects]
@@ -336,9 +341,8 @@ def ask_shape(objects, rng):
 
 
 def listed(objects):
-    """'a red circle', 'a red circle and a blue square', 'a red circle, a blue square and a green circle'."""
-    names = [f"a {name(o)}" for o in sorted(objects, key=lambda o: (o["row"], o["col"]))]  # reading order
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    """'a red circle', 'a red circle and a blue square', ... in reading order."""
+    return and_list([f"a {name(o)}" for o in sorted(objects, key=lambda o: (o["row"], o["col"]))])
 
 
 # Counting and existence answers reason first, as the paper's best ScienceQA answers do: they name the
