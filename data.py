@@ -454,10 +454,10 @@ def mc_sample(objects, category, rng):
         asked = ask_position(objects, rng)
         if asked is None:
             return None
-        question, fact, _ = asked
-        o = next(o for o in objects if f"the {name(o)}?" in question)
+        o = next(o for o in objects if f"the {name(o)}?" in asked[0])
         axis = rng.choice(["row", "column"])
-        question, right = f"In which {axis} is the {name(o)}?", (ROWS[o["row"]] if axis == "row" else COLS[o["col"]])
+        right = ROWS[o["row"]] if axis == "row" else COLS[o["col"]]
+        question, fact = f"In which {axis} is the {name(o)}?", f"The {name(o)} is in the {right} {axis}."
         options = OPTIONS[axis]
     else:
         asked = ASK[category](objects, rng)
@@ -467,8 +467,9 @@ def mc_sample(objects, category, rng):
         options = OPTIONS[category]
     letter = LETTERS[options.index(right)]
     listed = " ".join(f"({LETTERS[i]}) {option}" for i, option in enumerate(options))
-    return {"question": f"Question: {question}\nOptions: {listed}", "answer": f"{fact} The answer is {letter}.",
-            "letter": letter, "category": category}
+    question, answer = f"Question: {question}\nOptions: {listed}", f"{fact} The answer is {letter}."
+    return {"question": question, "answer": answer, "letter": letter, "category": category,
+            "conversations": [{"from": "human", "value": f"{IMAGE}\n{question}"}, {"from": "gpt", "value": answer}]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,8 +509,7 @@ def make_toy_world(out, n_images=2000, n_eval=400, mc_per_image=1, seed=0, cell=
         for j, mc in enumerate(questions):
             extra = {"category": mc["category"], "answer": mc["letter"]} if held_out else {}
             files["eval" if held_out else "mc_train"].append(
-                {"id": f"{image_id}_mc{j}", "image": image_file, **extra, "conversations": [
-                    {"from": "human", "value": f"{IMAGE}\n{mc['question']}"}, {"from": "gpt", "value": mc["answer"]}]})
+                {"id": f"{image_id}_mc{j}", "image": image_file, **extra, "conversations": mc["conversations"]})
         if held_out:
             continue
         for kind in ["brief", "conversation", "detail", "reasoning"]:
