@@ -1,4 +1,5 @@
 """Tests: CPU, offline, tiny models built from configs. Run: python -m pytest -q test_llava.py"""
+import itertools
 import json
 import math
 import os
@@ -449,6 +450,9 @@ def check_answer(question, answer, objects):
         assert answer.endswith(f"so {'yes' if there else 'no'}, there is {'a' if there else 'no'} {m[1]} in the image.")
         same_color = [n for n in reading_order if n.split()[0] == m[1].split()[0]]
         assert [n for n in reading_order if f"a {n}" in answer.split(", so")[0]] == same_color
+    elif m := re.fullmatch(r"In which (row|column) is the (\w+ \w+)\?", question):
+        o = objects[names.index(m[2])]
+        assert answer == f"The {m[2]} is in the {(data.ROWS[o['row']] if m[1] == 'row' else data.COLS[o['col']])} {m[1]}."
     elif m := re.fullmatch(r"Where is the (\w+ \w+)\?", question):
         o = objects[names.index(m[1])]
         assert data.where(o) in answer
@@ -509,9 +513,7 @@ def test_multiple_choice_answers_are_right_and_balanced(toy_world):
             check_answer(question, {"color": f"The {question[18:-1]} is {right}.", "shape": f"... a {right}."}[q["category"]],
                          objects[q["image"]])
         # the fact before the letter agrees with the image too
-        fact = q["conversations"][1]["value"].split(" The answer is")[0]
-        if q["category"] != "position":
-            check_answer(question, fact, objects[q["image"]])
+        check_answer(question, q["conversations"][1]["value"].split(" The answer is")[0], objects[q["image"]])
 
 
 def test_existence_questions_balance_yes_and_no_with_compositional_traps():
@@ -551,19 +553,43 @@ def test_scene_words_describe_the_patch_the_image_puts_there(toy_world):
             assert words.endswith(f"{data.ROWS[row]} {data.COLS[col]}")
 
 
+def test_lm_reading_is_right_about_its_scene_and_skips_held_out_scenes():
+    """toy_reading's conversations agree with the scene it puts at the image positions, and a scene
+    in `avoid` (a held-out image) is never read."""
+    import re
+    reading = list(itertools.islice(train.toy_reading(0, ["mc", "conversation", "reasoning"]), 300))
+    for conversations, cells in reading:
+        objects = []
+        for cell in cells:
+            words = cell.split()
+            if words[0] != "nothing":
+                objects.append({"size": words[0], "color": words[1], "shape": words[2],
+                                "row": data.ROWS.index(words[3]), "col": data.COLS.index(words[4])})
+        for q, a in zip(conversations[::2], conversations[1::2]):
+            question = q["value"].replace("<image>", "").strip()
+            if question.startswith("Question: "):  # multiple choice: the fact before the letter
+                question, a = re.search(r"Question: (.*)\n", question)[1], {"value": a["value"].split(" The answer is")[0]}
+            check_answer(question, a["value"], objects)
+    held_out = tuple(reading[0][1])
+    again = itertools.islice(train.toy_reading(0, ["mc", "conversation", "reasoning"], avoid={held_out}), 300)
+    assert all(tuple(cells) != held_out for _, cells in again)
+
+
 def test_lm_stand_in_pretraining_reads_the_scene(toy_world, tmp_path):
     """pretrain_toy_lm puts each cell's summed word embeddings at the image positions; after a few
     steps the saved LM's answer loss is lower with the right scene than with another image's."""
     out, _ = toy_world
     samples = read(out / "conversation.json")
-    scenes = {r["image"]: train.scene_words(data.parse_boxes(r["boxes"])) for r in read(out / "symbolic.json")}
+    objects = {r["image"]: data.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")}
+    scenes = [train.scene_words(objects[s["image"]]) for s in samples]
+    right = [(s["conversations"], cells) for s, cells in zip(samples, scenes)]
+    shuffled = [(s["conversations"], cells) for s, cells in zip(samples, scenes[1:] + scenes[:1])]
     tokenizer = train.make_toy_tokenizer([t["value"] for s in samples for t in s["conversations"]], vocab_size=300)
-    train.pretrain_toy_lm(str(tmp_path / "lm"), tokenizer, samples, scenes, steps=60, batch=16, lr=3e-3)
+    train.pretrain_toy_lm(str(tmp_path / "lm"), tokenizer, itertools.cycle(right), steps=60, batch=16, lr=3e-3)
     lm = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "lm"))
-    shuffled = dict(zip(scenes, list(scenes.values())[1:] + list(scenes.values())[:1]))
     with torch.no_grad():
-        losses = [lm(**train.scene_inputs(lm, tokenizer, train.scene_rows(tokenizer, samples, s))).loss.item()
-                  for s in (scenes, shuffled)]
+        losses = [lm(**train.scene_inputs(lm, tokenizer, train.scene_rows(tokenizer, pairs))).loss.item()
+                  for pairs in (right, shuffled)]
     assert losses[0] < losses[1], losses
 
 # ----------------------------------------------------------------------------------------------
