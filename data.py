@@ -204,7 +204,6 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
           "purple": (150, 60, 190)}
 GRID = 3  # cells per side
 ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]
-PLACES = {"top": "at the top", "middle": "in the middle", "bottom": "at the bottom"}
 
 BRIEF = [  # the paper's brief-description instructions (stage 1)
     "Describe the image concisely.", "Provide a brief description of the given image.",
@@ -259,18 +258,19 @@ def name(o):
 
 
 def where(o):
-    """'at the top left', 'in the center', ..."""
+    """'at the top left', 'at the middle right', 'in the center': the cell's row and column words,
+    the words the LM stand-in reads there (train.scene_words), so a place is read, not worked out."""
     row, col = ROWS[o["row"]], COLS[o["col"]]
-    if row == "middle":
-        return "in the center" if col == "center" else f"on the {col}"
-    return PLACES[row] if col == "center" else f"at the {row} {col}"
+    return "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
 
 
 def symbolic(objects, cell=16):
     """§3's symbolic representation: captions and normalized boxes, all the teacher may see."""
     side = GRID * cell
     names = [f"a {o['size']} {name(o)}" for o in objects]
-    listed = and_list(names)
+    # The brief caption names each object and its place, as COCO's often do ("a dog on a couch"):
+    # stage 1 aligns W with it, so W learns to pass on where a patch is as well as what is there.
+    listed = and_list([f"{n} {where(o)}" for n, o in zip(names, objects)])
     captions = [f"{listed[0].upper()}{listed[1:]}.",
                 " ".join(f"{n[0].upper()}{n[1:]} {where(o)}." for n, o in zip(names, objects))]
     boxes = [f"{name(o)}: [{', '.join(f'{v / side:.2f}' for v in o['box'])}]" for o in objects]
@@ -331,7 +331,9 @@ def exists_question(objects, rng):
 def ask_color(objects, rng):
     pool = unique(objects, "shape")  # "the circle" must name one object
     o = rng.choice(pool) if pool else None
-    return o and (f"What color is the {o['shape']}?", f"The {o['shape']} is {o['color']}.", o["color"])
+    # Reasons first like counting: find the one object of that shape, say it whole, then its color.
+    return o and (f"What color is the {o['shape']}?", f"I see a {name(o)}, so the {o['shape']} is {o['color']}.",
+                  o["color"])
 
 
 def ask_shape(objects, rng):
@@ -457,7 +459,8 @@ def mc_sample(objects, category, rng):
         o = next(o for o in objects if f"the {name(o)}?" in asked[0])
         axis = rng.choice(["row", "column"])
         right = ROWS[o["row"]] if axis == "row" else COLS[o["col"]]
-        question, fact = f"In which {axis} is the {name(o)}?", f"The {name(o)} is in the {right} {axis}."
+        question = f"In which {axis} is the {name(o)}?"
+        fact = f"The {name(o)} is {where(o)}, so it is in the {right} {axis}."  # the place, then the axis
         options = OPTIONS[axis]
     else:
         asked = ASK[category](objects, rng)

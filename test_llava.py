@@ -437,7 +437,8 @@ def check_answer(question, answer, objects):
     names = [f"{o['color']} {o['shape']}" for o in objects]
     reading_order = [f"{o['color']} {o['shape']}" for o in sorted(objects, key=lambda o: (o["row"], o["col"]))]
     if m := re.fullmatch(r"What color is the (\w+)\?", question):
-        assert answer == f"The {m[1]} is {next(o['color'] for o in objects if o['shape'] == m[1])}."
+        color = next(o["color"] for o in objects if o["shape"] == m[1])
+        assert answer == f"I see a {color} {m[1]}, so the {m[1]} is {color}."
     elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):
         assert answer.endswith(f"a {next(o['shape'] for o in objects if o['color'] == m[1])}.")
     elif m := re.fullmatch(r"How many (\w+)s are there\?", question):
@@ -452,7 +453,9 @@ def check_answer(question, answer, objects):
         assert [n for n in reading_order if f"a {n}" in answer.split(", so")[0]] == same_color
     elif m := re.fullmatch(r"In which (row|column) is the (\w+ \w+)\?", question):
         o = objects[names.index(m[2])]
-        assert answer == f"The {m[2]} is in the {(data.ROWS[o['row']] if m[1] == 'row' else data.COLS[o['col']])} {m[1]}."
+        row, col = data.ROWS[o["row"]], data.COLS[o["col"]]
+        place = "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
+        assert answer == f"The {m[2]} is {place}, so it is in the {row if m[1] == 'row' else col} {m[1]}."
     elif m := re.fullmatch(r"Where is the (\w+ \w+)\?", question):
         o = objects[names.index(m[1])]
         assert data.where(o) in answer
@@ -510,7 +513,9 @@ def test_multiple_choice_answers_are_right_and_balanced(toy_world):
             o = next(o for o in objects[q["image"]] if f"{o['color']} {o['shape']}" == thing)
             assert right == (data.ROWS[o["row"]] if axis == "row" else data.COLS[o["col"]])
         else:
-            check_answer(question, {"color": f"The {question[18:-1]} is {right}.", "shape": f"... a {right}."}[q["category"]],
+            shape = question[18:-1]
+            check_answer(question, {"color": f"I see a {right} {shape}, so the {shape} is {right}.",
+                                    "shape": f"... a {right}."}[q["category"]],
                          objects[q["image"]])
         # the fact before the letter agrees with the image too
         check_answer(question, q["conversations"][1]["value"].split(" The answer is")[0], objects[q["image"]])
@@ -529,12 +534,17 @@ def test_existence_questions_balance_yes_and_no_with_compositional_traps():
 
 
 def test_stage1_pairs_use_the_papers_brief_instructions(toy_world):
+    """Stage 1's answer is the brief caption, and it names every object in the image with its place."""
     out, _ = toy_world
-    captions = {r["image"]: r["captions"][0] for r in read(out / "symbolic.json")}
+    reps = {r["image"]: r for r in read(out / "symbolic.json")}
     for sample in read(out / "stage1.json"):
         question, answer = (t["value"] for t in sample["conversations"])
         assert question.replace("<image>", "").strip() in data.BRIEF
-        assert answer == captions[sample["image"]]
+        assert answer == reps[sample["image"]]["captions"][0]
+        for o in data.parse_boxes(reps[sample["image"]]["boxes"]):
+            row, col = data.ROWS[o["row"]], data.COLS[o["col"]]
+            place = "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
+            assert f"{o['size']} {o['color']} {o['shape']} {place}" in answer.lower(), (sample["id"], answer)
 
 
 
