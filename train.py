@@ -373,8 +373,8 @@ def make_toy_clip(path, image_size=32, patch_size=8, width=64, layers=3, heads=4
     # CLIP starts its position embeddings at std 0.02, far below what the patch embedding gives an
     # image; real CLIP learns them from 400M pairs, a stand-in has seconds. Started at the patches'
     # scale, where an object is stays readable from its visual token: after the toy demo's contrastive
-    # pre-training, a linear probe on the frozen features finds an object's cell 99% of the time,
-    # against 15% when started at 0.02.
+    # pre-training, a linear probe on the frozen features finds an object's cell 99% to 100% of the
+    # time, against 15% when started at 0.02.
     model.vision_model.embeddings.position_embedding.weight.data.normal_(std=0.6)
     model.save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": image_size},
@@ -406,7 +406,7 @@ def make_toy_lm(path, tokenizer, width=64, layers=2, heads=4, seed=0, vocab_size
 # ----------------------------------------------------------------------------------------------
 
 TOY = dict(n_images=2000, n_eval=500, image_size=48, patch_size=16,  # 3x3 grid: one cell, one patch
-           lm_steps=2200)  # the LM stand-in reads 2200 x 16 fresh scenes
+           lm_steps=3200)  # the LM stand-in reads 3200 x 16 fresh scenes
 # What the LM stand-in reads: multiple-choice questions, and one time in five the brief caption that
 # stage 1 aligns W with. A 4-layer LM learns to look things up in a scene only after some 30,000
 # questions (with the scene in words, 250 held-out questions: 75-82% after 16,000, 92% after 32,000,
@@ -419,7 +419,7 @@ def pretrain_toy_clip(path, data_dir, tokenizer, n_images, steps=150, batch=128,
 
     Kept brief: in-batch captions differ mostly in colors, and longer training can wipe shape out of
     the patch features. After these 150 steps, linear probes on the frozen patch features of the toy
-    demo's images read color 100%, shape 98%, size 100% and an object's cell 99.8% of the time."""
+    demo's held-out images read color, shape, size and an object's cell 100% of the time."""
     model = make_toy_clip(path, TOY["image_size"], TOY["patch_size"], width=128, layers=3, heads=4,
                           vocab_size=len(tokenizer))
     processor = CLIPImageProcessor.from_pretrained(path)
@@ -428,6 +428,9 @@ def pretrain_toy_clip(path, data_dir, tokenizer, n_images, steps=150, batch=128,
                        return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
     text = tokenizer([r["captions"][1] + tokenizer.eos_token for r in reps], padding=True, return_tensors="pt")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+    # A 10% warm-up. Started at full lr, the loss stayed near chance (ln 128 = 4.85; ended 4.15 to
+    # 4.85) in 3 of 6 runs, the toy tokenizer and the seed decide which; with it, 0.47 to 0.74 in 6 of 6.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, steps // 10, steps)
     generator = torch.Generator().manual_seed(0)
     for _ in tqdm(range(steps), desc="CLIP stand-in", dynamic_ncols=True):
         idx = torch.randperm(len(reps), generator=generator)[:batch]
@@ -435,6 +438,7 @@ def pretrain_toy_clip(path, data_dir, tokenizer, n_images, steps=150, batch=128,
                      pixel_values=pixels[idx], return_loss=True).loss
         loss.backward()
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad()
     model.save_pretrained(path)
     return loss.item()
@@ -481,32 +485,40 @@ def scene_rows(tokenizer, pairs):
     return rows
 
 
-def scene_inputs(model, tokenizer, rows):
+def scene_inputs(model, tokenizer, rows, noise=0.0):
     """A batch for the LM alone: word embeddings, and at the 9 image positions (held by the
-    placeholder <unk>) the sum of the word embeddings of the cell. Returns the LM's keyword arguments."""
+    placeholder <unk>) the sum of the word embeddings of the cell, plus Gaussian noise of std `noise`.
+    Returns the LM's keyword arguments."""
     embed = model.get_input_embeddings()
     pad = partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)
     ids = pad([r[0] for r in rows], padding_value=tokenizer.pad_token_id)  # (B, T)
     cell_ids = pad([torch.tensor(w) for r in rows for w in r[2]], padding_value=-1)  # (B*9, L) words per cell
     cell_embeds = (embed(cell_ids.clamp(min=0)) * (cell_ids >= 0).unsqueeze(-1)).sum(1)  # (B*9, D)
+    cell_embeds = cell_embeds + noise * torch.randn_like(cell_embeds)
     inputs = embed(ids).masked_scatter((ids == tokenizer.unk_token_id).unsqueeze(-1), cell_embeds)  # (B, T, D)
     return dict(inputs_embeds=inputs, attention_mask=(ids != tokenizer.pad_token_id).long(),
                 labels=pad([r[1] for r in rows], padding_value=data.IGNORE))
 
 
-def pretrain_toy_lm(path, tokenizer, reading, steps=1000, batch=16, lr=1e-3):
+def pretrain_toy_lm(path, tokenizer, reading, steps=1000, batch=16, lr=1e-3, noise=0.1):
     """The Vicuna stand-in: a causal LM trained on toy conversations, in the chat template, with the
     scene written in words where the image will be. Vicuna has read about the world; this LM has
     read about the toy world: each of the 9 image positions holds the sum of the word embeddings of
     its cell ("large red circle top left"). `reading` yields (conversations, cell words) pairs.
     Stage 1 then has a clear job: make W turn each patch's features into what the LM reads there,
-    the paper's "visual tokenizer for the frozen LLM"."""
+    the paper's "visual tokenizer for the frozen LLM".
+
+    The cells are read through noise (std 0.1 a dimension; a cell's words sum to a norm of about 2).
+    An LM that only ever saw exact sums reads them through directions stage 1's captions never
+    constrain: W then captions well but answers questions near chance (30% held-out with W alone,
+    no stage 2). Read through noise, the LM leans on the words' own directions, and the same
+    stage 1 gives 67%."""
     model = make_toy_lm(path, tokenizer, width=128, layers=4, heads=4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
     for _ in tqdm(range(steps), desc="LM stand-in", dynamic_ncols=True):
         rows = scene_rows(tokenizer, itertools.islice(reading, batch))
-        loss = model(**scene_inputs(model, tokenizer, rows)).loss
+        loss = model(**scene_inputs(model, tokenizer, rows, noise)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -559,12 +571,12 @@ def toy_demo(args):
         print("[3/5] stage 1 skipped (--no-stage1): W starts random")
     print("[4/5] stage 2: fine-tuning end to end (W and the LLM)")
     # Stage 2 teaches the LM to read the scene from W's visual tokens instead of words, and the other
-    # response types. Measured with an LM that read 2,500 x 16 scenes and a 4-epoch stage 1 (held-out
-    # accuracy): lr 3e-4, 1 epoch 76.9%; 1e-3, 1 epoch 77.5%; 1e-3, 2 epochs 83.6%, but 9.8 minutes in
-    # all, so the demo's LM reads 2,200 x 16 and stage 1 runs 3 epochs.
+    # response types. One epoch, so that the LM stand-in can read 3,200 steps within 10 minutes: in
+    # trials of a near recipe, 3,200 steps and 1 epoch scored 89.4% and 90.7% held-out, 2,200 steps
+    # and 2 epochs 88.9%.
     train(get_args(["--stage", "2", "--data", stage2_data, "--out", os.path.join(out, "stage2"),
                     "--projector", "none" if args.no_stage1 else os.path.join(out, "stage1"),
-                    "--lr", "1e-3", "--global-batch", "16", "--batch-size", "16", "--epochs", "2"] + common))
+                    "--lr", "1e-3", "--global-batch", "16", "--batch-size", "16", "--epochs", "1"] + common))
 
     print("[5/5] evaluation (§5): held-out multiple choice, by category")
     model = llava.load(os.path.join(out, "stage2", "model"))
