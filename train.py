@@ -409,8 +409,9 @@ TOY = dict(n_images=2000, n_eval=500, image_size=48, patch_size=16,  # 3x3 grid:
            lm_steps=3200)  # the LM stand-in reads 3200 x 16 fresh scenes
 # What the LM stand-in reads: multiple-choice questions, and one time in five the brief caption that
 # stage 1 aligns W with. A 4-layer LM learns to look things up in a scene only after some 30,000
-# questions (with the scene in words, 250 held-out questions: 75-82% after 16,000, 92% after 32,000,
-# 96% after 48,000). Scenes in words cost nothing to make: every one is new, none a held-out one.
+# questions (multiple choice alone, exact cell words, 250 held-out questions, earlier answer forms:
+# 75-82% after 16,000, 92% after 32,000, 96% after 48,000). Scenes in words cost nothing to make:
+# every one is new, none a held-out one.
 LM_READING = ["mc"] * 4 + ["brief"]
 
 
