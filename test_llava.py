@@ -431,6 +431,12 @@ def test_symbolic_representation_matches_the_pixels(toy_world):
             assert image.getpixel(center) == data.COLORS[category.split()[0]], (rep["image"], line)
 
 
+def place_of(o):
+    """An object's place in words, read from its row and column (independently of data.where)."""
+    row, col = data.ROWS[o["row"]], data.COLS[o["col"]]
+    return "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
+
+
 def check_answer(question, answer, objects):
     """An independent reading of one teacher answer against the objects of the boxes."""
     import re
@@ -454,8 +460,7 @@ def check_answer(question, answer, objects):
     elif m := re.fullmatch(r"In which (row|column) is the (\w+ \w+)\?", question):
         o = objects[names.index(m[2])]
         row, col = data.ROWS[o["row"]], data.COLS[o["col"]]
-        place = "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
-        assert answer == f"The {m[2]} is {place}, so it is in the {row if m[1] == 'row' else col} {m[1]}."
+        assert answer == f"The {m[2]} is {place_of(o)}, so it is in the {row if m[1] == 'row' else col} {m[1]}."
     elif m := re.fullmatch(r"Where is the (\w+ \w+)\?", question):
         o = objects[names.index(m[1])]
         assert data.where(o) in answer
@@ -542,9 +547,7 @@ def test_stage1_pairs_use_the_papers_brief_instructions(toy_world):
         assert question.replace("<image>", "").strip() in data.BRIEF
         assert answer == reps[sample["image"]]["captions"][0]
         for o in data.parse_boxes(reps[sample["image"]]["boxes"]):
-            row, col = data.ROWS[o["row"]], data.COLS[o["col"]]
-            place = "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
-            assert f"{o['size']} {o['color']} {o['shape']} {place}" in answer.lower(), (sample["id"], answer)
+            assert f"{o['size']} {o['color']} {o['shape']} {place_of(o)}" in answer.lower(), (sample["id"], answer)
 
 
 
