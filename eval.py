@@ -42,31 +42,34 @@ def n_options(question):
 
 
 @torch.no_grad()
-def evaluate_mc(model, questions, image_folder, blank=False, max_new_tokens=48, progress=False):
+def evaluate_mc(model, questions, image_folder, blank=False, max_new_tokens=48, progress=False, batch_size=32):
     """Accuracy by category on LLaVA-JSON multiple-choice questions (each with "answer" and
-    "category"). blank: show a blank image of the image processor's mean color instead (blind)."""
+    "category"), answered greedily `batch_size` at a time. blank: show a blank image of the image
+    processor's mean color instead (the blind baseline)."""
     from PIL import Image
     from tqdm import tqdm
     model.eval()
     mean = tuple(int(255 * m) for m in getattr(model.image_processor, "image_mean", [0.5] * 3))
     correct, total, chance, rows = defaultdict(int), defaultdict(int), defaultdict(float), []
-    for q in tqdm(questions, desc="blind" if blank else "eval", disable=not progress, leave=False):
-        image = None
-        if q.get("image"):
-            image = data.load_image(os.path.join(image_folder, q["image"]))
-            if blank:
-                image = Image.new("RGB", image.size, mean)
-        prompt = q["conversations"][:1]
-        text = model.answer(prompt, image, max_new_tokens=max_new_tokens, temperature=0)
-        k = n_options(prompt[0]["value"])
-        predicted = extract_answer(text, k)
-        category = q.get("category", "all")
-        for c in (category, "overall"):
-            total[c] += 1
-            correct[c] += predicted == q["answer"]
-            chance[c] += 1 / max(k, 1)
-        rows.append({"id": q.get("id"), "category": category, "answer": q["answer"], "predicted": predicted,
-                     "output": text})
+    with tqdm(total=len(questions), desc="blind" if blank else "eval", disable=not progress, leave=False) as bar:
+        for start in range(0, len(questions), batch_size):
+            batch = questions[start:start + batch_size]
+            images = []
+            for q in batch:
+                image = data.load_image(os.path.join(image_folder, q["image"])) if q.get("image") else None
+                images.append(Image.new("RGB", image.size, mean) if blank and image is not None else image)
+            texts = model.answer_batch([q["conversations"][:1] for q in batch], images, max_new_tokens)
+            for q, text in zip(batch, texts):
+                k = n_options(q["conversations"][0]["value"])
+                predicted = extract_answer(text, k)
+                category = q.get("category", "all")
+                for c in (category, "overall"):
+                    total[c] += 1
+                    correct[c] += predicted == q["answer"]
+                    chance[c] += 1 / max(k, 1)
+                rows.append({"id": q.get("id"), "category": category, "answer": q["answer"], "predicted": predicted,
+                             "output": text})
+            bar.update(len(batch))
     return {c: {"accuracy": correct[c] / total[c], "n": total[c], "chance": chance[c] / total[c]}
             for c in total}, rows
 

@@ -219,6 +219,32 @@ class LLaVA(nn.Module):
     def answer(self, conversations, image=None, **kwargs):
         return "".join(self.generate_text(conversations, image, **kwargs)).strip()
 
+    @torch.no_grad()
+    def answer_batch(self, prompts, images, max_new_tokens=256):
+        """Greedy answers to many prompts at once (for evaluation): `prompts` are conversations
+        ending in a human turn, `images` one PIL image or None each. The prompts are padded on the
+        left, so that every row's next token comes at the same place; transformers' generate then
+        takes each row's positions from the attention mask, so a row reads as it would alone."""
+        rows = [data.render(p, self.tokenizer, self.template, self.image_token_id if i is not None else None,
+                            self.num_image_tokens, for_generation=True)[0] for p, i in zip(prompts, images)]
+        longest = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows])  # (B, T), padded on the left
+        attention_mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])  # (B, T)
+        shown = [i for i in images if i is not None]
+        device = self.projector[0].weight.device
+        pixel_values = self.image_processor(images=shown, return_tensors="pt")["pixel_values"].to(device) if shown else None
+        new_ids = self.language_model.generate(
+            inputs_embeds=self.embed(input_ids.to(device), pixel_values), attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=pad, stop_strings=self.template.stop or None, tokenizer=self.tokenizer)  # (B, new)
+        texts = []
+        for ids in new_ids.tolist():  # each row up to its EOS (then padding), and up to the stop string
+            ids = ids[:ids.index(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id in ids else ids
+            text = self.tokenizer.decode(ids)
+            texts.append((text.split(self.template.stop)[0] if self.template.stop else text).strip())
+        return texts
+
 
 # ----------------------------------------------------------------------------------------------
 # Building a new LLaVA from a vision encoder and an LLM (the start of stage 1)

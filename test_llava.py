@@ -1062,6 +1062,19 @@ def test_mc_evaluation_counts_per_category(saved, toy_world):
     assert "overall" in evaluation.table(results, results)
 
 
+def test_batched_answers_equal_one_at_a_time(saved, toy_world):
+    model, _, _ = saved
+    out, _ = toy_world
+    questions = read(out / "eval.json")[:5]
+    prompts = [q["conversations"][:1] for q in questions] + [[{"from": "human", "value": "What is a circle?"}]]
+    images = [data.load_image(str(out / "images" / q["image"])) for q in questions] + [None]
+    lengths = {len(model.prepare(p, i)[0][0]) for p, i in zip(prompts, images)}
+    assert len(lengths) > 1  # the batch is padded: the left padding and positions are exercised
+    one_at_a_time = [model.answer(p, i, max_new_tokens=12, temperature=0) for p, i in zip(prompts, images)]
+    assert model.answer_batch(prompts, images, max_new_tokens=12) == one_at_a_time
+    assert all(one_at_a_time)
+
+
 class Judge(Teacher):
     """A judge on 127.0.0.1: scores 8 for the reference and 6 for the model; once, no scores."""
 
