@@ -471,8 +471,14 @@ def mc_sample(objects, category, rng):
     letter = LETTERS[options.index(right)]
     listed = " ".join(f"({LETTERS[i]}) {option}" for i, option in enumerate(options))
     question, answer = f"Question: {question}\nOptions: {listed}", f"{fact} The answer is {letter}."
+    # The image after the question, as in part of LLaVA-Instruct ("...\n<image>"): a causal LM then
+    # reads each visual token already knowing what is asked, and the token of the asked object can
+    # mark itself; with the image first, the answer alone must find the object among the visual
+    # tokens. Given the scenes in words (no vision), the toy's LM stand-in answered position
+    # questions 92-99% right in 6 runs of 7 with the image after (82% in one), and 80%, 82% and
+    # 96% in 3 runs with it first.
     return {"question": question, "answer": answer, "letter": letter, "category": category,
-            "conversations": [{"from": "human", "value": f"{IMAGE}\n{question}"}, {"from": "gpt", "value": answer}]}
+            "conversations": [{"from": "human", "value": f"{question}\n{IMAGE}"}, {"from": "gpt", "value": answer}]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -504,6 +504,8 @@ def test_multiple_choice_answers_are_right_and_balanced(toy_world):
     for q in questions:
         assert q["image"] not in train_images  # held out
         text = q["conversations"][0]["value"]
+        assert text.endswith(f"\n{data.IMAGE}")  # the image after the question
+        text = text[:-len(data.IMAGE) - 1]
         options = dict(re.findall(r"\(([A-E])\) ([^(]+?)(?= \(|$)", text.split("Options: ")[1]))
         question = re.search(r"Question: (.*)\n", text)[1]
         right = options[q["answer"]]
