@@ -583,8 +583,10 @@ def test_lm_reading_is_right_about_its_scene_and_skips_held_out_scenes():
         for q, a in zip(conversations[::2], conversations[1::2]):
             question = q["value"].replace("<image>", "").strip()
             if question.startswith("Question: "):  # multiple choice: the fact before the letter
+                assert len(objects) >= 2  # asked where finding the object matters
                 question, a = re.search(r"Question: (.*)\n", question)[1], {"value": a["value"].split(" The answer is")[0]}
             check_answer(question, a["value"], objects)
+    assert any(sum(not c.startswith("nothing") for c in cells) == 1 for _, cells in reading)  # the others: any scene
     held_out = tuple(reading[0][1])
     again = itertools.islice(train.toy_reading(0, ["mc", "conversation", "reasoning"], avoid={held_out}), 300)
     assert all(tuple(cells) != held_out for _, cells in again)

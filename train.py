@@ -406,7 +406,7 @@ def make_toy_lm(path, tokenizer, width=64, layers=2, heads=4, seed=0, vocab_size
 # ----------------------------------------------------------------------------------------------
 
 TOY = dict(n_images=2000, n_eval=500, image_size=48, patch_size=16,  # 3x3 grid: one cell, one patch
-           lm_steps=3200)  # the LM stand-in reads 3200 x 16 fresh scenes
+           lm_steps=3600)  # the LM stand-in reads 3600 x 16 fresh scenes
 # What the LM stand-in reads: multiple-choice questions, and one time in five the brief caption that
 # stage 1 aligns W with. A 4-layer LM learns to look things up in a scene only after some 30,000
 # questions (multiple choice alone, exact cell words, 250 held-out questions, earlier answer forms:
@@ -455,18 +455,28 @@ def scene_words(objects):
     return cells
 
 
-def toy_reading(seed, kinds, avoid=()):
+def toy_reading(seed, kinds, avoid=(), min_objects=2):
     """What the LM stand-in reads, without end: a fresh scene in words (`scene_words`) and one
     conversation about it, of a kind drawn from `kinds` ("mc" or a teacher's response type). Scenes
-    in `avoid` (tuples of cell words: the held-out images) are skipped: the evaluation stays unseen."""
+    in `avoid` (tuples of cell words: the held-out images) are skipped: the evaluation stays unseen.
+
+    Multiple-choice questions come with scenes of at least `min_objects` objects. With one object,
+    "What color is the square?" is answered by any color the scene holds; an LM that reads such
+    questions too (40% of the color questions) often settles for the color of some object rather
+    than learning to find the asked one: its answers then attend to every object alike. Given the
+    scenes in words (no vision), color questions: 72-76% right in 4 runs of 5 with every scene,
+    100%, 95%, 81% and 76% in 4 runs with 2 or 3 objects. Better, not solved. Captions keep scenes
+    of every size: stage 1 shows them all."""
     import random
     rng = random.Random(seed)
     while True:
+        kind = rng.choice(kinds)
         objects = data.toy_scene(rng)
+        while kind == "mc" and len(objects) < min_objects:
+            objects = data.toy_scene(rng)
         cells = scene_words(objects)
         if tuple(cells) in avoid:
             continue
-        kind = rng.choice(kinds)
         if kind == "mc":
             mc = data.mc_sample(objects, rng.choice(data.CATEGORIES), rng)
             if mc is None:  # this scene cannot ask that question
@@ -565,14 +575,19 @@ def toy_demo(args):
               "--checkpoint-every", "0", "--seed", str(args.seed)]
     if not args.no_stage1:
         print("[3/5] stage 1: pre-training for feature alignment (W only)")
+        # The paper's lr; W learns only through the frozen LM, and on 2,000 captions it needs many
+        # small steps: batch 8 for 6 epochs (1,500 steps). On the same stand-ins, batch 32 for 3
+        # epochs ended at caption loss 0.39, this at 0.20. Held-out accuracy follows this loss: in
+        # 16 demo runs, a last-step loss over 0.35 went with 52-66%, 0.24 with 70%, under 0.21
+        # with 79-92%.
         train(get_args(["--stage", "1", "--data", os.path.join(data_dir, "stage1.json"), "--out",
-                        os.path.join(out, "stage1"), "--lr", "2e-3", "--global-batch", "32", "--batch-size", "32",
-                        "--epochs", "3"] + common))
+                        os.path.join(out, "stage1"), "--lr", "2e-3", "--global-batch", "8", "--batch-size", "8",
+                        "--epochs", "6"] + common))
     else:
         print("[3/5] stage 1 skipped (--no-stage1): W starts random")
     print("[4/5] stage 2: fine-tuning end to end (W and the LLM)")
     # Stage 2 teaches the LM to read the scene from W's visual tokens instead of words, and the other
-    # response types. One epoch, so that the LM stand-in can read 3,200 steps within 10 minutes: in
+    # response types. One epoch, so that the LM stand-in can read 3,600 steps within 10 minutes: in
     # trials of a near recipe, 3,200 steps and 1 epoch scored 89.4% and 90.7% held-out, 2,200 steps
     # and 2 epochs 88.9%.
     train(get_args(["--stage", "2", "--data", stage2_data, "--out", os.path.join(out, "stage2"),
