@@ -225,15 +225,15 @@ class LLaVA(nn.Module):
         ending in a human turn, `images` one PIL image or None each. The prompts are padded on the
         left, so that every row's next token comes at the same place; transformers' generate then
         takes each row's positions from the attention mask, so a row reads as it would alone."""
-        rows = [data.render(p, self.tokenizer, self.template, self.image_token_id if i is not None else None,
-                            self.num_image_tokens, for_generation=True)[0] for p, i in zip(prompts, images)]
+        prepared = [self.prepare(p, i) for p, i in zip(prompts, images)]  # each: (1, T_i) ids, pixels or None
+        rows = [ids[0].tolist() for ids, _ in prepared]
+        shown = [pixels for _, pixels in prepared if pixels is not None]
+        pixel_values = torch.cat(shown) if shown else None  # (B_img, 3, H, W)
         longest = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows])  # (B, T), padded on the left
         attention_mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])  # (B, T)
-        shown = [i for i in images if i is not None]
         device = self.projector[0].weight.device
-        pixel_values = self.image_processor(images=shown, return_tensors="pt")["pixel_values"].to(device) if shown else None
         new_ids = self.language_model.generate(
             inputs_embeds=self.embed(input_ids.to(device), pixel_values), attention_mask=attention_mask.to(device),
             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.tokenizer.eos_token_id,
