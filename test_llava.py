@@ -444,7 +444,7 @@ def check_answer(question, answer, objects):
     reading_order = [f"{o['color']} {o['shape']}" for o in sorted(objects, key=lambda o: (o["row"], o["col"]))]
     if m := re.fullmatch(r"What color is the (\w+)\?", question):
         color = next(o["color"] for o in objects if o["shape"] == m[1])
-        assert answer == f"I see a {color} {m[1]}, so the {m[1]} is {color}."
+        assert answer == f"The {m[1]} is {color}."
     elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):
         assert answer.endswith(f"a {next(o['shape'] for o in objects if o['color'] == m[1])}.")
     elif m := re.fullmatch(r"How many (\w+)s are there\?", question):
@@ -521,7 +521,7 @@ def test_multiple_choice_answers_are_right_and_balanced(toy_world):
             assert right == (data.ROWS[o["row"]] if axis == "row" else data.COLS[o["col"]])
         else:
             shape = question[18:-1]
-            check_answer(question, {"color": f"I see a {right} {shape}, so the {shape} is {right}.",
+            check_answer(question, {"color": f"The {shape} is {right}.",
                                     "shape": f"... a {right}."}[q["category"]],
                          objects[q["image"]])
         # the fact before the letter agrees with the image too
