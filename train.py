@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import time
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.distributed as dist
@@ -413,6 +413,14 @@ TOY = dict(n_images=2000, n_eval=500, image_size=48, patch_size=16,  # 3x3 grid:
 # 75-82% after 16,000, 92% after 32,000, 96% after 48,000). Scenes in words cost nothing to make:
 # every one is new, none a held-out one.
 LM_READING = ["mc"] * 4 + ["brief"]
+# Its questions: color three times in seven. "What color is the square?" (find the object by its
+# shape alone, read its color) is the lookup this LM learns last, if at all: other listings start
+# with the first object in reading order, and an LM that has not learned the lookup names the first
+# object's color (given the held-out scenes in words: 88% right when the asked object came first,
+# ~50% otherwise). With the categories equally often, color came out 71% in one demo run and 95.5%
+# in another differing only by float rounding; the LM alone, with another seed, 75%; with color
+# three times in seven, that seed gave 98%.
+LM_QUESTIONS = ["color"] * 3 + ["count"] * 2 + ["shape", "position", "existence"]
 
 
 def pretrain_toy_clip(path, data_dir, tokenizer, n_images, steps=150, batch=128, lr=1e-3):
@@ -478,7 +486,7 @@ def toy_reading(seed, kinds, avoid=(), min_objects=2):
         if tuple(cells) in avoid:
             continue
         if kind == "mc":
-            mc = data.mc_sample(objects, rng.choice(data.CATEGORIES), rng)
+            mc = data.mc_sample(objects, rng.choice(LM_QUESTIONS), rng)
             if mc is None:  # this scene cannot ask that question
                 continue
             yield mc["conversations"], cells
@@ -486,12 +494,17 @@ def toy_reading(seed, kinds, avoid=(), min_objects=2):
             yield data.teacher(data.symbolic(objects), kind, rng), cells
 
 
+@cache  # a few hundred cells ("nothing top left", "large red circle top left", ...) read again and again
+def cell_ids(tokenizer, cell):
+    return data.encode_text(tokenizer, " " + cell)
+
+
 def scene_rows(tokenizer, pairs):
     """(conversations, cell words) pairs rendered: (ids, labels, the ids of each cell's words)."""
     rows = []
     for conversations, cells in pairs:
         ids, labels = data.render(conversations, tokenizer, "paper", tokenizer.unk_token_id, data.GRID ** 2)
-        words = [data.encode_text(tokenizer, " " + cell) for cell in cells]
+        words = [cell_ids(tokenizer, cell) for cell in cells]
         rows.append((torch.tensor(ids), torch.tensor(labels), words))
     return rows
 
@@ -529,7 +542,13 @@ def pretrain_toy_lm(path, tokenizer, reading, steps=1000, batch=16, lr=1e-3, noi
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
     for _ in tqdm(range(steps), desc="LM stand-in", dynamic_ncols=True):
         rows = scene_rows(tokenizer, itertools.islice(reading, batch))
-        loss = model(**scene_inputs(model, tokenizer, rows, noise)).loss
+        inputs = scene_inputs(model, tokenizer, rows, noise)
+        # Logits only where a token is trained (the answers), as llava.py does: the head and its
+        # softmax over every position were a tenth of this loop's time.
+        targets = torch.nn.functional.pad(inputs.pop("labels")[:, 1:], (0, 1), value=data.IGNORE)  # (B, T)
+        keep = targets != data.IGNORE  # (B, T)
+        logits = model(**inputs, logits_to_keep=keep).logits  # (N, V), N trained positions
+        loss = torch.nn.functional.cross_entropy(logits, targets[keep])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -556,7 +575,11 @@ def toy_demo(args):
                         data.load_json(os.path.join(data_dir, "mc_train.json")))
 
     print("[2/5] stand-ins for CLIP ViT-L/14 and Vicuna")
-    instruct = data.load_json(stage2_data)  # the tokenizer learns the words of all the training text
+    # The tokenizer learns the words of all the toy world's training text, whatever stage 2 reads:
+    # the stand-ins are the same, bit for bit, in every ablation. (Trained on the conversation-only
+    # set instead, the tokenizer changed, and so did the CLIP stand-in: contrastive loss 4.85 against
+    # 0.57, 80.1% held-out.)
+    instruct = data.load_json(os.path.join(data_dir, "instruct.json"))
     stage1 = data.load_json(os.path.join(data_dir, "stage1.json"))
     # The system message comes with every sample: weighted so that BPE gives it few tokens.
     texts = [t.system for t in data.TEMPLATES.values()] * 500 + [
