@@ -45,6 +45,14 @@ def make_projector(kind, vision_dim, text_dim):
     raise ValueError(f"unknown projector {kind!r}; choose linear or mlp2x_gelu")
 
 
+def shifted_targets(labels):
+    """Eq. 3's targets: position t predicts token t+1, so shift the labels, not the logits.
+    Returns targets (B, T), IGNORE where nothing is trained, and keep (B, T), True where a target is
+    (transformers' `logits_to_keep` takes it: the LM head runs at those positions only)."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=data.IGNORE)  # (B, T)
+    return targets, targets != data.IGNORE
+
+
 class LLaVA(nn.Module):
     def __init__(self, vision_tower, language_model, tokenizer, image_processor, projector="mlp2x_gelu",
                  feature_layer=-2, keep_cls=False, image_token_id=None, template="paper"):
@@ -126,9 +134,8 @@ class LLaVA(nn.Module):
         """
         inputs_embeds = self.embed(input_ids, pixel_values)  # (B, T, D)
         keep = 0  # transformers' logits_to_keep: 0 keeps every position
-        if labels is not None:  # position t predicts token t+1: shift the labels, not the logits
-            targets = F.pad(labels[:, 1:], (0, 1), value=data.IGNORE)  # (B, T)
-            keep = targets != data.IGNORE  # (B, T), True where a target is
+        if labels is not None:
+            targets, keep = shifted_targets(labels)  # (B, T) each
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=keep)
         logits = out.logits  # (B, T, V), or (N, V) with labels

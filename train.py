@@ -546,8 +546,7 @@ def pretrain_toy_lm(path, tokenizer, reading, steps=1000, batch=16, lr=1e-3, noi
         inputs = scene_inputs(model, tokenizer, rows, noise)
         # Logits only where a token is trained (the answers), as llava.py does: the head and its
         # softmax over every position were a tenth of this loop's time.
-        targets = torch.nn.functional.pad(inputs.pop("labels")[:, 1:], (0, 1), value=data.IGNORE)  # (B, T)
-        keep = targets != data.IGNORE  # (B, T)
+        targets, keep = llava.shifted_targets(inputs.pop("labels"))  # (B, T) each
         logits = model(**inputs, logits_to_keep=keep).logits  # (N, V), N trained positions
         loss = torch.nn.functional.cross_entropy(logits, targets[keep])
         loss.backward()
