@@ -294,7 +294,7 @@ def train(args):
         # Every trained token of the global batch weighs the same: divide the summed loss by the
         # token count over all micro-batches and ranks. FSDP averages gradients over ranks, so
         # multiply by the world size to get a sum.
-        n_tokens = max(all_sum(sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in micro)), 1)
+        n_tokens = max(all_sum(sum(int(llava.shifted_targets(b["labels"])[1].sum()) for b in micro)), 1)
         loss_sum = 0.0
         for i, batch in enumerate(micro):
             if dist.is_initialized():  # reduce gradients once, after the last micro-batch
@@ -517,8 +517,8 @@ def scene_inputs(model, tokenizer, rows, noise=0.0):
     embed = model.get_input_embeddings()
     pad = partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)
     ids = pad([r[0] for r in rows], padding_value=tokenizer.pad_token_id)  # (B, T)
-    cell_ids = pad([torch.tensor(w) for r in rows for w in r[2]], padding_value=-1)  # (B*9, L) words per cell
-    cell_embeds = (embed(cell_ids.clamp(min=0)) * (cell_ids >= 0).unsqueeze(-1)).sum(1)  # (B*9, D)
+    word_ids = pad([torch.tensor(w) for r in rows for w in r[2]], padding_value=-1)  # (B*9, L) words per cell
+    cell_embeds = (embed(word_ids.clamp(min=0)) * (word_ids >= 0).unsqueeze(-1)).sum(1)  # (B*9, D)
     cell_embeds = cell_embeds + noise * torch.randn_like(cell_embeds)
     inputs = embed(ids).masked_scatter((ids == tokenizer.unk_token_id).unsqueeze(-1), cell_embeds)  # (B, T, D)
     return dict(inputs_embeds=inputs, attention_mask=(ids != tokenizer.pad_token_id).long(),
