@@ -20,7 +20,7 @@ from PIL import Image
 
 import data
 import llava
-import train
+import toy
 
 SIZES = {  # vision: image, patch, width, layers; LM: width, layers; batch, text tokens per sample (of
     # them, the answer: the trained ones)
@@ -70,11 +70,11 @@ def matmul_peak(n=1024, repeats=10):
 
 def make_models(size, root):
     s = SIZES[size]
-    tokenizer = train.make_toy_tokenizer(["A chat between a curious human and an artificial intelligence assistant. "
-                                          "What color is the square? The square is red."] * 20, vocab_size=400)
-    train.make_toy_clip(os.path.join(root, "clip"), s["image"], s["patch"], s["v_width"], s["v_layers"], heads=4,
-                        vocab_size=len(tokenizer))
-    train.make_toy_lm(os.path.join(root, "lm"), tokenizer, s["width"], s["layers"], heads=8, vocab_size=VOCABULARY)
+    tokenizer = toy.make_tokenizer(os.path.join(root, "tokenizer"), ["A chat between a curious human and an artificial "
+                                   "intelligence assistant. What color is the square? The square is red."] * 20, 400)
+    toy.make_clip(os.path.join(root, "clip"), s["image"], s["patch"], s["v_width"], s["v_layers"], heads=4,
+                  vocab_size=len(tokenizer))
+    toy.make_vicuna(os.path.join(root, "lm"), tokenizer, s["width"], s["layers"], heads=8, vocab_size=VOCABULARY)
     torch.manual_seed(0)
     ours = llava.build(os.path.join(root, "clip"), os.path.join(root, "lm"), "mlp2x_gelu")
     llava.save(ours, os.path.join(root, "llava"))

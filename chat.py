@@ -45,7 +45,7 @@ def fit_context(model, conversation, image, max_new_tokens):
         dropped += 1
 
 
-def reply(model, conversation, image, args, stream=True):
+def reply(model, conversation, image, args):
     """Generate the answer to the last question, printing it as it comes; returns its text."""
     pieces = []
     try:
@@ -53,12 +53,10 @@ def reply(model, conversation, image, args, stream=True):
                                          temperature=args.temperature, top_p=args.top_p):
             piece = piece if pieces else piece.lstrip()  # the answer starts after "ASSISTANT: "
             pieces.append(piece)
-            if stream:
-                print(piece, end="", flush=True)
+            print(piece, end="", flush=True)
     except KeyboardInterrupt:  # Ctrl-C: stop this answer, keep the chat
         print(" [stopped]", end="")
-    if stream:
-        print()
+    print()
     return "".join(pieces).strip()
 
 
@@ -118,7 +116,7 @@ def main(argv=None):
 
     path = args.model or next((m for m in DEFAULT_MODELS if os.path.isdir(m)), None)
     if path is None:
-        sys.exit("chat.py: no trained model found in out/; pass --model DIR or run python train.py --toy")
+        sys.exit("chat.py: no trained model found in out/; pass --model DIR or run python toy.py")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model = llava.load(path, dtype=torch.bfloat16 if device.type == "cuda" else None).to(device).eval()
@@ -134,7 +132,8 @@ def main(argv=None):
 
     if args.prompt is not None:  # one-shot: the answer alone on stdout
         value = f"{data.IMAGE}\n{args.prompt}" if image is not None else args.prompt
-        print(reply(model, [{"from": "human", "value": value}], image, args, stream=False))
+        print(model.answer([{"from": "human", "value": value}], image, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p))
         return
     # Ctrl-C must reach the REPL even when a parent started us with SIGINT ignored (a background job
     # of a non-interactive shell): Python raises KeyboardInterrupt only under its own handler.

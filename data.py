@@ -11,6 +11,7 @@ Only the answers X_a and their <STOP> are trained (Eq. 3); every other label is 
     python data.py show FILE.json --index 0 --model DIR   # print a sample, trained tokens marked
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -67,22 +68,30 @@ def get_template(name):
 # Table 2 as tokens: input_ids and labels built together
 # ----------------------------------------------------------------------------------------------
 
-def encode_text(tokenizer, text):
-    """Token ids of one piece of text, without BOS/EOS.
+def conversation_text(conversations, template, image=False):
+    """Table 2 as one string, and the (start, end) character spans of what is trained: each answer
+    X_a with the space before it and its <STOP>. LLaVA-1.5 puts the image first in the first turn
+    (the authors' preprocess_multimodal, llava-hf's prompts); the paper's template keeps it where
+    the data put it. A conversation ending in a human turn ends with "Assistant:", the chat prompt."""
+    text, trained = template.system + template.sep, []
+    for i, turn in enumerate(conversations):
+        value = turn["value"]
+        if turn["from"] == "human":
+            if i == 0 and image and template.name == "llava15":
+                value = IMAGE + "\n" + value.replace(IMAGE, "").strip()
+            text += f"{template.human}: {value}{template.sep}{template.assistant}:"
+        else:  # the answer and its <STOP>: the only trained text
+            trained.append((len(text), len(text) + 1 + len(value) + len(template.stop)))
+            text += " " + value + template.stop
+    return text, trained
 
-    SentencePiece tokenizers (LLaMA, Vicuna) put a space before every piece they are given; the
-    piece " Paris" would become two spaces. Such a tokenizer gets the piece without its own space.
-    """
-    if text.startswith(" ") and _adds_prefix_space(tokenizer):
-        text = text[1:]
-    return tokenizer.encode(text, add_special_tokens=False) if text else []
 
-
-def _adds_prefix_space(tokenizer):
-    if not hasattr(tokenizer, "_llava_prefix_space"):
-        first = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))[0]
-        tokenizer._llava_prefix_space = first.startswith("\u2581")  # SentencePiece's "▁"
-    return tokenizer._llava_prefix_space
+def image_placeholder(tokenizer):
+    """The id of <image> in the tokenizer, added as a special token if it is missing: one token that
+    never merges with its neighbours, later replaced by the image's positions."""
+    if IMAGE not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(IMAGE)
 
 
 def render(conversations, tokenizer, template, image_token_id=None, num_image_tokens=0,
@@ -90,48 +99,34 @@ def render(conversations, tokenizer, template, image_token_id=None, num_image_to
     """Turn LLaVA's `conversations` list into (input_ids, labels), the Table 2 sequence.
 
     conversations: [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", ...}, ...]
-    The `<image>` in the first human turn (prefix or suffix) becomes `num_image_tokens` positions
-    holding `image_token_id`; llava.py puts the projected visual tokens H_v there.
+    The whole text is tokenized at once, as a llava-hf processor does at inference and as the
+    authors trained (a piece tokenized alone can differ: SentencePiece starts every piece with "▁").
+    The tokenizer adds BOS if it is set up to. A token is trained if its characters overlap an
+    answer or its <STOP>; every other label is IGNORE. The <image> in the first human turn becomes
+    `num_image_tokens` positions holding `image_token_id`; llava.py puts the visual tokens H_v there.
     for_generation: the conversation ends with a human turn; the ids end with "Assistant:" and are,
     token for token, a prefix of the training ids of the same conversation with its answer.
-    Returns two lists of ints of equal length; labels are IGNORE except on answers and their <STOP>.
+    Returns two lists of ints of equal length.
     """
     template = get_template(str(template))
-    check_conversation(conversations, sample_id, image=image_token_id is not None,
-                       for_generation=for_generation)
-    # Pieces of (text or list of ids, trained?). Neighbouring text pieces with the same flag are
-    # tokenized together, so that a piece boundary is only where the trained flag changes.
-    pieces = [(template.system + template.sep, False)]
-    for turn in conversations:
-        if turn["from"] == "human":
-            before, image, after = turn["value"].partition(IMAGE)
-            pieces.append((f"{template.human}: {before}", False))
-            if image:  # X_v, in the place the data put it
-                pieces.append(([image_token_id] * num_image_tokens, False))
-            pieces.append((after + template.sep + f"{template.assistant}:", False))
-        else:  # the answer and its <STOP>: the only trained tokens
-            pieces.append((" " + turn["value"], True))
-            pieces.append((template.stop, True))
-
-    input_ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    labels = [IGNORE] * len(input_ids)
-    text, text_trained = "", False
-    for piece, trained in pieces + [(None, None)]:
-        if isinstance(piece, str) and trained == text_trained:
-            text += piece  # same flag: tokenize together
+    check_conversation(conversations, sample_id, image=image_token_id is not None, for_generation=for_generation,
+                       stop=template.stop)
+    text, trained = conversation_text(conversations, template, image=image_token_id is not None)
+    placeholder = image_placeholder(tokenizer)
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    input_ids, labels = [], []
+    for position, (token, (start, end)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
+        if token == tokenizer.eos_token_id and start == end and position > 0:
+            continue  # an EOS the tokenizer appends: the text already ends where it should
+        if token == placeholder:  # X_v, never trained
+            input_ids += [image_token_id] * num_image_tokens
+            labels += [IGNORE] * num_image_tokens
             continue
-        ids = encode_text(tokenizer, text)  # flush the text gathered so far
-        input_ids += ids
-        labels += ids if text_trained else [IGNORE] * len(ids)
-        text, text_trained = "", trained
-        if isinstance(piece, str):
-            text = piece
-        elif piece is not None:  # image positions, never trained
-            input_ids += piece
-            labels += [IGNORE] * len(piece)
+        input_ids.append(token)
+        labels.append(token if any(start < b and end > a for a, b in trained) else IGNORE)
 
     if max_length is not None and len(input_ids) > max_length:
-        if image_token_id in input_ids[max_length:]:
+        if image_token_id is not None and image_token_id in input_ids[max_length:]:
             raise SampleError(f"sample {sample_id}: {len(input_ids)} tokens; max_length "
                               f"{max_length} would cut through the image positions")
         input_ids, labels = input_ids[:max_length], labels[:max_length]
@@ -141,7 +136,7 @@ def render(conversations, tokenizer, template, image_token_id=None, num_image_to
     return input_ids, labels
 
 
-def check_conversation(conversations, sample_id, image, for_generation=False):
+def check_conversation(conversations, sample_id, image, for_generation=False, stop=None):
     """Raise SampleError for a conversation that Table 2 cannot render."""
     if not isinstance(conversations, list) or not conversations:
         raise SampleError(f"sample {sample_id}: 'conversations' must be a non-empty list")
@@ -153,6 +148,8 @@ def check_conversation(conversations, sample_id, image, for_generation=False):
             raise SampleError(f"sample {sample_id}: turn {i} breaks the human/gpt alternation")
         if not isinstance(turn.get("value"), str) or not turn["value"].strip():
             raise SampleError(f"sample {sample_id}: turn {i} is empty")
+        if stop and turn["from"] == "gpt" and stop in turn["value"]:  # it would train a stop mid-answer
+            raise SampleError(f"sample {sample_id}: answer in turn {i} contains the template's stop {stop!r}")
     if for_generation != (conversations[-1]["from"] == "human"):
         last = "a human turn" if for_generation else "an answer"
         raise SampleError(f"sample {sample_id}: the conversation must end with {last}")
@@ -167,43 +164,73 @@ def check_conversation(conversations, sample_id, image, for_generation=False):
 
 
 def show(input_ids, labels, tokenizer, image_token_id=None):
-    """The classroom view: the sequence as text, trained tokens in [[...]] (and green on a terminal)."""
+    """The classroom view: the sequence as text, trained tokens in [[...]] (and green on a terminal),
+    each run of image positions as <image xN>."""
     color = sys.stdout.isatty()
-    out, i = [], 0
-    while i < len(input_ids):
-        if input_ids[i] == image_token_id:  # a run of image positions
-            j = i
-            while j < len(input_ids) and input_ids[j] == image_token_id:
-                j += 1
-            out.append(f"<image x{j - i}>")
-            i = j
+    kind = ["image" if i == image_token_id else label != IGNORE for i, label in zip(input_ids, labels)]
+    text_ids, shown, out = [], "", []
+    for run, group in itertools.groupby(zip(input_ids, kind), key=lambda pair: pair[1]):
+        ids = [i for i, _ in group]
+        if run == "image":
+            out.append(f"<image x{len(ids)}>")
             continue
-        j, trained = i, labels[i] != IGNORE
-        while j < len(input_ids) and input_ids[j] != image_token_id and (labels[j] != IGNORE) == trained:
-            j += 1
-        text = tokenizer.decode(input_ids[i:j])
-        if trained:
-            text = f"\033[1;32m[[{text}]]\033[0m" if color else f"[[{text}]]"
-        out.append(text)
-        i = j
+        text_ids += ids  # decoded with all the text before it, so that a piece keeps its leading space
+        text = tokenizer.decode(text_ids)
+        piece, shown = text[len(shown):], text
+        out.append((f"\033[1;32m[[{piece}]]\033[0m" if color else f"[[{piece}]]") if run else piece)
     n_trained = sum(label != IGNORE for label in labels)
     return "".join(out) + f"\n-- {len(input_ids)} tokens, {n_trained} trained (in [[ ]])"
 
 
 # ----------------------------------------------------------------------------------------------
-# §3 in miniature: the toy world and its symbolic representation
+# A model directory's tokenizer and settings, for rendering its samples without its weights
 # ----------------------------------------------------------------------------------------------
-# Offline there is neither COCO nor GPT-4. The toy world stands in for both: images of simple shapes,
-# each with the symbolic representation of §3 (captions, and boxes `category: [x1, y1, x2, y2]`
-# normalized to 0..1), and a rule-based teacher that reads only that representation.
-# Objects sit in the cells of a 3x3 grid; with the vision encoder's patch as large as a cell, one
-# object is about one visual token.
 
-SHAPES = ["square", "circle", "triangle"]
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
-          "purple": (150, 60, 190)}
-GRID = 3  # cells per side
-ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]
+AUTHORS_IMAGE_TOKEN_ID = -200  # the authors' IMAGE_TOKEN_INDEX: a position id outside the vocabulary
+
+
+def load_tokenizer_and_config(path):
+    """What data.py needs to render samples for a saved model, without loading its weights."""
+    import transformers
+    path = resolve(path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if config.get("model_type") == "llava":
+        vc = config["vision_config"]
+        keep_cls = config.get("vision_feature_select_strategy", "default") == "full"
+        return tokenizer, {"template": config.get("llava_template", "llava15"),
+                           "image_token_id": config["image_token_index"],
+                           "num_image_tokens": count_image_tokens(vc["image_size"], vc["patch_size"], keep_cls)}
+    vision = transformers.AutoConfig.from_pretrained(config["mm_vision_tower"])
+    vision = getattr(vision, "vision_config", vision)
+    return tokenizer, {"template": authors_template(config), "image_token_id": AUTHORS_IMAGE_TOKEN_ID,
+                       "num_image_tokens": count_image_tokens(vision.image_size, vision.patch_size)}
+
+
+def count_image_tokens(image_size, patch_size, keep_cls=False):
+    """N_v: one visual token per patch of the grid, and CLS if it is kept."""
+    return (image_size // patch_size) ** 2 + int(keep_cls)
+
+
+def resolve(path):
+    """A local directory as it is; otherwise a hub id, fetched (or found in the local cache)."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:
+        raise FileNotFoundError(f"{path}: not a directory, and the hub cannot give it ({type(e).__name__})")
+
+
+def authors_template(config):
+    return "llava15" if config.get("mm_projector_type", "linear") != "linear" else "paper"
+
+
+# ----------------------------------------------------------------------------------------------
+# §3: the paper's instruction lists
+# ----------------------------------------------------------------------------------------------
 
 BRIEF = [  # the paper's brief-description instructions (stage 1)
     "Describe the image concisely.", "Provide a brief description of the given image.",
@@ -218,320 +245,7 @@ DETAILED = [  # detailed-description instructions, as in the paper's list
     "Explain the various aspects of the image before you.", "Analyze the image in a comprehensive and detailed manner."]
 
 
-def toy_scene(rng, cell=16):
-    """1 to 3 objects in distinct grid cells, in reading order: shape, color, size and box in pixels."""
-    objects = []
-    for index in sorted(rng.sample(range(GRID * GRID), rng.randint(1, 3))):
-        row, col = divmod(index, GRID)
-        size = rng.choice(["small", "large"])
-        side = rng.choice([8, 10]) if size == "small" else rng.choice([14, 16])
-        x1 = col * cell + (cell - side) // 2  # centered in its cell: one object, one patch
-        y1 = row * cell + (cell - side) // 2
-        objects.append({"shape": rng.choice(SHAPES), "color": rng.choice(list(COLORS)), "size": size,
-                        "row": row, "col": col, "box": [x1, y1, x1 + side, y1 + side]})
-    return objects
-
-
-def draw(objects, cell=16):
-    from PIL import Image, ImageDraw
-    image = Image.new("RGB", (GRID * cell, GRID * cell), (255, 255, 255))
-    pen = ImageDraw.Draw(image)
-    for o in objects:
-        x1, y1, x2, y2 = o["box"]
-        rgb = COLORS[o["color"]]
-        if o["shape"] == "square":
-            pen.rectangle([x1, y1, x2 - 1, y2 - 1], fill=rgb)
-        elif o["shape"] == "circle":
-            pen.ellipse([x1, y1, x2 - 1, y2 - 1], fill=rgb)
-        else:
-            pen.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=rgb)
-    return image
-
-
-def and_list(names):
-    """'a', 'a and b', 'a, b and c'."""
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
-def name(o):
-    return f"{o['color']} {o['shape']}"
-
-
-def where(o):
-    """'at the top left', 'at the middle right', 'in the center': the cell's row and column words,
-    the words the LM stand-in reads there (train.scene_words), so a place is read, not worked out."""
-    row, col = ROWS[o["row"]], COLS[o["col"]]
-    return "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
-
-
-def symbolic(objects, cell=16):
-    """§3's symbolic representation: captions and normalized boxes, all the teacher may see."""
-    side = GRID * cell
-    names = [f"a {o['size']} {name(o)}" for o in objects]
-    # The brief caption names each object and its place, as COCO's often do ("a dog on a couch"):
-    # stage 1 aligns W with it, so W learns to pass on where a patch is as well as what is there.
-    listed = and_list([f"{n} {where(o)}" for n, o in zip(names, objects)])
-    captions = [f"{listed[0].upper()}{listed[1:]}.",
-                " ".join(f"{n[0].upper()}{n[1:]} {where(o)}." for n, o in zip(names, objects))]
-    boxes = [f"{name(o)}: [{', '.join(f'{v / side:.2f}' for v in o['box'])}]" for o in objects]
-    return {"captions": captions, "boxes": boxes}
-
-
-def parse_boxes(boxes):
-    """The teacher's view: objects back from `color shape: [x1, y1, x2, y2]` lines."""
-    objects = []
-    for line in boxes:
-        category, coords = line.split(": ")
-        x1, y1, x2, y2 = json.loads(coords)
-        color, shape = category.split(" ")
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        objects.append({"color": color, "shape": shape, "row": min(int(cy * GRID), GRID - 1),
-                        "col": min(int(cx * GRID), GRID - 1), "area": (x2 - x1) * (y2 - y1)})
-    for o in objects:
-        o["size"] = "large" if o["area"] > 0.5 / GRID ** 2 else "small"  # more than half a cell
-    return objects
-
-
-# ----------------------------------------------------------------------------------------------
-# §3: the rule-based teacher, the stand-in for GPT-4
-# ----------------------------------------------------------------------------------------------
-
-def plural(n, word):
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def unique(objects, key):
-    """Objects whose `key` (shape or color) no other object shares."""
-    return [o for o in objects if sum(p[key] == o[key] for p in objects) == 1]
-
-
-def absent_pair(objects, rng):
-    """A 'bag of patches' trap: a color and a shape that are both in the image, never together;
-    None when there is no such pair. The paper's model says yes to these."""
-    pairs = [(o["color"], p["shape"]) for o in objects for p in objects
-             if not any(q["color"] == o["color"] and q["shape"] == p["shape"] for q in objects)]
-    return rng.choice(pairs) if pairs else None
-
-
-def exists_question(objects, rng):
-    """'Is there a ...?' with yes and no equally likely; half the no's are compositional traps.
-    Returns (the thing asked about, "yes" or "no", whether it is a trap)."""
-    if rng.random() < 0.5:
-        return name(rng.choice(objects)), "yes", False
-    trap = absent_pair(objects, rng) if rng.random() < 0.5 else None
-    if trap is None:
-        present = {name(o) for o in objects}
-        trap = rng.choice([(c, s) for c in COLORS for s in SHAPES if f"{c} {s}" not in present])
-    color, shape = trap
-    is_trap = any(o["color"] == color for o in objects) and any(o["shape"] == shape for o in objects)
-    return f"{color} {shape}", "no", is_trap
-
-
-# One question-answer pair per kind of fact; None when the image cannot ask it unambiguously.
-def ask_color(objects, rng):
-    pool = unique(objects, "shape")  # "the circle" must name one object
-    o = rng.choice(pool) if pool else None
-    # Not "I see a green square, so ...": count and existence answers begin "I see a" and then name
-    # the first object in reading order, and an LM taught both learns to follow "I see a" with the
-    # first object's color whatever was asked (the toy demo's LM, given the held-out scenes in words:
-    # color right 93% when the asked object came first, 38% second, 22% third). Here the shape
-    # just said asks for its own color.
-    return o and (f"What color is the {o['shape']}?", f"The {o['shape']} is {o['color']}.", o["color"])
-
-
-def ask_shape(objects, rng):
-    pool = unique(objects, "color")
-    o = rng.choice(pool) if pool else None
-    return o and (f"What shape is the {o['color']} object?", f"The {o['color']} object is a {o['shape']}.", o["shape"])
-
-
-def listed(objects):
-    """'a red circle', 'a red circle and a blue square', ... in reading order."""
-    return and_list([f"a {name(o)}" for o in sorted(objects, key=lambda o: (o["row"], o["col"]))])
-
-
-# Counting and existence answers reason first, as the paper's best ScienceQA answers do: they name the
-# objects that matter (one look at the image per object), then conclude from those words.
-def ask_count(objects, rng):
-    what = rng.choice(SHAPES + ["object"])
-    matching = [o for o in objects if what in ("object", o["shape"])]
-    told = f"I see {listed(matching)}: {plural(len(matching), what)}." if matching else f"There are no {what}s."
-    return f"How many {what}s are there?", told, str(len(matching))
-
-
-def ask_position(objects, rng):
-    pool = [o for o in objects if sum(name(p) == name(o) for p in objects) == 1]
-    o = rng.choice(pool) if pool else None
-    return o and (f"Where is the {name(o)}?", f"The {name(o)} is {where(o)} of the image.", where(o))
-
-
-def ask_existence(objects, rng):
-    thing, answer, _ = exists_question(objects, rng)
-    color = thing.split()[0]
-    same_color = [o for o in objects if o["color"] == color]  # a trap has these, in other shapes
-    seen = f"I see {listed(same_color)}" if same_color else f"I see nothing {color}"
-    told = f"{seen}, so yes, there is a {thing} in the image." if answer == "yes" else \
-        f"{seen}, so no, there is no {thing} in the image."
-    return f"Is there a {thing} in the image?", told, answer
-
-
-ASK = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
-       "existence": ask_existence}
-
-
-def conversation_turns(objects, rng):
-    """Questions with definite answers: colors, shapes, counts, positions, existence."""
-    turns = [qa[:2] for ask in ASK.values() if (qa := ask(objects, rng))]
-    rng.shuffle(turns)
-    return turns[:rng.randint(2, 4)]
-
-
-def describe(objects):
-    n = len(objects)
-    parts = [f"The image shows {plural(n, 'object')} on a white background."]
-    for o in objects:
-        parts.append(f"A {o['size']} {name(o)} is {where(o)}.")
-    return " ".join(parts)
-
-
-def reason(objects, rng):
-    """One question that needs a step: comparing positions or sizes, or counting after a change."""
-    named_once = [o for o in objects if sum(name(p) == name(o) for p in objects) == 1]  # "the red circle" is one
-    if len(named_once) >= 2 and rng.random() < 0.7:
-        a, b = rng.sample(named_once, 2)
-        if rng.random() < 0.5 and a["row"] != b["row"]:
-            higher = a if a["row"] < b["row"] else b
-            return (f"Which is higher in the image, the {name(a)} or the {name(b)}?",
-                    f"The {name(a)} is {where(a)} and the {name(b)} is {where(b)}, "
-                    f"so the {name(higher)} is higher.")
-        if a["size"] != b["size"]:
-            larger = a if a["size"] == "large" else b
-            return (f"Which is larger, the {name(a)} or the {name(b)}?",
-                    f"The {name(a)} is {a['size']} and the {name(b)} is {b['size']}, so the {name(larger)} is larger.")
-    o = rng.choice(objects)
-    left = len(objects) - 1
-    return (f"If the {name(o)} were taken away, how many objects would be left?",
-            f"There {'is' if len(objects) == 1 else 'are'} {plural(len(objects), 'object')} now. Taking away the "
-            f"{name(o)} leaves {plural(left, 'object') if left else 'no objects'}.")
-
-
-def teacher(symbolic_rep, kind, rng):
-    """The stand-in for GPT-4: a symbolic representation -> one sample's conversations."""
-    objects = parse_boxes(symbolic_rep["boxes"])
-    if kind == "conversation":
-        turns = conversation_turns(objects, rng)
-    elif kind == "detail":
-        turns = [(rng.choice(DETAILED), describe(objects))]
-    elif kind == "reasoning":
-        turns = [reason(objects, rng)]
-    elif kind == "brief":  # stage 1: a brief instruction answered by the caption
-        turns = [(rng.choice(BRIEF), symbolic_rep["captions"][0])]
-    else:
-        raise ValueError(f"unknown response type {kind!r}")
-    first = turns[0][0]
-    conversations = [{"from": "human", "value": f"{IMAGE}\n{first}" if rng.random() < 0.5 else f"{first}\n{IMAGE}"}]
-    conversations.append({"from": "gpt", "value": turns[0][1]})
-    for question, answer in turns[1:]:
-        conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-    return conversations
-
-
-# ----------------------------------------------------------------------------------------------
-# §5.2 in miniature: multiple-choice questions in ScienceQA form
-# ----------------------------------------------------------------------------------------------
-
-CATEGORIES = ["color", "shape", "count", "position", "existence"]
-LETTERS = "ABCDE"
-
-
-OPTIONS = {"color": list(COLORS), "shape": SHAPES, "count": ["0", "1", "2", "3"], "existence": ["yes", "no"],
-           "row": ROWS, "column": COLS}
-
-
-def mc_sample(objects, category, rng):
-    """A question of `category` in ScienceQA form, or None if the image cannot ask it.
-
-    As in the paper's best ScienceQA variant, the answer reasons first: the fact, then "The answer
-    is X.". Options come in a fixed order, so the letter follows from the fact: the questions test
-    what the model sees, not how well a tiny LM matches words to letters.
-    """
-    if category == "position":  # the row or the column of an object named once
-        asked = ask_position(objects, rng)
-        if asked is None:
-            return None
-        o = next(o for o in objects if f"the {name(o)}?" in asked[0])
-        axis = rng.choice(["row", "column"])
-        right = ROWS[o["row"]] if axis == "row" else COLS[o["col"]]
-        question = f"In which {axis} is the {name(o)}?"
-        fact = f"The {name(o)} is {where(o)}, so it is in the {right} {axis}."  # the place, then the axis
-        options = OPTIONS[axis]
-    else:
-        asked = ASK[category](objects, rng)
-        if asked is None:
-            return None
-        question, fact, right = asked
-        options = OPTIONS[category]
-    letter = LETTERS[options.index(right)]
-    listed = " ".join(f"({LETTERS[i]}) {option}" for i, option in enumerate(options))
-    question, answer = f"Question: {question}\nOptions: {listed}", f"{fact} The answer is {letter}."
-    # The image after the question, as in part of LLaVA-Instruct ("...\n<image>"): a causal LM then
-    # reads each visual token already knowing what is asked, and the token of the asked object can
-    # mark itself; with the image first, the answer alone must find the object among the visual
-    # tokens. Given the scenes in words (no vision), the toy's LM stand-in answered position
-    # questions 92-99% right in 6 runs of 7 with the image after (82% in one), and 80%, 82% and
-    # 96% in 3 runs with it first.
-    return {"question": question, "answer": answer, "letter": letter, "category": category,
-            "conversations": [{"from": "human", "value": f"{question}\n{IMAGE}"}, {"from": "gpt", "value": answer}]}
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing the toy world as LLaVA JSON files and an image folder
-# ----------------------------------------------------------------------------------------------
-
-def make_toy_world(out, n_images=2000, n_eval=400, mc_per_image=1, seed=0, cell=16):
-    """Write out/images/*.png and the LLaVA JSON files; returns {file name: number of samples}.
-
-    stage1.json      brief instruction + caption pairs (stage 1, like CC-595K's chat.json)
-    conversation.json, detail.json, reasoning.json: the three response types (like LLaVA-Instruct)
-    mc_train.json    multiple-choice questions on training images (like ScienceQA's train split)
-    instruct.json    all of the above but stage 1, shuffled: stage 2's data
-    eval.json        multiple-choice questions on unseen images, with "category" and "answer"
-    symbolic.json    each image's symbolic representation (captions and boxes)
-    """
-    import random
-    rng = random.Random(seed)
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    files = {k: [] for k in ["stage1", "conversation", "detail", "reasoning", "mc_train", "eval", "symbolic"]}
-    for i in range(n_images + n_eval):
-        held_out = i >= n_images
-        # Multiple-choice questions; on held-out images balanced over the categories. A scene that
-        # cannot ask one (say, no shape appears just once) is drawn again.
-        categories = [CATEGORIES[(i * mc_per_image + j) % len(CATEGORIES)] if held_out else rng.choice(CATEGORIES)
-                      for j in range(mc_per_image)]
-        while True:
-            objects = toy_scene(rng, cell)
-            questions = [mc_sample(objects, category, rng) for category in categories]
-            if all(questions):
-                break
-        image_id = f"toy_{i:06d}"
-        image_file = f"{image_id}.png"
-        draw(objects, cell).save(os.path.join(out, "images", image_file))
-        rep = symbolic(objects, cell)
-        files["symbolic"].append({"id": image_id, "image": image_file, **rep})
-        for j, mc in enumerate(questions):
-            extra = {"category": mc["category"], "answer": mc["letter"]} if held_out else {}
-            files["eval" if held_out else "mc_train"].append(
-                {"id": f"{image_id}_mc{j}", "image": image_file, **extra, "conversations": mc["conversations"]})
-        if held_out:
-            continue
-        for kind in ["brief", "conversation", "detail", "reasoning"]:
-            files["stage1" if kind == "brief" else kind].append(
-                {"id": f"{image_id}_{kind}", "image": image_file, "conversations": teacher(rep, kind, rng)})
-    files["instruct"] = files["conversation"] + files["detail"] + files["reasoning"] + files["mc_train"]
-    rng.shuffle(files["instruct"])
-    for key, samples in files.items():
-        write_json(os.path.join(out, f"{key}.json"), samples)
-    return {f"{k}.json": len(v) for k, v in files.items()}
+LETTERS = "ABCDE"  # multiple-choice options, as ScienceQA letters them
 
 
 def write_json(path, obj):
@@ -834,12 +548,6 @@ def main(argv=None):
     p.add_argument("--index", type=int, default=0, help="which sample")
     p.add_argument("--model", default="out/toy/stage2", help="a model directory (for its tokenizer)")
     p.add_argument("--template", default=None, help="paper or llava15 (default: the model's)")
-    p = sub.add_parser("toy", help="write the toy world: images and LLaVA JSON files")
-    p.add_argument("--out", default="out/toy/data", help="output folder")
-    p.add_argument("--images", type=int, default=2000, help="training images")
-    p.add_argument("--eval", type=int, default=500, help="held-out images for the multiple-choice evaluation")
-    p.add_argument("--mc-per-image", type=int, default=2, help="multiple-choice questions per image")
-    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("teacher", help="GPT-assisted generation from COCO annotations with a chat-completions API")
     p.add_argument("--captions", required=True, help="COCO captions_*.json")
     p.add_argument("--instances", required=True, help="COCO instances_*.json")
@@ -850,19 +558,13 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="at most this many images")
     args = parser.parse_args(argv)
 
-    if args.command == "toy":
-        import time
-        start = time.time()
-        sizes = make_toy_world(args.out, args.images, args.eval, args.mc_per_image, args.seed)
-        print(f"{args.out}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + f" ({time.time() - start:.1f} s)")
-    elif args.command == "teacher":
+    if args.command == "teacher":
         key = os.environ.get("OPENAI_API_KEY")  # from the environment only: never a flag, never printed
         new, skipped = generate_with_teacher(coco_annotations(args.captions, args.instances), args.kind,
                                              args.out, args.base_url, args.model, key, limit=args.limit)
         print(f"{args.out}: {new} new samples, {skipped} malformed replies skipped")
     elif args.command == "show":
-        import llava
-        tokenizer, config = llava.load_tokenizer_and_config(args.model)
+        tokenizer, config = load_tokenizer_and_config(args.model)
         samples = load_json(args.file)
         if not 0 <= args.index < len(samples):
             sys.exit(f"{args.file}: --index {args.index} is out of range (0..{len(samples) - 1})")

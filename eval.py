@@ -74,10 +74,11 @@ def evaluate_mc(model, questions, image_folder, blank=False, max_new_tokens=48, 
             for c in total}, rows
 
 
-def table(results, blind=None):
-    """The results as a terminal table: accuracy, blind baseline and chance per category (%)."""
+def table(results, blind=None, categories=()):
+    """The results as a terminal table: accuracy, blind baseline and chance per category (%), the
+    categories in the order given, then any others."""
     lines = [f"{'category':<11}{'n':>5}{'accuracy':>10}" + (f"{'blind':>8}" if blind else "") + f"{'chance':>8}"]
-    order = [c for c in data.CATEGORIES if c in results] + sorted(set(results) - set(data.CATEGORIES) - {"overall"})
+    order = [c for c in categories if c in results] + sorted(set(results) - set(categories) - {"overall"})
     for c in order + ["overall"]:
         r = results[c]
         line = f"{c:<11}{r['n']:>5}{100 * r['accuracy']:>9.1f}%"

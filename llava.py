@@ -29,7 +29,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelFo
 
 import data
 
-AUTHORS_IMAGE_TOKEN_ID = -200  # the authors' IMAGE_TOKEN_INDEX: a position id outside the vocabulary
+AUTHORS_IMAGE_TOKEN_ID = data.AUTHORS_IMAGE_TOKEN_ID
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ class LLaVA(nn.Module):
         self.projector_kind, self.feature_layer, self.keep_cls = projector, feature_layer, keep_cls
         self.image_token_id = image_token_id
         self.template = data.get_template(template)
-        self.num_image_tokens = count_image_tokens(vision_tower.config.image_size, vision_tower.config.patch_size,
+        self.num_image_tokens = data.count_image_tokens(vision_tower.config.image_size, vision_tower.config.patch_size,
                                                    keep_cls)  # N_v: how many positions the image takes
 
     def train(self, mode=True):
@@ -223,8 +223,13 @@ class LLaVA(nn.Module):
         if len(text) > shown:
             yield text[shown:]
 
-    def answer(self, conversations, image=None, **kwargs):
-        return "".join(self.generate_text(conversations, image, **kwargs)).strip()
+    def answer(self, conversations, image=None, stop=None, **kwargs):
+        """The whole answer at once, decoded in one piece (as answer_batch decodes it)."""
+        stop = self.template.stop if stop is None else stop
+        ids = [i for i in self.generate(*self.prepare(conversations, image), stop=stop, **kwargs)
+               if i != self.tokenizer.eos_token_id]
+        text = self.tokenizer.decode(ids)
+        return (text.split(stop)[0] if stop else text).strip()
 
     @torch.no_grad()
     def answer_batch(self, prompts, images, max_new_tokens=256):
@@ -257,7 +262,7 @@ class LLaVA(nn.Module):
 # Building a new LLaVA from a vision encoder and an LLM (the start of stage 1)
 # ----------------------------------------------------------------------------------------------
 
-def load_vision_tower(name_or_path, dtype=None):
+def load_vision_tower(name_or_path, dtype=torch.float32):
     """The vision half of a CLIP-like model (or a vision model on its own), by hub id or directory."""
     config = AutoConfig.from_pretrained(name_or_path)
     vision_config = getattr(config, "vision_config", config)
@@ -266,19 +271,19 @@ def load_vision_tower(name_or_path, dtype=None):
 
 
 def build(vision, llm, projector="mlp2x_gelu", feature_layer=-2, keep_cls=False, template="paper",
-          dtype=None):
+          dtype=torch.float32):
     """A new LLaVA: g and f_phi from pretrained models (hub ids or directories), W random."""
     vision_tower = load_vision_tower(vision, dtype)
     language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(llm)
     # An <image> token in the vocabulary, so that transformers' Llava can read what we save.
-    tokenizer.add_special_tokens({"additional_special_tokens": [data.IMAGE]})
+    image_token_id = data.image_placeholder(tokenizer)
     if tokenizer.pad_token is None:  # LLaMA has none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
         language_model.resize_token_embeddings(len(tokenizer))
     return LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision, backend="pil"),
-                 projector, feature_layer, keep_cls, tokenizer.convert_tokens_to_ids(data.IMAGE), template)
+                 projector, feature_layer, keep_cls, image_token_id, template)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,51 +385,13 @@ def read_weights(path):
     return weights
 
 
-def load_tokenizer_and_config(path):
-    """What data.py needs to render samples for a saved model, without loading its weights."""
-    path = resolve(path)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if config.get("model_type") == "llava":
-        vc = config["vision_config"]
-        keep_cls = config.get("vision_feature_select_strategy", "default") == "full"
-        return tokenizer, {"template": config.get("llava_template", "llava15"),
-                           "image_token_id": config["image_token_index"],
-                           "num_image_tokens": count_image_tokens(vc["image_size"], vc["patch_size"], keep_cls)}
-    vision = AutoConfig.from_pretrained(config["mm_vision_tower"])
-    vision = getattr(vision, "vision_config", vision)
-    return tokenizer, {"template": authors_template(config), "image_token_id": AUTHORS_IMAGE_TOKEN_ID,
-                       "num_image_tokens": count_image_tokens(vision.image_size, vision.patch_size)}
-
-
-def count_image_tokens(image_size, patch_size, keep_cls=False):
-    """N_v: one visual token per patch of the grid, and CLS if it is kept."""
-    return (image_size // patch_size) ** 2 + int(keep_cls)
-
-
-def resolve(path):
-    """A local directory as it is; otherwise a hub id, fetched (or found in the local cache)."""
-    if os.path.isdir(path):
-        return path
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
-    except Exception as e:
-        raise FileNotFoundError(f"{path}: not a directory, and the hub cannot give it ({type(e).__name__})")
-
-
-def authors_template(config):
-    return "llava15" if config.get("mm_projector_type", "linear") != "linear" else "paper"
-
-
-def load(path, dtype=None, vision=None, template=None):
+def load(path, dtype=torch.float32, vision=None, template=None):
     """A saved LLaVA: ours or llava-hf (model_type "llava"), or the authors' ("llava_llama").
 
     Strict: a missing, unexpected or mis-shaped weight is an error that names it.
     vision: for the authors' layout, where to find the vision tower if not `mm_vision_tower`.
     """
-    path = resolve(path)
+    path = data.resolve(path)
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -456,7 +423,7 @@ def load(path, dtype=None, vision=None, template=None):
         model = LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision, backend="pil"),
                       config.get("mm_projector_type", "linear"), config.get("mm_vision_select_layer", -2),
                       config.get("mm_vision_select_feature", "patch") == "cls_patch",
-                      AUTHORS_IMAGE_TOKEN_ID, template or authors_template(config))
+                      AUTHORS_IMAGE_TOKEN_ID, template or data.authors_template(config))
         weights = {rename(k, FROM_AUTHORS): v for k, v in weights.items()}
         for k, v in model.vision_tower.state_dict().items():  # the vision tower came from elsewhere
             weights.setdefault("vision_tower." + k, v)

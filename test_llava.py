@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import llava
+import toy
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,9 +33,9 @@ TEXTS = ["A chat between a curious human and an artificial intelligence assistan
 def parts(tmp_path_factory):
     """A tiny CLIP and a tiny LLaMA saved as model directories, like hub models."""
     root = tmp_path_factory.mktemp("parts")
-    tokenizer = train.make_toy_tokenizer(TEXTS, vocab_size=300)
-    train.make_toy_clip(str(root / "clip"), image_size=32, patch_size=8)
-    train.make_toy_lm(str(root / "lm"), tokenizer)
+    tokenizer = toy.make_tokenizer(str(root / "tokenizer"), TEXTS, vocab_size=320)
+    toy.make_clip(str(root / "clip"), image_size=32, patch_size=8)
+    toy.make_vicuna(str(root / "lm"), tokenizer)
     return str(root / "clip"), str(root / "lm")
 
 
@@ -267,39 +268,108 @@ def test_generation_stops_at_the_stop_string_and_at_eos(saved):
 # ----------------------------------------------------------------------------------------------
 
 def trained_spans(input_ids, labels, tokenizer):
-    """The decoded runs of trained tokens, in order."""
+    """The decoded runs of trained tokens, in order, without the leading space (a SentencePiece
+    decode of a run alone drops it; a byte-level one keeps it)."""
     spans, run = [], []
-    for token, label in zip(input_ids, labels):
+    for token, label in zip(input_ids + [None], labels + [data.IGNORE]):
         if label != data.IGNORE:
             assert label == token  # a trained position predicts its own token
             run.append(token)
         elif run:
-            spans.append(tokenizer.decode(run))
+            spans.append(tokenizer.decode(run).lstrip(" "))
             run = []
-    return spans + ([tokenizer.decode(run)] if run else [])
+    return spans
+
+
+def llama_tokenizer(legacy):
+    """LLaMA's real tokenizer (the 32,000 pieces and merges of Vicuna v1.5 and llava-1.5), built from
+    the data the npm package llama-tokenizer-js carries; None where npm cannot fetch it."""
+    import base64
+    import re
+    import struct
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "llava-tests")
+    js = os.path.join(cache, "package", "llama-tokenizer.js")
+    if not os.path.exists(js):
+        os.makedirs(cache, exist_ok=True)
+        try:
+            subprocess.run("npm pack llama-tokenizer-js@1.2.2 && tar xzf llama-tokenizer-js-1.2.2.tgz", shell=True,
+                           cwd=cache, check=True, capture_output=True, timeout=120)
+        except (subprocess.SubprocessError, OSError):
+            return None
+    source = open(js).read()
+    vocab = base64.b64decode(re.search(r'llama_vocab_base64 = "([^"]+)"', source)[1]).decode().split("\n")
+    packed = base64.b64decode(re.search(r'llama_merges_binary = "([^"]+)"', source)[1])
+    ids = struct.unpack(f"{len(packed) // 2}H", packed)
+    merges = [(vocab[ids[k]], vocab[ids[k + 1]]) for k in range(0, len(ids), 2)]
+    tokenizer = transformers.LlamaTokenizer(vocab={v: k for k, v in enumerate(vocab)}, merges=merges, legacy=legacy,
+                                            add_bos_token=True, add_eos_token=False)
+    assert tokenizer("Hello world").input_ids == [1, 15043, 3186]  # as LLaMA's own
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizers(parts, tmp_path_factory):
+    """Every kind of tokenizer a user brings: Vicuna's (SentencePiece, legacy false, BOS), the same
+    with legacy true, LLaMA's real vocabulary both ways, and a byte-level BPE without BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    root = tmp_path_factory.mktemp("tokenizers")
+    found = {"vicuna": transformers.AutoTokenizer.from_pretrained(parts[1]),
+             "sentencepiece-legacy": toy.make_tokenizer(str(root / "legacy"), TEXTS, 320, legacy=True)}
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    found["byte-bpe-no-bos"] = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
+    for legacy in (False, True):
+        if (llama := llama_tokenizer(legacy)) is not None:
+            found[f"llama-legacy-{str(legacy).lower()}"] = llama
+    return found
+
+
+TOKENIZERS = ["vicuna", "sentencepiece-legacy", "byte-bpe-no-bos", "llama-legacy-false", "llama-legacy-true"]
 
 
 @pytest.mark.parametrize("template", ["paper", "llava15"])
-def test_labels_token_by_token(saved, template):
-    model, _, _ = saved
-    tok, t, n = model.tokenizer, data.TEMPLATES[template], model.num_image_tokens
-    input_ids, labels = data.render(CONVERSATION, tok, template, model.image_token_id, n)
-    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-    # Expected, piece by piece: everything but the answers and their <STOP> is -100. Neighbouring
-    # text with the same flag is tokenized as one piece.
-    expected = [(tok.bos_token_id, False)]
-    expected += [(i, False) for i in enc(f"{t.system}{t.sep}{t.human}: ")]
-    expected += [(model.image_token_id, False)] * n
-    expected += [(i, False) for i in enc(f"\nWhat color is the square?{t.sep}{t.assistant}:")]
-    expected += [(i, True) for i in enc(" The square is red." + t.stop)]
-    expected += [(i, False) for i in enc(f"{t.human}: How many circles are there?{t.sep}{t.assistant}:")]
-    expected += [(i, True) for i in enc(" There are two circles." + t.stop)]
-    assert input_ids == [i for i, _ in expected]
-    assert labels == [i if trained else data.IGNORE for i, trained in expected]
-    assert trained_spans(input_ids, labels, tok) == [f" The square is red.{t.stop}",
-                                                     f" There are two circles.{t.stop}"]
-    if template == "llava15":
-        assert enc(t.stop) == [tok.eos_token_id]  # </s> is the EOS token, trained
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_training_ids_are_the_whole_text_tokenized_at_once(tokenizers, name, template):
+    """Table 2 for any tokenizer: the ids are the conversation's text tokenized in one call (BOS as the
+    tokenizer adds it, <image> expanded), the trained tokens are exactly each answer and its <STOP>,
+    and the chat prompt is a token-exact prefix of the training ids."""
+    if name not in tokenizers:
+        pytest.skip("npm cannot fetch llama-tokenizer-js here")
+    tok, t, n = tokenizers[name], data.TEMPLATES[template], 5
+    image_id = data.image_placeholder(tok)
+    ids, labels = data.render(CONVERSATION, tok, template, image_id, n)
+    text = {"paper": f"{t.system}###Human: <image>\nWhat color is the square?###Assistant: The square is red.###"
+                     "Human: How many circles are there?###Assistant: There are two circles.###",
+            "llava15": f"{t.system} USER: <image>\nWhat color is the square? ASSISTANT: The square is red.</s>"
+                       "USER: How many circles are there? ASSISTANT: There are two circles.</s>"}[template]
+    expected = [k for i in tok(text).input_ids for k in ([image_id] * n if i == image_id else [i])]
+    assert ids == expected
+    assert (ids[0] == tok.bos_token_id) == (name != "byte-bpe-no-bos")
+    assert trained_spans(ids, labels, tok) == [
+        f"The square is red.{t.stop}", f"There are two circles.{t.stop}"]
+    for turns in (1, 3):
+        prompt, _ = data.render(CONVERSATION[:turns], tok, template, image_id, n, for_generation=True)
+        assert ids[:len(prompt)] == prompt
+        assert tok.decode(prompt).endswith(t.assistant + ":")
+
+
+def test_llava15_puts_the_image_first_and_the_paper_keeps_it_in_place(tokenizers):
+    tok = tokenizers["vicuna"]
+    suffix = [{"from": "human", "value": "What color is the square?\n<image>"}, CONVERSATION[1]]
+    text = lambda template: data.conversation_text(suffix, data.TEMPLATES[template], image=True)[0]  # noqa: E731
+    assert "USER: <image>\nWhat color is the square? ASSISTANT:" in text("llava15")
+    assert "Human: What color is the square?\n<image>###Assistant:" in text("paper")
+    ids, _ = data.render(suffix, tok, "llava15", data.image_placeholder(tok), 3)
+    assert tok.decode(ids).count("<image>") == 3
+
+
+@pytest.mark.parametrize("template,stop", [("paper", "###"), ("llava15", "</s>")])
+def test_an_answer_holding_the_stop_string_is_a_bad_sample(tokenizers, template, stop):
+    conversation = [CONVERSATION[0], {"from": "gpt", "value": f"Red.{stop} Human: more"}]
+    with pytest.raises(data.SampleError, match=f"sample s9: answer in turn 1 contains the template's stop"):
+        data.render(conversation, tokenizers["vicuna"], template, 7, 3, sample_id="s9")
 
 
 @pytest.mark.parametrize("template", ["paper", "llava15"])
@@ -357,19 +427,6 @@ def test_bad_conversations_are_named(saved, conversation, image_given, message):
                     model.num_image_tokens, sample_id=42)
 
 
-def test_sentencepiece_style_tokenizer_gets_no_double_space():
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    sp = Tokenizer(models.BPE(unk_token="<unk>"))
-    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
-    sp.decoder = decoders.Metaspace(prepend_scheme="first")
-    sp.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
-                                                      show_progress=False))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>")
-    assert data.encode_text(tok, " The square") == tok.encode("The square", add_special_tokens=False)
-    ids, labels = data.render([{"from": "human", "value": "hi"}, CONVERSATION[1]], tok, "paper")
-    assert trained_spans(ids, labels, tok) == ["The square is red.###"]  # one space, from "▁The"
-
-
 def test_show_cli_marks_trained_tokens(saved, tmp_path):
     _, path, _ = saved
     sample_file = tmp_path / "samples.json"
@@ -390,7 +447,7 @@ def test_show_cli_marks_trained_tokens(saved, tmp_path):
 @pytest.fixture(scope="session")
 def toy_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    sizes = data.make_toy_world(str(out), n_images=60, n_eval=20, seed=0)
+    sizes = toy.make_world(str(out), n_images=60, n_eval=20, seed=0)
     return out, sizes
 
 
@@ -400,22 +457,22 @@ def read(path):
 
 def test_toy_world_is_deterministic(toy_world, tmp_path):
     out, sizes = toy_world
-    again = data.make_toy_world(str(tmp_path / "a"), n_images=60, n_eval=20, seed=0)
+    again = toy.make_world(str(tmp_path / "a"), n_images=60, n_eval=20, seed=0)
     assert again == sizes
     for name in sizes:
         assert (tmp_path / "a" / name).read_bytes() == (out / name).read_bytes(), name
     for image in ["toy_000000.png", "toy_000079.png"]:
         assert (tmp_path / "a" / "images" / image).read_bytes() == (out / "images" / image).read_bytes()
-    data.make_toy_world(str(tmp_path / "b"), n_images=60, n_eval=20, seed=1)
+    toy.make_world(str(tmp_path / "b"), n_images=60, n_eval=20, seed=1)
     assert (tmp_path / "b" / "symbolic.json").read_bytes() != (out / "symbolic.json").read_bytes()
 
 
 def test_toy_world_has_the_promised_variety(toy_world):
     out, _ = toy_world
-    objects = [data.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")]
+    objects = [toy.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")]
     assert {len(o) for o in objects} == {1, 2, 3}
-    assert {o["shape"] for os_ in objects for o in os_} == set(data.SHAPES)
-    assert {o["color"] for os_ in objects for o in os_} == set(data.COLORS)
+    assert {o["shape"] for os_ in objects for o in os_} == set(toy.SHAPES)
+    assert {o["color"] for os_ in objects for o in os_} == set(toy.COLORS)
     assert {o["size"] for os_ in objects for o in os_} == {"small", "large"}
 
 
@@ -428,12 +485,12 @@ def test_symbolic_representation_matches_the_pixels(toy_world):
             category, coords = line.split(": ")
             x1, y1, x2, y2 = json.loads(coords)
             center = (int((x1 + x2) / 2 * image.width), int((y1 + y2) / 2 * image.height) + 1)
-            assert image.getpixel(center) == data.COLORS[category.split()[0]], (rep["image"], line)
+            assert image.getpixel(center) == toy.COLORS[category.split()[0]], (rep["image"], line)
 
 
 def place_of(o):
-    """An object's place in words, read from its row and column (independently of data.where)."""
-    row, col = data.ROWS[o["row"]], data.COLS[o["col"]]
+    """An object's place in words, read from its row and column (independently of toy.where)."""
+    row, col = toy.ROWS[o["row"]], toy.COLS[o["col"]]
     return "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
 
 
@@ -459,11 +516,11 @@ def check_answer(question, answer, objects):
         assert [n for n in reading_order if f"a {n}" in answer.split(", so")[0]] == same_color
     elif m := re.fullmatch(r"In which (row|column) is the (\w+ \w+)\?", question):
         o = objects[names.index(m[2])]
-        row, col = data.ROWS[o["row"]], data.COLS[o["col"]]
+        row, col = toy.ROWS[o["row"]], toy.COLS[o["col"]]
         assert answer == f"The {m[2]} is {place_of(o)}, so it is in the {row if m[1] == 'row' else col} {m[1]}."
     elif m := re.fullmatch(r"Where is the (\w+ \w+)\?", question):
         o = objects[names.index(m[1])]
-        assert data.where(o) in answer
+        assert toy.where(o) in answer
     elif m := re.fullmatch(r"Which is higher in the image, the (\w+ \w+) or the (\w+ \w+)\?", question):
         a, b = objects[names.index(m[1])], objects[names.index(m[2])]
         assert answer.endswith(f"the {m[1] if a['row'] < b['row'] else m[2]} is higher.")
@@ -479,7 +536,7 @@ def check_answer(question, answer, objects):
 
 def test_every_teacher_answer_agrees_with_the_symbolic_representation(toy_world):
     out, _ = toy_world
-    objects = {r["image"]: data.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")}
+    objects = {r["image"]: toy.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")}
     checked = 0
     for kind in ["conversation", "reasoning"]:
         for sample in read(out / f"{kind}.json"):
@@ -490,16 +547,16 @@ def test_every_teacher_answer_agrees_with_the_symbolic_representation(toy_world)
     for sample in read(out / "detail.json"):  # every object, with its place
         answer = sample["conversations"][1]["value"]
         for o in objects[sample["image"]]:
-            assert f"{o['size']} {o['color']} {o['shape']} is {data.where(o)}" in answer
+            assert f"{o['size']} {o['color']} {o['shape']} is {toy.where(o)}" in answer
     assert checked > 150
 
 
 def test_multiple_choice_answers_are_right_and_balanced(toy_world):
     import re
     out, _ = toy_world
-    objects = {r["image"]: data.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")}
+    objects = {r["image"]: toy.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")}
     questions = read(out / "eval.json")
-    assert {q["category"] for q in questions} == set(data.CATEGORIES)
+    assert {q["category"] for q in questions} == set(toy.CATEGORIES)
     train_images = {s["image"] for s in read(out / "instruct.json")}
     for q in questions:
         assert q["image"] not in train_images  # held out
@@ -518,7 +575,7 @@ def test_multiple_choice_answers_are_right_and_balanced(toy_world):
         elif q["category"] == "position":
             axis, thing = re.fullmatch(r"In which (row|column) is the (\w+ \w+)\?", question).groups()
             o = next(o for o in objects[q["image"]] if f"{o['color']} {o['shape']}" == thing)
-            assert right == (data.ROWS[o["row"]] if axis == "row" else data.COLS[o["col"]])
+            assert right == (toy.ROWS[o["row"]] if axis == "row" else toy.COLS[o["col"]])
         else:
             shape = question[18:-1]
             check_answer(question, {"color": f"The {shape} is {right}.",
@@ -532,8 +589,8 @@ def test_existence_questions_balance_yes_and_no_with_compositional_traps():
     import random
     rng, answers, traps = random.Random(0), [], 0
     for _ in range(2000):
-        objects = data.toy_scene(rng)
-        _, answer, is_trap = data.exists_question(objects, rng)
+        objects = toy.scene(rng)
+        _, answer, is_trap = toy.exists_question(objects, rng)
         answers.append(answer)
         traps += is_trap
     assert 0.45 < answers.count("yes") / len(answers) < 0.55
@@ -548,7 +605,7 @@ def test_stage1_pairs_use_the_papers_brief_instructions(toy_world):
         question, answer = (t["value"] for t in sample["conversations"])
         assert question.replace("<image>", "").strip() in data.BRIEF
         assert answer == reps[sample["image"]]["captions"][0]
-        for o in data.parse_boxes(reps[sample["image"]]["boxes"]):
+        for o in toy.parse_boxes(reps[sample["image"]]["boxes"]):
             assert f"{o['size']} {o['color']} {o['shape']} {place_of(o)}" in answer.lower(), (sample["id"], answer)
 
 
@@ -557,39 +614,37 @@ def test_scene_words_describe_the_patch_the_image_puts_there(toy_world):
     """The LM stand-in reads about cell k where the image will put patch k (row by row): the words
     of cell k name the color drawn at the center of patch k, and empty cells name none."""
     out, _ = toy_world
-    by_rgb = {rgb: name for name, rgb in data.COLORS.items()}
+    by_rgb = {rgb: name for name, rgb in toy.COLORS.items()}
     for rep in read(out / "symbolic.json"):
         image = data.load_image(out / "images" / rep["image"])
-        side = image.width // data.GRID
-        for k, words in enumerate(train.scene_words(data.parse_boxes(rep["boxes"]))):
-            row, col = divmod(k, data.GRID)
+        side = image.width // toy.GRID
+        for k, words in enumerate(toy.scene_words(toy.parse_boxes(rep["boxes"]))):
+            row, col = divmod(k, toy.GRID)
             drawn = by_rgb.get(image.getpixel((col * side + side // 2, row * side + side // 2 + 1)))
-            assert [w for w in words.split() if w in data.COLORS] == ([drawn] if drawn else []), (rep["image"], k)
-            assert words.endswith(f"{data.ROWS[row]} {data.COLS[col]}")
+            assert [w for w in words.split() if w in toy.COLORS] == ([drawn] if drawn else []), (rep["image"], k)
+            assert words.endswith(f"{toy.ROWS[row]} {toy.COLS[col]}")
 
 
 def test_lm_reading_is_right_about_its_scene_and_skips_held_out_scenes():
-    """toy_reading's conversations agree with the scene it puts at the image positions, and a scene
-    in `avoid` (a held-out image) is never read."""
+    """lm_reading's conversations agree with the scene it puts at the image positions, and a
+    held-out scene is never read."""
     import re
-    reading = list(itertools.islice(train.toy_reading(0, ["mc", "conversation", "reasoning"]), 300))
+    reading = list(itertools.islice(toy.lm_reading(0, ["mc", "conversation", "reasoning"]), 300))
     for conversations, cells in reading:
         objects = []
         for cell in cells:
             words = cell.split()
             if words[0] != "nothing":
                 objects.append({"size": words[0], "color": words[1], "shape": words[2],
-                                "row": data.ROWS.index(words[3]), "col": data.COLS.index(words[4])})
+                                "row": toy.ROWS.index(words[3]), "col": toy.COLS.index(words[4])})
         for q, a in zip(conversations[::2], conversations[1::2]):
             question = q["value"].replace("<image>", "").strip()
             if question.startswith("Question: "):  # multiple choice: the fact before the letter
                 assert len(objects) >= 2  # asked where finding the object matters
                 question, a = re.search(r"Question: (.*)\n", question)[1], {"value": a["value"].split(" The answer is")[0]}
             check_answer(question, a["value"], objects)
+        assert not toy.held_out(objects)
     assert any(sum(not c.startswith("nothing") for c in cells) == 1 for _, cells in reading)  # the others: any scene
-    held_out = tuple(reading[0][1])
-    again = itertools.islice(train.toy_reading(0, ["mc", "conversation", "reasoning"], avoid={held_out}), 300)
-    assert all(tuple(cells) != held_out for _, cells in again)
 
 
 def test_lm_stand_in_pretraining_reads_the_scene(toy_world, tmp_path):
@@ -597,15 +652,16 @@ def test_lm_stand_in_pretraining_reads_the_scene(toy_world, tmp_path):
     steps the saved LM's answer loss is lower with the right scene than with another image's."""
     out, _ = toy_world
     samples = read(out / "conversation.json")
-    objects = {r["image"]: data.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")}
-    scenes = [train.scene_words(objects[s["image"]]) for s in samples]
+    objects = {r["image"]: toy.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")}
+    scenes = [toy.scene_words(objects[s["image"]]) for s in samples]
     right = [(s["conversations"], cells) for s, cells in zip(samples, scenes)]
     shuffled = [(s["conversations"], cells) for s, cells in zip(samples, scenes[1:] + scenes[:1])]
-    tokenizer = train.make_toy_tokenizer([t["value"] for s in samples for t in s["conversations"]], vocab_size=300)
-    train.pretrain_toy_lm(str(tmp_path / "lm"), tokenizer, itertools.cycle(right), steps=60, batch=16, lr=3e-3)
-    lm = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "lm"))
+    tokenizer = toy.make_tokenizer(str(tmp_path / "tok"), [t["value"] for s in samples for t in s["conversations"]], 400)
+    toy.pretrain_lm(str(tmp_path / "lm"), tokenizer, itertools.cycle(right), steps=60, batch=16, lr=3e-3, width=64,
+                    layers=2)
+    lm = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "lm"), dtype=torch.float32)
     with torch.no_grad():
-        losses = [lm(**train.scene_inputs(lm, tokenizer, train.scene_rows(tokenizer, pairs))).loss.item()
+        losses = [lm(**toy.scene_inputs(lm, tokenizer, toy.scene_rows(tokenizer, pairs))).loss.item()
                   for pairs in (right, shuffled)]
     assert losses[0] < losses[1], losses
 
@@ -787,7 +843,7 @@ def test_datasets_read_the_public_shapes(saved, tmp_path):
         assert n_image == (model.num_image_tokens if "image" in sample else 0)
         assert (item["pixel_values"] is not None) == ("image" in sample)
         trained = trained_spans(item["input_ids"].tolist(), item["labels"].tolist(), model.tokenizer)
-        assert trained == [f" {t['value']}###" for t in sample["conversations"][1::2]]
+        assert trained == [f"{t['value']}###" for t in sample["conversations"][1::2]]
     batch = data.collate(items + [None], model.tokenizer.pad_token_id)
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["skipped"] == 1
     assert batch["input_ids"].shape[0] == 4 and batch["attention_mask"].sum() == sum(len(i["input_ids"]) for i in items)
@@ -1037,7 +1093,7 @@ def test_repl_drops_the_oldest_turns_when_the_context_is_full(saved, tmp_path):
 def test_chat_without_a_model_says_what_to_do(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(HERE, "chat.py"), "x.png"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0 and "pass --model DIR or run python train.py --toy" in result.stderr
+    assert result.returncode != 0 and "pass --model DIR or run python toy.py" in result.stderr
 
 
 # ----------------------------------------------------------------------------------------------
