@@ -119,7 +119,7 @@ def main(argv=None):
         sys.exit("chat.py: no trained model found in out/; pass --model DIR or run python toy.py")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        model = llava.load(path, dtype=torch.bfloat16 if device.type == "cuda" else None).to(device).eval()
+        model = llava.load(path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device).eval()
     except (OSError, ValueError) as e:
         sys.exit(f"chat.py: cannot load --model {path}: {e}")
     image = None

@@ -214,14 +214,27 @@ def count_image_tokens(image_size, patch_size, keep_cls=False):
 
 
 def resolve(path):
-    """A local directory as it is; otherwise a hub id, fetched (or found in the local cache)."""
+    """A local directory as it is; otherwise a hub id, fetched (or found in the local cache): the
+    configs, the tokenizer, and the weights as safetensors, or pytorch_model*.bin where the repo
+    ships only those (the authors' LLaVA releases)."""
     if os.path.isdir(path):
         return path
-    from huggingface_hub import snapshot_download
+    import huggingface_hub
     try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        files = huggingface_hub.list_repo_files(path)
+    except Exception:  # offline: whatever the local cache holds
+        files = None
+    try:
+        return huggingface_hub.snapshot_download(path, allow_patterns=["*.json", "*.model", "*.txt"] + weight_patterns(files))
     except Exception as e:
         raise FileNotFoundError(f"{path}: not a directory, and the hub cannot give it ({type(e).__name__})")
+
+
+def weight_patterns(files):
+    """Which weight files to fetch from a repo listing `files` (None: unknown)."""
+    if files is not None and not any(f.endswith(".safetensors") for f in files):
+        return ["pytorch_model*.bin"]
+    return ["*.safetensors"] if files is not None else ["*.safetensors", "pytorch_model*.bin"]
 
 
 def authors_template(config):
@@ -520,9 +533,12 @@ class LazyDataset:
 
 
 def collate(samples, pad_id):
-    """Pad a list of samples on the right into one batch; None (skipped) samples are counted."""
+    """Pad a list of samples on the right into one batch; None (skipped) samples are counted.
+    A micro-batch whose samples were all skipped becomes one padding token with nothing to train:
+    under torchrun every rank must still run its forward and backward, in step with the others."""
     import torch
-    kept = [s for s in samples if s is not None]
+    kept = [s for s in samples if s is not None] or [
+        {"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([IGNORE]), "pixel_values": None}]
     T = max((len(s["input_ids"]) for s in kept), default=1)
     input_ids = torch.full((len(kept), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(kept), T), IGNORE, dtype=torch.long)  # (B, T)
@@ -533,7 +549,7 @@ def collate(samples, pad_id):
     images = [s["pixel_values"] for s in kept if s["pixel_values"] is not None]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "pixel_values": torch.stack(images) if images else None,  # (B_img, 3, H, W)
-            "skipped": len(samples) - len(kept)}
+            "skipped": sum(s is None for s in samples)}
 
 
 # ----------------------------------------------------------------------------------------------

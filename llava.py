@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers.initialization import no_init_weights
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
@@ -262,26 +263,34 @@ class LLaVA(nn.Module):
 # Building a new LLaVA from a vision encoder and an LLM (the start of stage 1)
 # ----------------------------------------------------------------------------------------------
 
-def load_vision_tower(name_or_path, dtype=torch.float32):
-    """The vision half of a CLIP-like model (or a vision model on its own), by hub id or directory."""
+def load_vision_tower(name_or_path, dtype=torch.float32, empty=False):
+    """The vision half of a CLIP-like model (or a vision model on its own), by hub id or directory.
+    empty: its layout only, weights not read (to be built on the meta device)."""
     config = AutoConfig.from_pretrained(name_or_path)
     vision_config = getattr(config, "vision_config", config)
+    if empty:
+        return AutoModel.from_config(vision_config, dtype=dtype)
     with quiet_transformers():  # a CLIP checkpoint also holds the text tower we leave out
         return AutoModel.from_pretrained(name_or_path, config=vision_config, dtype=dtype)
 
 
 def build(vision, llm, projector="mlp2x_gelu", feature_layer=-2, keep_cls=False, template="paper",
-          dtype=torch.float32):
-    """A new LLaVA: g and f_phi from pretrained models (hub ids or directories), W random."""
-    vision_tower = load_vision_tower(vision, dtype)
-    language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
+          dtype=torch.float32, vision_dtype=None, empty=False):
+    """A new LLaVA: g and f_phi from pretrained models (hub ids or directories), W random (FP32).
+    dtype: f_phi's; vision_dtype: g's (default: the same). Checkpoints are converted as read (Vicuna
+    ships float16). empty: the same model without reading any weights (for the meta device)."""
+    vision_tower = load_vision_tower(vision, vision_dtype or dtype, empty)
+    if empty:
+        language_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm), dtype=dtype)
+    else:
+        language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(llm)
     # An <image> token in the vocabulary, so that transformers' Llava can read what we save.
     image_token_id = data.image_placeholder(tokenizer)
     if tokenizer.pad_token is None:  # LLaMA has none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
-        language_model.resize_token_embeddings(len(tokenizer))
+        language_model.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)
     return LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision, backend="pil"),
                  projector, feature_layer, keep_cls, image_token_id, template)
 
@@ -369,25 +378,41 @@ def own_storage(tensor):
     return tensor
 
 
-def read_weights(path):
-    """All tensors of a checkpoint directory: safetensors (one file or shards), else the authors'
-    pytorch_model*.bin read with weights_only=True (no code from the file is run)."""
+def checkpoint_files(path):
+    """A checkpoint directory's weight files: model*.safetensors (one or shards), else the authors'
+    pytorch_model*.bin."""
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f.startswith("model"))
-    if not files:
-        files = sorted(f for f in os.listdir(path) if re.fullmatch(r"pytorch_model.*\.bin", f))
+    files = files or sorted(f for f in os.listdir(path) if re.fullmatch(r"pytorch_model.*\.bin", f))
     if not files:
         raise FileNotFoundError(f"{path}: no model*.safetensors or pytorch_model*.bin")
-    weights = {}
-    for f in files:
-        full = os.path.join(path, f)
-        weights.update(load_file(full) if f.endswith(".safetensors")
-                       else torch.load(full, map_location="cpu", weights_only=True))
-    return weights
+    return [os.path.join(path, f) for f in files]
 
 
-def load(path, dtype=torch.float32, vision=None, template=None):
+def read_file(file, device="cpu"):
+    """One weight file's tensors: safetensors straight onto `device`; a .bin read with
+    weights_only=True (no code from the file is run) and memory-mapped."""
+    if file.endswith(".safetensors"):
+        return load_file(file, device=str(device))
+    return torch.load(file, map_location=device, weights_only=True, mmap=True)
+
+
+def stored_shapes(files):
+    """{name: shape} of every tensor in the files, read from their headers, not their data."""
+    shapes = {}
+    for file in files:
+        if file.endswith(".safetensors"):
+            with safe_open(file, "pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        else:
+            shapes.update({k: tuple(v.shape) for k, v in read_file(file).items()})
+    return shapes
+
+
+def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
     """A saved LLaVA: ours or llava-hf (model_type "llava"), or the authors' ("llava_llama").
 
+    The model is built on `device` with its weights uninitialized, then filled one weight file at a
+    time: memory holds the model and one file, never a second copy.
     Strict: a missing, unexpected or mis-shaped weight is an error that names it.
     vision: for the authors' layout, where to find the vision tower if not `mm_vision_tower`.
     """
@@ -395,42 +420,53 @@ def load(path, dtype=torch.float32, vision=None, template=None):
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    weights = read_weights(path)
+    files = checkpoint_files(path)
     if config.get("model_type") == "llava":  # llava-hf, or ours
         llava_config = LlavaConfig.from_dict(config)
-        with no_init_weights():  # the weights come from the file
+        projector = config.get("llava_projector", "mlp2x_gelu")
+        if projector != "linear" and config.get("projector_hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{path}: projector_hidden_act {config['projector_hidden_act']!r} is not supported")
+        with torch.device(device), no_init_weights():  # the weights come from the files
             vision_tower = AutoModel.from_config(llava_config.vision_config, dtype=dtype)
             language_model = AutoModelForCausalLM.from_config(llava_config.text_config, dtype=dtype)
-        projector = config.get("llava_projector", "mlp2x_gelu")
-        if projector == "linear":  # undo save()'s Linear, identity, Linear
-            eye = weights.pop("multi_modal_projector.linear_2.weight", None)
-            bias = weights.pop("multi_modal_projector.linear_2.bias", None)
-            if eye is None or not torch.equal(eye, torch.eye(eye.shape[0], dtype=eye.dtype)) or bias.any():
-                raise ValueError(f"{path}: a linear projector needs multi_modal_projector.linear_2 = identity")
-        elif config.get("projector_hidden_act", "gelu") != "gelu":
-            raise ValueError(f"{path}: projector_hidden_act {config['projector_hidden_act']!r} is not supported")
-        model = LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(path, backend="pil"),
-                      projector, llava_config.vision_feature_layer,
-                      llava_config.vision_feature_select_strategy == "full",
-                      llava_config.image_token_index, template or config.get("llava_template", "llava15"))
-        weights = {rename(k, FROM_CHECKPOINT): v for k, v in weights.items()}
+            model = LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(path, backend="pil"),
+                          projector, llava_config.vision_feature_layer,
+                          llava_config.vision_feature_select_strategy == "full",
+                          llava_config.image_token_index, template or config.get("llava_template", "llava15"))
+        rules = FROM_CHECKPOINT
     elif "mm_vision_tower" in config:  # the authors' LlavaLlamaForCausalLM
         text_config = AutoConfig.for_model("llama", **{k: v for k, v in config.items() if k != "model_type"})
-        with no_init_weights():
-            language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
         vision = vision or config["mm_vision_tower"]
-        vision_tower = load_vision_tower(vision, dtype)
-        model = LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision, backend="pil"),
-                      config.get("mm_projector_type", "linear"), config.get("mm_vision_select_layer", -2),
-                      config.get("mm_vision_select_feature", "patch") == "cls_patch",
-                      AUTHORS_IMAGE_TOKEN_ID, template or data.authors_template(config))
-        weights = {rename(k, FROM_AUTHORS): v for k, v in weights.items()}
-        for k, v in model.vision_tower.state_dict().items():  # the vision tower came from elsewhere
-            weights.setdefault("vision_tower." + k, v)
+        vision_tower = load_vision_tower(vision, dtype).to(device)
+        with torch.device(device), no_init_weights():
+            language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+            model = LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision, backend="pil"),
+                          config.get("mm_projector_type", "linear"), config.get("mm_vision_select_layer", -2),
+                          config.get("mm_vision_select_feature", "patch") == "cls_patch",
+                          AUTHORS_IMAGE_TOKEN_ID, template or data.authors_template(config))
+        rules = FROM_AUTHORS
     else:
         raise ValueError(f"{path}/config.json: neither a LLaVA (model_type 'llava') nor the authors' "
                          f"layout (mm_vision_tower); got model_type {config.get('model_type')!r}")
-    load_strict(model, weights, path)
+    linear = model.projector_kind == "linear" and rules is FROM_CHECKPOINT  # save() wrote W as Linear, I, Linear
+    shapes = {rename(k, rules): v for k, v in stored_shapes(files).items()}
+    if linear:
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("projector.2.")}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if rules is FROM_AUTHORS and not any(k.startswith("vision_tower.") for k in shapes):
+        expected = {k: v for k, v in expected.items() if not k.startswith("vision_tower.")}  # from mm_vision_tower
+    check_weights(expected, shapes, model.language_model.config.tie_word_embeddings, path)
+    for file in files:  # one file in memory at a time
+        weights = {rename(k, rules): v for k, v in read_file(file, device).items()}
+        if linear:
+            eye, bias = weights.pop("projector.2.weight", None), weights.pop("projector.2.bias", None)
+            if eye is not None and not torch.equal(eye, torch.eye(eye.shape[0], dtype=eye.dtype, device=eye.device)) \
+                    or bias is not None and bias.any():
+                raise ValueError(f"{path}: a linear projector needs multi_modal_projector.linear_2 = identity")
+        model.load_state_dict(weights, strict=False)
+        del weights
+    if model.language_model.config.tie_word_embeddings:
+        model.language_model.tie_weights()
     return model
 
 
@@ -461,23 +497,18 @@ def load_projector(model, path):
     model.projector.load_state_dict(weights)
 
 
-def load_strict(model, weights, source):
-    expected = model.state_dict()
-    if model.language_model.config.tie_word_embeddings:
-        weights.pop("language_model.lm_head.weight", None)
+def check_weights(expected, found, tied, source):
+    """Raise an error naming the first missing, unexpected or mis-shaped weight ({name: shape} each)."""
+    if tied:  # a tied head is the embedding matrix: never stored separately
         expected.pop("language_model.lm_head.weight", None)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing:
-        raise ValueError(f"{source}: missing weight {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise ValueError(f"{source}: unexpected weight {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for k, v in weights.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{source}: weight {k} has shape {tuple(v.shape)}, the model expects {tuple(expected[k].shape)}")
-    model.load_state_dict(weights, strict=False)  # tied lm_head follows the embeddings
-    if model.language_model.config.tie_word_embeddings:
-        model.language_model.tie_weights()
+        found.pop("language_model.lm_head.weight", None)
+    for problem, names in (("missing", sorted(set(expected) - set(found))), ("unexpected", sorted(set(found) - set(expected)))):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise ValueError(f"{source}: {problem} weight {names[0]}{more}")
+    for k, shape in found.items():
+        if shape != expected[k]:
+            raise ValueError(f"{source}: weight {k} has shape {shape}, the model expects {expected[k]}")
 
 
 class quiet_transformers:

@@ -395,7 +395,7 @@ def make_tokenizer(path, texts, vocab_size=1000, legacy=False):
     return AutoTokenizer.from_pretrained(path)
 
 
-def make_clip(path, image_size=32, patch_size=8, width=64, layers=3, heads=4, vocab_size=512, seed=0):
+def make_clip(path, image_size=32, patch_size=8, width=64, layers=3, heads=4, vocab_size=512, eos_token_id=3, seed=0):
     """A small CLIP saved as openai/clip-vit-* is: the full CLIPModel (both towers, FP32 safetensors)
     and its preprocessor_config.json (resize the short side, center-crop, CLIP's mean and std)."""
     torch.manual_seed(seed)
@@ -403,7 +403,7 @@ def make_clip(path, image_size=32, patch_size=8, width=64, layers=3, heads=4, vo
                  num_attention_heads=heads)
     config = CLIPConfig(vision_config=dict(image_size=image_size, patch_size=patch_size, **tower),
                         text_config=dict(vocab_size=vocab_size, max_position_embeddings=64, pad_token_id=0,
-                                         bos_token_id=1, eos_token_id=2, **tower),  # LLaMA's ids: the toy tokenizer's
+                                         bos_token_id=1, eos_token_id=eos_token_id, **tower),
                         projection_dim=width)
     model = CLIPModel(config)
     # CLIP starts its position embeddings at std 0.02, far below what the patch embedding gives an
@@ -442,24 +442,25 @@ def make_vicuna(path, tokenizer, width=64, layers=2, heads=4, seed=0, vocab_size
 # ----------------------------------------------------------------------------------------------
 
 def pretrain_clip(path, world, tokenizer, steps=150, batch=128, lr=1e-3):
-    """The CLIP stand-in: contrastive image-caption training (CLIP's own loss) on the world's
-    training images. Kept brief: in-batch captions differ mostly in colors, and long training can
-    wipe shape out of the patch features."""
-    model = make_clip(path, GRID * CELL, CELL, width=128, layers=3, heads=4, vocab_size=len(tokenizer))
+    """The CLIP stand-in: contrastive image-caption training (CLIP's own loss) on a world's images.
+    Kept brief: in-batch captions differ mostly in colors, and long training can wipe shape out of
+    the patch features."""
+    end = len(tokenizer)  # the text tower's own end-of-text id: CLIP pools its features there
+    model = make_clip(path, GRID * CELL, CELL, width=128, layers=3, heads=4, vocab_size=end + 1, eos_token_id=end)
     processor = CLIPImageProcessor.from_pretrained(path)
     reps = data.load_json(os.path.join(world, "symbolic.json"))
-    reps = [r for r in reps if not r["id"].endswith("eval")][:len(data.load_json(os.path.join(world, "stage1.json")))]
     pixels = processor(images=[data.load_image(os.path.join(world, "images", r["image"])) for r in reps],
                        return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
-    text = tokenizer([r["captions"][1] + tokenizer.eos_token for r in reps], padding=True, return_tensors="pt")
+    captions = [tokenizer.encode(r["captions"][1]) + [end] for r in reps]
+    text = torch.nn.utils.rnn.pad_sequence([torch.tensor(c) for c in captions], batch_first=True)  # (N, L)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(c), dtype=torch.long) for c in captions], batch_first=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     # A 10% warm-up: started at full lr, the loss can stay near chance (ln 128 = 4.85).
     scheduler = get_cosine_schedule_with_warmup(optimizer, steps // 10, steps)
     generator = torch.Generator().manual_seed(0)
     for _ in tqdm(range(steps), desc="CLIP stand-in", dynamic_ncols=True):
         idx = torch.randperm(len(reps), generator=generator)[:batch]
-        loss = model(input_ids=text["input_ids"][idx], attention_mask=text["attention_mask"][idx],
-                     pixel_values=pixels[idx], return_loss=True).loss
+        loss = model(input_ids=text[idx], attention_mask=mask[idx], pixel_values=pixels[idx], return_loss=True).loss
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -477,10 +478,10 @@ def scene_words(objects):
     return cells
 
 
-# What the LM stand-in reads: multiple-choice questions, and one time in five the brief caption that
-# stage 1 aligns W with. Its questions ask for a color 3 times in 8 and a count 2 in 8: finding an
-# object by its shape and reading its color is the lookup a small LM learns last.
-LM_READING = ["mc"] * 4 + ["brief"]
+# What the LM stand-in reads: multiple-choice questions, the teacher's conversations, and the brief
+# caption that stage 1 aligns W with. Its questions ask for a color 3 times in 8 and a count 2 in 8:
+# finding an object by its shape and reading its color is the lookup a small LM learns last.
+LM_READING = ["mc"] * 4 + ["conversation"] * 2 + ["brief"]
 LM_QUESTIONS = ["color"] * 3 + ["count"] * 2 + ["shape", "position", "existence"]
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -23,9 +24,10 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -117,23 +119,57 @@ def barrier():
 
 
 def shard(model, bf16):
-    """FSDP2: each transformer layer is one shard group, the rest (embeddings, W, head) the root.
-
-    Parameters are sharded across ranks and gathered for each layer's forward and backward.
-    Frozen and trainable parameters may mix in a group (the per-parameter FSDP2 has no
-    'uniform requires_grad' rule). BF16: compute in BF16, reduce gradients in FP32.
-    """
+    """FSDP2: each decoder layer of the LLM is one shard group; the rest (the vision tower, W, the
+    embeddings and the head) is the root group. A group's parameters are sharded across ranks and
+    gathered for its forward and backward; its gradients are reduce-scattered, so that each rank
+    keeps only its shard, also while gradients accumulate over micro-batches. The vision tower is
+    gathered with the root at every step: a rank whose batch holds no image then takes part in the
+    same collectives as the others. BF16: compute in BF16, reduce gradients in FP32."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    # A CLIP tower's layers after the feature layer never run (llava.LLaVA.vision_features), and FSDP2
-    # expects a group to take part in every forward: those layers stay in the root group.
-    used = model.feature_layers()
-    unused = set() if used is None else set(model.vision_tower.encoder.layers) - set(used)
-    for tower in (model.vision_tower, model.language_model):
-        layer_names = set(getattr(tower, "_no_split_modules", None) or [])  # e.g. LlamaDecoderLayer
-        for module in tower.modules():
-            if type(module).__name__ in layer_names and module not in unused:
-                fully_shard(module, mp_policy=mp)
+    layer_names = set(model.language_model._no_split_modules or [])  # e.g. LlamaDecoderLayer
+    for module in model.language_model.modules():
+        if type(module).__name__ in layer_names:
+            fully_shard(module, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+
+
+def load_model(args, rank, device, bf16):
+    """g, W and f_phi for this stage, sharded under torchrun.
+
+    Weights that train (and so Adam's state) are FP32; frozen towers are kept in BF16 when the
+    compute is BF16. Only rank 0 reads the checkpoints: every rank builds the model on the meta
+    device (no memory), shards it, and receives its shards of rank 0's weights. Host memory holds
+    one copy, and no GPU ever holds a full replica.
+    """
+    frozen = torch.bfloat16 if bf16 else torch.float32
+    options = dict(projector=args.projector_type, feature_layer=args.feature_layer, template=args.template,
+                   dtype=torch.float32 if args.stage == 2 else frozen, vision_dtype=frozen)
+    weights = None
+    if rank == 0:
+        weights = llava.build(args.vision, args.llm, **options)  # W: random, seeded
+        if args.stage == 2 and args.projector != "none":
+            llava.load_projector(weights, args.projector)  # W from stage 1
+    if dist.is_initialized():
+        with torch.device("meta"):
+            model = llava.build(args.vision, args.llm, empty=True, **options)
+    else:
+        model = weights
+    if args.stage == 1:  # stage 1, pre-training for feature alignment: only W trains
+        model.language_model.requires_grad_(False)
+    # (stage 2, fine-tuning end to end: W and f_phi train; g is always frozen)
+    if args.grad_checkpointing:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not dist.is_initialized():
+        return model.to(device).train()
+    shard(model, bf16)
+    model.to_empty(device=device)
+    set_model_state_dict(model, weights.state_dict() if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():  # computed, not saved (rotary frequencies, position ids)
+        if rank == 0:
+            buffer.copy_(weights.get_buffer(name))
+        dist.broadcast(buffer, src=0)
+    return model.train()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,23 +236,67 @@ def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=Fal
 
 
 def load_checkpoint(out, model, optimizer, scheduler, rank):
-    """The step to continue from (0 if there is no checkpoint)."""
+    """The step to continue from. A run resumed on another number of processes gets its weights and
+    Adam's state resharded by DCP; a rank that had no RNG state keeps its seed."""
     root = os.path.join(out, "checkpoints")
     if not os.path.exists(os.path.join(root, "latest")):
+        if rank == 0:
+            print(f"--resume: no checkpoint in {out} yet; the run starts again from step 0")
         return 0
     with open(os.path.join(root, "latest")) as f:
         path = os.path.join(root, f.read().strip())
     options = StateDictOptions(ignore_frozen_params=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    state = {"model": model_state, "optim": optim_state, f"rng_{rank}": torch.get_rng_state()}
+    state = {"model": model_state, "optim": optim_state}
+    if f"rng_{rank}" in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
+        state[f"rng_{rank}"] = torch.get_rng_state()
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: not saved
-    torch.set_rng_state(state[f"rng_{rank}"])
+    if f"rng_{rank}" in state:
+        torch.set_rng_state(state[f"rng_{rank}"])
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     scheduler.load_state_dict(meta["scheduler"])
     return meta["step"]
+
+
+# What a resumed run must share with the run it continues; any other flag may change.
+RUN_SETTINGS = ["stage", "vision", "llm", "projector_type", "feature_layer", "template", "data", "lr", "global_batch",
+                "epochs", "max_steps", "warmup_ratio", "grad_clip", "max_length", "pad_to_square", "group_by_length",
+                "seed"]
+
+
+def check_out(args, rank):
+    """A new run needs an --out of its own: it never mixes its metrics and checkpoints with another
+    run's, nor replaces another run's model. --resume continues the run in --out, on its settings."""
+    run_file = os.path.join(args.out, "run.json")
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    if args.resume:
+        if not os.path.exists(run_file):
+            fail(f"--resume: {args.out} holds no run to resume; start without --resume")
+        with open(run_file) as f:
+            saved = json.load(f)
+        for k, v in settings.items():
+            if saved.get(k) != v:
+                fail(f"--resume: --{k.replace('_', '-')} {v} differs from the run in {args.out} "
+                     f"({saved.get(k)}); resume with the same settings or start a new --out")
+        return
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out} is a file; pass a directory")
+    used = [f for f in ("run.json", "checkpoints", "model", "projector.safetensors")
+            if os.path.exists(os.path.join(args.out, f))]
+    if used:
+        fail(f"--out {args.out} already holds a run ({used[0]}); pass --resume to continue it, or another --out")
+    barrier()  # every rank has looked before rank 0 writes
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        data.write_json(run_file, settings)
+
+
+def fail(message):
+    """A user's mistake: one line naming the flag or file and what to do, and a non-zero exit."""
+    raise SystemExit(f"train.py: {message}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,41 +312,37 @@ def train(args):
     bf16 = (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     for path, flag in [(args.data, "--data"), (args.image_folder, "--image-folder")]:
         if not os.path.exists(path):
-            sys.exit(f"train.py: {flag} {path} not found; pass {flag} (or try the offline demo: python toy.py)")
+            fail(f"{flag} {path} not found; pass {flag} (or try the offline demo: python toy.py)")
     if args.global_batch % (args.batch_size * world_size):
-        sys.exit(f"train.py: --global-batch {args.global_batch} is not a multiple of --batch-size "
-                 f"{args.batch_size} x {world_size} processes")
+        fail(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
+             f"x {world_size} processes")
     accumulation = args.global_batch // (args.batch_size * world_size)  # gradient accumulation steps
+    check_out(args, rank)
 
     try:
-        model = llava.build(args.vision, args.llm, args.projector_type, args.feature_layer, template=args.template)
+        model = load_model(args, rank, device, bf16)
     except OSError as e:
-        sys.exit(f"train.py: cannot load --vision {args.vision} or --llm {args.llm}: {str(e).splitlines()[0]}")
-    if args.stage == 1:
-        # Stage 1: pre-training for feature alignment. g and f_phi frozen; only W trains.
-        model.language_model.requires_grad_(False)
-    else:
-        # Stage 2: fine-tuning end to end. W and f_phi train; g stays frozen.
-        if args.projector and args.projector != "none":
-            llava.load_projector(model, args.projector)
-    if args.grad_checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device).train()
-    if dist.is_initialized():
-        shard(model, bf16)
+        fail(f"cannot load --vision {args.vision} or --llm {args.llm}: {str(e).splitlines()[0]}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Adam without weight decay; cosine schedule with 3% warm-up (Appendix C). fused: one kernel for
-    # all parameters instead of several per tensor (an optimizer step 3x faster on this CPU).
+    # all parameters instead of several per tensor.
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=True)
+    # One process in BF16: autocast computes in BF16 from the FP32 weights (under FSDP, its mixed
+    # precision policy does the same).
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not dist.is_initialized())
 
     dataset = data.LazyDataset(args.data, args.image_folder, model, args.max_length, args.pad_to_square,
                                args.strict_data)
     steps_per_epoch = len(dataset) // args.global_batch
     if steps_per_epoch == 0:
-        sys.exit(f"train.py: {args.data} has {len(dataset)} samples, fewer than --global-batch {args.global_batch}")
+        fail(f"{args.data} has {len(dataset)} samples, fewer than --global-batch {args.global_batch}")
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     start_step = load_checkpoint(args.out, model, optimizer, scheduler, rank) if args.resume else 0
+    if master and args.resume:  # the metrics of steps after the checkpoint are written again
+        rows = [r for r in data.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r["step"] <= start_step]
+        with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
     batches = micro_batches(len(dataset), args.global_batch, args.batch_size, world_size, rank, start_step,
                             total_steps, args.seed, dataset.lengths() if args.group_by_length else None)
@@ -274,33 +350,26 @@ def train(args):
                                               collate_fn=partial(data.collate, pad_id=model.tokenizer.pad_token_id),
                                               persistent_workers=False, prefetch_factor=4 if args.workers else None))
     if master:
-        os.makedirs(args.out, exist_ok=True)
         n_trainable = sum(p.numel() for p in trainable)
         print(f"stage {args.stage}: {len(dataset)} samples, {total_steps} steps of {args.global_batch} "
               f"({world_size} processes x {args.batch_size} x {accumulation} accumulation), "
               f"{n_trainable / 1e6:.2f}M trainable parameters, {'bf16' if bf16 else 'fp32'} on {device.type}")
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master,
                     desc=f"stage {args.stage}", dynamic_ncols=True)
-    skipped, t0 = 0, time.time()
+    skipped, t0, loss_value = 0, time.time(), float("nan")
     for step in progress:
         micro = [next(loader) for _ in range(accumulation)]
         # Every trained token of the global batch weighs the same: divide the summed loss by the
         # token count over all micro-batches and ranks. FSDP averages gradients over ranks, so
         # multiply by the world size to get a sum.
-        n_tokens = max(all_sum(sum(int(llava.shifted_targets(b["labels"])[1].sum()) for b in micro)), 1)
-        loss_sum = 0.0
-        for i, batch in enumerate(micro):
-            if dist.is_initialized():  # reduce gradients once, after the last micro-batch
-                model.set_requires_gradient_sync(i == accumulation - 1)
-            skipped += batch["skipped"]
-            if batch["input_ids"].shape[0] == 0:
-                continue
-            pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
-            _, loss, _ = model(batch["input_ids"].to(device), pixel_values, batch["attention_mask"].to(device),
-                               labels=batch["labels"].to(device), num_items=1)  # the summed token loss
-            (loss * world_size / n_tokens).backward()
-            loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        n_tokens = all_sum(sum(int(llava.shifted_targets(b["labels"])[1].sum()) for b in micro))
+        if n_tokens == 0:  # every rank sees the same count, so all of them stop here
+            fail(f"step {step + 1}: no sample of the global batch can be trained on (see the messages above); "
+                 f"check --data, --image-folder and --max-length. Nothing was saved.")
+        loss_sum = accumulate(model, micro, n_tokens, world_size, device, autocast)
+        skipped += sum(b["skipped"] for b in micro)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -320,20 +389,48 @@ def train(args):
         if args.kill_after_step == step + 1:
             os._exit(3)  # tests: a crash right after this step
 
-    # Export: gather the full weights on rank 0. Stage 1 keeps W alone; stage 2 the whole model.
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if master:
-        if skipped:
-            print(f"stage {args.stage}: skipped {skipped} bad samples (see the messages above)")
-        if args.stage == 1:
-            llava.save_projector(model, os.path.join(args.out, "projector.safetensors"),
-                                 {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")})
-        else:
-            llava.save(model, os.path.join(args.out, "model"), state_dict=state)
+    export(model, args, rank, torch.bfloat16 if bf16 and args.stage == 2 else torch.float32)  # W alone: FP32
+    if master and skipped:
+        print(f"stage {args.stage}: skipped {skipped} bad samples (see the messages above)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"rank {rank}: peak host memory {peak:.0f} MiB", file=sys.stderr)
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
     return model, loss_value
+
+
+def accumulate(model, micro_batches, n_tokens, world_size, device, autocast):
+    """Forward and backward over this rank's micro-batches; gradients add up in .grad. Under FSDP each
+    backward reduce-scatters at once, so each rank accumulates only its shard of the gradients.
+    Every rank runs as many micro-batches as the others: the collectives stay in step.
+    Returns the summed token loss."""
+    loss_sum = 0.0
+    for batch in micro_batches:
+        pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
+        with autocast:
+            _, loss, _ = model(batch["input_ids"].to(device), pixel_values, batch["attention_mask"].to(device),
+                               labels=batch["labels"].to(device), num_items=1)  # the summed token loss
+        (loss * world_size / n_tokens).backward()
+        loss_sum += loss.item()
+    return loss_sum
+
+
+def export(model, args, rank, dtype):
+    """Stage 1 writes W alone (only W is gathered); stage 2 the whole model in the llava-hf layout,
+    in `dtype` (BF16 on GPUs, the precision it was computed in: half of FP32). Tensors are gathered
+    one at a time, so rank 0 holds the exported copy and nothing more."""
+    module = model.projector if args.stage == 1 else model
+    state = {}
+    for name, tensor in module.state_dict().items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # a collective: every rank
+        if rank == 0:
+            state[name] = full.detach().to("cpu", dtype if full.is_floating_point() else full.dtype)
+    if rank == 0:
+        if args.stage == 1:
+            llava.save_projector(model, os.path.join(args.out, "projector.safetensors"), state)
+        else:
+            llava.save(model, os.path.join(args.out, "model"), state_dict=state)
 
 
 if __name__ == "__main__":
