@@ -350,14 +350,14 @@ def coco_annotations(captions_file, instances_file):
     return out
 
 
-def chat_completion(messages, base_url, model, api_key, timeout=60, retries=5, backoff=1.0):
+def chat_completion(messages, base_url, model, api_key, timeout=60, retries=5, backoff=1.0, temperature=0.7):
     """One call to an OpenAI-compatible /chat/completions endpoint with the standard library.
     Timeouts, refused connections, 429 and 5xx are retried with exponential backoff; other HTTP
     errors raise. The key goes in the Authorization header only, never in a message."""
     import time
     import urllib.error
     import urllib.request
-    body = json.dumps({"model": model, "messages": messages, "temperature": 0.7}).encode()
+    body = json.dumps({"model": model, "messages": messages, "temperature": temperature}).encode()
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
