@@ -1183,6 +1183,89 @@ def test_llava_bench_relative_score_with_a_judge_and_resume(saved, tmp_path, cap
         judge.close()
 
 
+# ----------------------------------------------------------------------------------------------
+# §5.2: ScienceQA, its release converted, Table 7, the complement and judge ensembles
+# ----------------------------------------------------------------------------------------------
+
+SQA = {  # pid: subject, hint, image, grade, number of choices, answer (index); "10" is malformed
+    "1": ("natural science", "", True, 2, 2, 0), "2": ("natural science", "A magnet pulls iron.", False, 8, 3, 1),
+    "3": ("natural science", "Look at the map.", True, 10, 4, 2), "4": ("social science", "", True, 6, 2, 1),
+    "5": ("social science", "", False, 11, 2, 0), "6": ("language science", "Read the text.", False, 3, 5, 3),
+    "7": ("language science", " ", False, 7, 2, 1), "8": ("language science", "", False, 1, 3, 0),
+    "9": ("social science", "Some history.", False, 4, 2, 1), "10": ("natural science", "", False, 6, 2, 2)}
+
+
+def write_scienceqa(root):
+    """ScienceQA's release in miniature, in its own schema: problems.json, pid_splits.json and
+    images/test/{pid}/image.png."""
+    problems = {}
+    for pid, (subject, hint, has_image, grade, n, answer) in SQA.items():
+        problems[pid] = {
+            "question": f"What is true of item {pid}?", "choices": [f"choice {i} of {pid}" for i in range(n)],
+            "answer": answer, "hint": hint, "image": "image.png" if has_image else None, "task": "closed choice",
+            "grade": f"grade{grade}", "subject": subject, "topic": "topic", "category": "category", "skill": "skill",
+            "lecture": "" if pid in ("5", "8") else f"Lecture {pid}.",
+            "solution": "" if pid == "8" else f"Solution {pid}.", "split": "test"}
+        if has_image:
+            os.makedirs(root / "images" / "test" / pid)
+            image((30 * int(pid), 120, 40)).save(root / "images" / "test" / pid / "image.png")
+    (root / "problems.json").write_text(json.dumps(problems))
+    (root / "pid_splits.json").write_text(json.dumps({"train": [], "val": [], "test": list(SQA), "minival": [],
+                                                      "minitest": []}))
+    return root
+
+
+def test_scienceqa_release_converts_as_the_paper_trains(saved, tmp_path, capfd):
+    root = write_scienceqa(tmp_path / "sqa")
+    for flags, name in [([], "reasoning_first.json"), (["--answer-first"], "answer_first.json")]:
+        data.main(["scienceqa", "--root", str(root), "--split", "test", "--out", str(tmp_path / name), *flags])
+    out, err = capfd.readouterr()
+    assert f"skipped: problem 10 ({root / 'problems.json'}): answer 2 is not the index of one of its 2 choices" in err
+    assert err.count("skipped") == 2 and "9 samples, 3 with an image" in out
+    samples, first = read(tmp_path / "reasoning_first.json"), read(tmp_path / "answer_first.json")
+    assert [s["id"] for s in samples] == list(SQA)[:9]
+    question = ("<image>\nContext: Look at the map.\nQuestion: What is true of item 3?\n"
+                "Options: (A) choice 0 of 3 (B) choice 1 of 3 (C) choice 2 of 3 (D) choice 3 of 3")
+    assert samples[2] == {"id": "3", "image": "test/3/image.png", "conversations": [
+        {"from": "human", "value": question},
+        {"from": "gpt", "value": "Lecture 3. Solution 3. The answer is C."}]}
+    assert first[2]["conversations"][1]["value"] == "The answer is C. BECAUSE: Lecture 3. Solution 3."
+    assert samples[4] == {"id": "5", "conversations": [  # no image, no hint, no lecture
+        {"from": "human", "value": "Context: N/A\nQuestion: What is true of item 5?\nOptions: (A) choice 0 of 5 "
+                                   "(B) choice 1 of 5"}, {"from": "gpt", "value": "Solution 5. The answer is A."}]}
+    assert samples[6]["conversations"][0]["value"].startswith("Context: N/A\n")  # a blank hint
+    assert samples[7]["conversations"][1]["value"] == first[7]["conversations"][1]["value"] == "The answer is A."
+    assert samples[5]["conversations"][0]["value"].endswith("(D) choice 3 of 6 (E) choice 4 of 6")
+    # The file trains as it is: every sample renders, its image found under ROOT/images.
+    dataset = data.LazyDataset(str(tmp_path / "reasoning_first.json"), str(root / "images"), saved[0], strict=True)
+    assert [dataset[i]["pixel_values"] is not None for i in range(len(dataset))] == [SQA[p][2] for p in list(SQA)[:9]]
+    with pytest.raises(SystemExit, match=r"pid_splits.json: no split 'tset'; choose one of \['minitest'"):
+        data.main(["scienceqa", "--root", str(root), "--split", "tset", "--out", str(tmp_path / "x.json")])
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p: p.pop("hint"), "missing hint"), (lambda p: p.pop("grade"), "missing grade"),
+    (lambda p: p.update(choices=["one"]), "needs a list of 2 to 5 choices"),
+    (lambda p: p.update(choices=list("abcdef"), answer=0), "needs a list of 2 to 5 choices"),
+    (lambda p: p.update(answer=-1), "answer -1 is not the index of one of its 4 choices"),
+    (lambda p: p.update(answer="C"), "answer 'C' is not the index"),
+    (lambda p: p.update(image="other.png"), r"its image .*test/3/other.png is missing"),
+    (lambda p: p.update(grade="grade13"), "unknown subject 'natural science' or grade 'grade13'"),
+    (lambda p: p.update(subject="history"), "unknown subject 'history'"),
+    (lambda p: p.update(lecture=None), "lecture must be text"),
+    (lambda p: p.update(choices=["a", 2]), "choices must be text"),
+    (lambda p: p.clear() or p.update(problem=None), "missing question"),
+])
+def test_scienceqa_malformed_problems_are_named(tmp_path, change, message):
+    root = write_scienceqa(tmp_path)
+    problem = read(root / "problems.json")["3"]
+    change(problem)
+    with pytest.raises(data.SampleError, match=r"problem 3 \(.*problems.json\): " + message):
+        data.scienceqa_sample("3", problem, str(root), "test")
+    with pytest.raises(data.SampleError, match=r"problem 11 .*not an object \(is the pid in problems.json\?\)"):
+        data.scienceqa_sample("11", None, str(root), "test")
+
+
 def test_huge_images_in_the_repl(saved, tmp_path):
     """A decompression bomb is refused with a message; a large photo is used."""
     _, path, _ = saved
