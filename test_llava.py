@@ -1193,6 +1193,18 @@ SQA = {  # pid: subject, hint, image, grade, number of choices, answer (index); 
     "5": ("social science", "", False, 11, 2, 0), "6": ("language science", "Read the text.", False, 3, 5, 3),
     "7": ("language science", " ", False, 7, 2, 1), "8": ("language science", "", False, 1, 3, 0),
     "9": ("social science", "Some history.", False, 4, 2, 1), "10": ("natural science", "", False, 6, 2, 2)}
+SQA_LLAVA = {"1": "Lecture. The answer is A.", "2": "The answer is A.", "3": "The answer is C.", "4": "I do not know.",
+             "5": "The answer is A.", "6": "The answer is D.", "7": "The answer is B.", "8": "The answer is A.",
+             "9": "The answer is A."}  # right: 1, 3, 5, 6, 7, 8
+# Table 7 by hand: (right, questions) per column. NAT 1 2 3, SOC 4 5 9, LAN 6 7 8; TXT 2 3 6 9 (7's hint is
+# blank), IMG 1 3 4, NO 5 7 8; G1-6 1 4 6 8 9, G7-12 2 3 5 7.
+SQA_TABLE7 = {
+    "LLaVA": [(2, 3), (1, 3), (3, 3), (2, 4), (2, 3), (3, 3), (3, 5), (3, 4), (6, 9)]}
+
+
+def table7_by_hand(method):
+    return {c: {"accuracy": pytest.approx(100 * r / n), "n": n}
+            for c, (r, n) in zip(evaluation.TABLE7, SQA_TABLE7[method])}
 
 
 def write_scienceqa(root):
@@ -1213,6 +1225,16 @@ def write_scienceqa(root):
     (root / "pid_splits.json").write_text(json.dumps({"train": [], "val": [], "test": list(SQA), "minival": [],
                                                       "minitest": []}))
     return root
+
+
+def write_llava_answers(out, model_id, texts=SQA_LLAVA):
+    os.makedirs(out, exist_ok=True)
+    for pid, text in texts.items():
+        evaluation.append_jsonl(os.path.join(out, "answers.jsonl"), {"id": pid, "model": model_id, "text": text})
+
+
+def no_model():
+    pytest.fail("the model was loaded though every answer was saved")
 
 
 def test_scienceqa_release_converts_as_the_paper_trains(saved, tmp_path, capfd):
@@ -1264,6 +1286,65 @@ def test_scienceqa_malformed_problems_are_named(tmp_path, change, message):
         data.scienceqa_sample("3", problem, str(root), "test")
     with pytest.raises(data.SampleError, match=r"problem 11 .*not an object \(is the pid in problems.json\?\)"):
         data.scienceqa_sample("11", None, str(root), "test")
+
+
+def test_scienceqa_table7_from_saved_answers(tmp_path):
+    root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
+    write_llava_answers(out, "m1")
+    runs = evaluation.evaluate_scienceqa(str(root), "test", str(out), "m1", no_model)
+    assert runs == {"LLaVA": table7_by_hand("LLaVA")}
+    assert read(out / "results.json") == {"model": "m1", "split": "test", "results": runs}
+    assert evaluation.table7(runs).splitlines() == [
+        "method        NAT    SOC    LAN    TXT    IMG     NO   G1-6  G7-12    Avg",
+        "LLaVA       66.67  33.33 100.00  50.00  66.67 100.00  60.00  75.00  66.67",
+        "questions       3      3      3      4      3      3      5      4      9"]
+    assert evaluation.table7({"LLaVA": evaluation.score_table7({"1": read(root / "problems.json")["1"]}, {})}) \
+        .splitlines()[1].split() == ["LLaVA", "0.00", "-", "-", "-", "0.00", "-", "0.00", "-", "0.00"]
+    # Another model's answers never mix with these.
+    with pytest.raises(SystemExit, match=r"answers.jsonl: made by model 'm1', not 'm2'; pass another --out"):
+        evaluation.evaluate_scienceqa(str(root), "test", str(out), "m2", no_model)
+    # A model saved again in the same place is another model.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"one")
+    before = evaluation.model_fingerprint(str(tmp_path / "model"))
+    assert before.startswith(str(tmp_path / "model") + "@")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"two")
+    os.utime(tmp_path / "model" / "model.safetensors", ns=(1, 1))
+    assert evaluation.model_fingerprint(str(tmp_path / "model")) != before
+
+
+def test_scienceqa_llava_answers_resume_and_load_the_model_only_when_needed(saved, tmp_path):
+    model = saved[0]
+    root = write_scienceqa(tmp_path / "sqa")
+    samples = data.scienceqa(data.scienceqa_problems(str(root), "test"), str(root), "test")
+    asked = []
+
+    class Counting:  # the model, counting the questions it answers
+        def answer_batch(self, prompts, images, max_new_tokens):
+            asked.append([p[0]["value"][-8:] for p in prompts])
+            assert [i is not None for i in images] == ["<image>" in p[0]["value"] for p in prompts]
+            return model.answer_batch(prompts, images, max_new_tokens)
+
+    path, folder = str(tmp_path / "answers.jsonl"), str(root / "images")
+    first = evaluation.llava_answers(samples[:4], folder, path, "m", Counting, batch_size=3, max_new_tokens=3)
+    answers = evaluation.llava_answers(samples, folder, path, "m", Counting, batch_size=3, max_new_tokens=3)
+    assert [len(a) for a in asked] == [3, 1, 3, 2]  # the rerun answers the 5 missing only
+    assert evaluation.llava_answers(samples, folder, path, "m", no_model, max_new_tokens=3) == answers
+    assert first == {k: answers[k] for k in first} and list(answers) == list(SQA)[:9]
+    for s in samples:  # each answer is the model's to its own question and image
+        im = data.load_image(os.path.join(folder, s["image"])) if "image" in s else None
+        assert answers[s["id"]] == model.answer(s["conversations"][:1], im, max_new_tokens=3, temperature=0)
+
+
+def test_scienceqa_cli_prints_table7(saved, tmp_path, capsys):
+    _, path, _ = saved
+    root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
+    write_llava_answers(out, evaluation.model_fingerprint(path))
+    evaluation.main(["scienceqa", "--model", path, "--root", str(root), "--split", "test", "--out", str(out)])
+    assert capsys.readouterr().out.splitlines()[1].split()[1:] == [
+        "66.67", "33.33", "100.00", "50.00", "66.67", "100.00", "60.00", "75.00", "66.67"]
+    with pytest.raises(SystemExit, match="eval.py scienceqa: --model .*missing: not a directory"):
+        evaluation.main(["scienceqa", "--model", str(tmp_path / "missing"), "--root", str(root)])
 
 
 def test_huge_images_in_the_repl(saved, tmp_path):
