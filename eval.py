@@ -14,9 +14,11 @@ x 100, per category and overall. Answers and reviews are appended as they come: 
         --references answers_gpt4.jsonl --image-folder images/ --out out/bench \\
         --judge-url https://HOST/v1 --judge-model gpt-4    # the key from OPENAI_API_KEY
 
-ScienceQA (§5.2, Table 7): accuracy by subject, context and grade. Resumable.
+ScienceQA (§5.2, Table 7): accuracy by subject, context and grade, LLaVA alone and, with a judge
+model, in the paper's two ensembles with a text-only GPT-4 (complement and judge). Resumable.
 
-    python eval.py scienceqa --model DIR --root ScienceQA/data/scienceqa --split test --out out/sqa
+    python eval.py scienceqa --model DIR --root ScienceQA/data/scienceqa --split test --out out/sqa \\
+        [--judge-url https://HOST/v1 --judge-model gpt-4]
 """
 import argparse
 import json
@@ -174,7 +176,7 @@ def bench_table(results):
 
 
 # ----------------------------------------------------------------------------------------------
-# §5.2: ScienceQA (Table 7)
+# §5.2: ScienceQA (Table 7); LLaVA alone, and with a text-only teacher as complement or judge
 # ----------------------------------------------------------------------------------------------
 
 TABLE7 = ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg"]
@@ -255,9 +257,62 @@ def llava_answers(samples, image_folder, path, model_id, load_model, batch_size=
     return answers
 
 
-def evaluate_scienceqa(root, split, out, model_id, load_model, batch_size=32, max_new_tokens=1024):
+SQA_TEACHER = ("You answer multiple-choice questions on science, society and language. You cannot see the "
+               "image a question may come with: use the context and what you know. Reason briefly, then end "
+               'with "The answer is X.", X being the letter of one option.')
+
+
+def sqa_teacher_messages(question, replies=()):
+    """The text-only teacher's request: the question alone (complement), or the question and two
+    answers with their reasoning, to make its own final answer (judge)."""
+    content = question
+    if replies:
+        content += "\n\nTwo assistants answered it; Assistant 1 read the text alone, Assistant 2 also saw the image."
+        for i, reply in enumerate(replies, 1):
+            content += f"\n\n[Assistant {i}]\n{reply}\n[End of Assistant {i}]"
+        content += "\n\nWeigh both answers and their reasoning, then make your own final answer."
+    return [{"role": "system", "content": SQA_TEACHER}, {"role": "user", "content": content}]
+
+
+def sqa_ensembles(samples, problems, answers, path, url, teacher, api_key, model_id, **client_options):
+    """§5.2's two ensembles of LLaVA and a text-only teacher. Returns ({pid: letter}, {pid: letter}):
+    complement: the teacher answers from the text; where it names no option, LLaVA's answer stands.
+    judge: where both name an option and they differ, the teacher sees the question and both answers
+    and its final choice stands (LLaVA's, if it names none). Each request and reply is appended to
+    `path` as it comes; a rerun asks nothing twice, and a reply without an option is kept as it is."""
+    rows = {(r["kind"], r["id"]): r for r in saved_rows(path, model=model_id, teacher=teacher)}
+
+    def ask(kind, pid, messages):
+        if (kind, pid) not in rows:
+            try:
+                reply = data.chat_completion(messages, url, teacher, api_key, **client_options) or ""  # null: none
+            except RuntimeError as e:  # the endpoint gave up: what came before is saved
+                raise SystemExit(f"problem {pid}: the teacher failed ({e}); {len(rows)} replies are saved in "
+                                 f"{path}: run the same command again to continue")
+            rows[kind, pid] = {"id": pid, "kind": kind, "model": model_id, "teacher": teacher, "messages": messages,
+                               "reply": reply, "letter": extract_answer(reply, len(problems[pid]["choices"]))}
+            append_jsonl(path, rows[kind, pid])
+            if rows[kind, pid]["letter"] is None:
+                print(f"problem {pid}: the teacher's {kind} reply names no option; LLaVA's answer stands",
+                      file=sys.stderr)
+        return rows[kind, pid]
+
+    complement, judge = {}, {}
+    for s in samples:
+        pid, question = s["id"], s["conversations"][0]["value"].replace(data.IMAGE + "\n", "")
+        ours = extract_answer(answers[pid], len(problems[pid]["choices"]))
+        theirs = ask("complement", pid, sqa_teacher_messages(question))
+        complement[pid] = judge[pid] = theirs["letter"] or ours
+        if theirs["letter"] and ours and theirs["letter"] != ours:
+            final = ask("judge", pid, sqa_teacher_messages(question, [theirs["reply"], answers[pid]]))
+            judge[pid] = final["letter"] or ours
+    return complement, judge
+
+
+def evaluate_scienceqa(root, split, out, model_id, load_model, teacher=None, url=None, api_key=None,
+                       batch_size=32, max_new_tokens=1024, **client_options):
     """§5.2 end to end on one split: {method: Table 7 scores}, also written to out/results.json.
-    out/answers.jsonl holds LLaVA's answers."""
+    out/answers.jsonl holds LLaVA's answers, out/teacher.jsonl the teacher's requests and replies."""
     problems = data.scienceqa_problems(root, split)
     samples = data.scienceqa(problems, root, split)  # the same prompts as in training; bad problems named
     problems = {s["id"]: problems[s["id"]] for s in samples}
@@ -266,6 +321,11 @@ def evaluate_scienceqa(root, split, out, model_id, load_model, batch_size=32, ma
                             load_model, batch_size, max_new_tokens)
     letters = {pid: extract_answer(answers[pid], len(p["choices"])) for pid, p in problems.items()}
     runs = {"LLaVA": score_table7(problems, letters)}
+    if teacher:
+        complement, judge = sqa_ensembles(samples, problems, answers, os.path.join(out, "teacher.jsonl"), url,
+                                          teacher, api_key, model_id, **client_options)
+        runs[f"LLaVA+{teacher} (complement)"] = score_table7(problems, complement)
+        runs[f"LLaVA+{teacher} (judge)"] = score_table7(problems, judge)
     data.write_json(os.path.join(out, "results.json"), {"model": model_id, "split": split, "results": runs})
     return runs
 
@@ -288,13 +348,15 @@ def main(argv=None):
     bench.add_argument("--out", default="out/bench", help="answers.jsonl, reviews.jsonl, results.json")
     bench.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     bench.add_argument("--judge-model", default="gpt-4")
-    sqa = sub.add_parser("scienceqa", help="§5.2: ScienceQA in Table 7's columns")
+    sqa = sub.add_parser("scienceqa", help="§5.2: ScienceQA in Table 7's columns, alone and with a teacher")
     sqa.add_argument("--model", required=True, help="model directory or hub id")
     sqa.add_argument("--root", required=True, help="the folder of problems.json, pid_splits.json and images/")
     sqa.add_argument("--split", default="test")
-    sqa.add_argument("--out", default="out/sqa", help="answers.jsonl, results.json; a rerun resumes")
+    sqa.add_argument("--out", default="out/sqa", help="answers.jsonl, teacher.jsonl, results.json; a rerun resumes")
     sqa.add_argument("--batch-size", type=int, default=32, help="questions answered at once")
     sqa.add_argument("--max-new-tokens", type=int, default=1024, help="the reasoning comes before the answer")
+    sqa.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
+    sqa.add_argument("--judge-model", default=None, help="the text-only teacher (e.g. gpt-4); none: LLaVA alone")
     args = p.parse_args(argv)
 
     if args.command == "scienceqa":
@@ -303,7 +365,8 @@ def main(argv=None):
         except FileNotFoundError as e:
             sys.exit(f"eval.py scienceqa: --model {e}")
         runs = evaluate_scienceqa(args.root, args.split, args.out, model_id, lambda: load_on_device(args.model),
-                                  args.batch_size, args.max_new_tokens)
+                                  args.judge_model, args.judge_url, os.environ.get("OPENAI_API_KEY"),
+                                  args.batch_size, args.max_new_tokens, temperature=0)
         print(table7(runs))
         print(f"(accuracy %; answers and results in {args.out})")
         return

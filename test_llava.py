@@ -1199,7 +1199,9 @@ SQA_LLAVA = {"1": "Lecture. The answer is A.", "2": "The answer is A.", "3": "Th
 # Table 7 by hand: (right, questions) per column. NAT 1 2 3, SOC 4 5 9, LAN 6 7 8; TXT 2 3 6 9 (7's hint is
 # blank), IMG 1 3 4, NO 5 7 8; G1-6 1 4 6 8 9, G7-12 2 3 5 7.
 SQA_TABLE7 = {
-    "LLaVA": [(2, 3), (1, 3), (3, 3), (2, 4), (2, 3), (3, 3), (3, 5), (3, 4), (6, 9)]}
+    "LLaVA": [(2, 3), (1, 3), (3, 3), (2, 4), (2, 3), (3, 3), (3, 5), (3, 4), (6, 9)],
+    "LLaVA+teacher-1 (complement)": [(2, 3), (3, 3), (2, 3), (3, 4), (2, 3), (2, 3), (5, 5), (2, 4), (7, 9)],
+    "LLaVA+teacher-1 (judge)": [(3, 3), (3, 3), (2, 3), (4, 4), (3, 3), (2, 3), (5, 5), (3, 4), (8, 9)]}
 
 
 def table7_by_hand(method):
@@ -1336,15 +1338,136 @@ def test_scienceqa_llava_answers_resume_and_load_the_model_only_when_needed(save
         assert answers[s["id"]] == model.answer(s["conversations"][:1], im, max_new_tokens=3, temperature=0)
 
 
-def test_scienceqa_cli_prints_table7(saved, tmp_path, capsys):
+class SqaTeacher(Teacher):
+    """A text-only teacher on 127.0.0.1 for the ScienceQA ensembles. It answers by the item number
+    in the question: agrees with LLaVA (1, 6, 8), disagrees (2, 3, 7, 9), names no option (5, with
+    null content), answers where LLaVA has none (4); as a judge, keeps its answer (2, 7, 9) or names
+    none (3). fail_once: (kind, pid) that get one HTTP 500 first; fail_after: after that many
+    replies, every request fails."""
+    COMPLEMENT = {"1": "A", "2": "B", "3": "D", "4": "B", "5": None, "6": "D", "7": "A", "8": "A", "9": "B"}
+    JUDGE = {"2": "B", "3": None, "7": "A", "9": "B"}
+
+    def __init__(self, fail_once=(("complement", "6"), ("judge", "9")), fail_after=None):
+        super().__init__(faults=False)
+        self.fail_once, self.fail_after, self.answered = set(fail_once), fail_after, []
+        teacher = self
+
+        def reply(handler):
+            import re
+            body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+            teacher.requests.append(body)
+            teacher.keys.add(handler.headers.get("Authorization"))
+            question = body["messages"][-1]["content"]
+            kind = "judge" if "[Assistant 1]" in question else "complement"
+            pid = re.search(r"item (\d+)\?", question).group(1)
+            if (kind, pid) in teacher.fail_once or len(teacher.answered) == teacher.fail_after:
+                teacher.fail_once.discard((kind, pid))
+                handler.send_error(500)
+                return
+            teacher.answered.append((kind, pid))
+            letter = (teacher.COMPLEMENT if kind == "complement" else teacher.JUDGE)[pid]
+            content = f"Item {pid} is about... The answer is {letter}." if letter else "I need to see the image."
+            content = None if (kind, pid) == ("complement", "5") else content  # a refusal as some APIs give it
+            out = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(out)))
+            handler.end_headers()
+            handler.wfile.write(out)
+        self.server.RequestHandlerClass.do_POST = reply
+
+
+SQA_ASKED = [("complement", "1"), ("complement", "2"), ("judge", "2"), ("complement", "3"), ("judge", "3"),
+             ("complement", "4"), ("complement", "5"), ("complement", "6"), ("complement", "7"), ("judge", "7"),
+             ("complement", "8"), ("complement", "9"), ("judge", "9")]
+
+
+def test_scienceqa_complement_and_judge_with_a_text_only_teacher(tmp_path, capfd):
+    root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
+    write_llava_answers(out, "m1")
+    teacher = SqaTeacher()
+    run = lambda name="teacher-1": evaluation.evaluate_scienceqa(  # noqa: E731
+        str(root), "test", str(out), "m1", no_model, name, teacher.url, "sk-secret", timeout=5, retries=2,
+        backoff=0.01, temperature=0)
+    try:
+        runs = run()
+        assert runs == {method: table7_by_hand(method) for method in SQA_TABLE7}
+        assert teacher.answered == SQA_ASKED and len(teacher.requests) == 15  # and two HTTP 500s, retried
+        err = capfd.readouterr().err
+        assert "problem 5: the teacher's complement reply names no option; LLaVA's answer stands" in err
+        assert "problem 3: the teacher's judge reply names no option; LLaVA's answer stands" in err
+        rows = data.read_jsonl(out / "teacher.jsonl")
+        assert [(r["kind"], r["id"]) for r in rows] == SQA_ASKED
+        assert [r["letter"] for r in rows[:5]] == ["A", "B", "B", "D", None]
+        assert (rows[4]["reply"], rows[6]["reply"]) == ("I need to see the image.", "")  # kept, never asked again
+        assert all(r["model"] == "m1" and r["teacher"] == "teacher-1" for r in rows)
+        # The teacher reads the text alone: the question as LLaVA reads it, without the image.
+        complement = teacher.requests[3]["messages"]
+        assert complement == [{"role": "system", "content": evaluation.SQA_TEACHER}, {"role": "user", "content": (
+            "Context: Look at the map.\nQuestion: What is true of item 3?\n"
+            "Options: (A) choice 0 of 3 (B) choice 1 of 3 (C) choice 2 of 3 (D) choice 3 of 3")}]
+        assert rows[3]["messages"] == complement and rows[3]["reply"] == "Item 3 is about... The answer is D."
+        judged = rows[4]["messages"][1]["content"]  # the question, then both answers with their reasoning
+        assert judged.startswith(complement[1]["content"] + "\n\nTwo assistants answered it")
+        assert ("[Assistant 1]\nItem 3 is about... The answer is D.\n[End of Assistant 1]\n\n"
+                "[Assistant 2]\nThe answer is C.\n[End of Assistant 2]") in judged
+        assert {(r["model"], r["temperature"]) for r in teacher.requests} == {("teacher-1", 0)}
+        # A rerun asks nothing; the key is only ever in the Authorization header.
+        assert run() == runs and len(teacher.requests) == 15
+        assert teacher.keys == {"Bearer sk-secret"}
+        assert not any("sk-secret" in f.read_text() for f in out.iterdir())
+        assert "sk-secret" not in "".join(capfd.readouterr())
+        with pytest.raises(SystemExit, match=r"teacher.jsonl: made by teacher 'teacher-1', not 'teacher-2'"):
+            run("teacher-2")
+    finally:
+        teacher.close()
+
+
+def test_scienceqa_teacher_run_stopped_part_way_resumes(tmp_path):
+    root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
+    write_llava_answers(out, "m1")
+    run = lambda t: evaluation.evaluate_scienceqa(  # noqa: E731
+        str(root), "test", str(out), "m1", no_model, "teacher-1", t.url, None, timeout=5, retries=1, backoff=0.01)
+    down = SqaTeacher(fail_after=5)  # every request after the 5th reply fails, retries included
+    try:
+        with pytest.raises(SystemExit, match=r"^problem 4: the teacher failed \(http://127.0.0.1:\d+/v1: gave up "
+                                             r"after 2 tries \(HTTP 500\)\); 5 replies are saved in .*teacher.jsonl: "
+                                             r"run the same command again to continue$"):
+            run(down)
+    finally:
+        down.close()
+    assert [(r["kind"], r["id"]) for r in data.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED[:5]
+    up = SqaTeacher()
+    try:
+        assert run(up) == {method: table7_by_hand(method) for method in SQA_TABLE7}
+        assert up.answered == SQA_ASKED[5:]  # only what was missing
+        assert [(r["kind"], r["id"]) for r in data.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED
+    finally:
+        up.close()
+
+
+def test_scienceqa_cli_prints_table7(saved, tmp_path, capsys, monkeypatch):
     _, path, _ = saved
     root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
     write_llava_answers(out, evaluation.model_fingerprint(path))
-    evaluation.main(["scienceqa", "--model", path, "--root", str(root), "--split", "test", "--out", str(out)])
-    assert capsys.readouterr().out.splitlines()[1].split()[1:] == [
-        "66.67", "33.33", "100.00", "50.00", "66.67", "100.00", "60.00", "75.00", "66.67"]
-    with pytest.raises(SystemExit, match="eval.py scienceqa: --model .*missing: not a directory"):
-        evaluation.main(["scienceqa", "--model", str(tmp_path / "missing"), "--root", str(root)])
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    teacher = SqaTeacher(fail_once=())
+    try:
+        args = ["scienceqa", "--model", path, "--root", str(root), "--split", "test", "--out", str(out)]
+        evaluation.main(args)
+        assert capsys.readouterr().out.splitlines()[1].split()[1:] == [
+            "66.67", "33.33", "100.00", "50.00", "66.67", "100.00", "60.00", "75.00", "66.67"]
+        assert not teacher.requests  # no --judge-model: LLaVA alone
+        evaluation.main(args + ["--judge-url", teacher.url, "--judge-model", "teacher-1"])
+        printed = capsys.readouterr()
+        lines = printed.out.splitlines()
+        assert [line.split("  ")[0] for line in lines[:5]] == [
+            "method", "LLaVA", "LLaVA+teacher-1 (complement)", "LLaVA+teacher-1 (judge)", "questions"]
+        assert lines[3].split()[-1] == "88.89" and teacher.keys == {"Bearer sk-secret"}
+        assert "sk-secret" not in printed.out + printed.err
+        with pytest.raises(SystemExit, match="eval.py scienceqa: --model .*missing: not a directory"):
+            evaluation.main(["scienceqa", "--model", str(tmp_path / "missing"), "--root", str(root)])
+    finally:
+        teacher.close()
 
 
 def test_huge_images_in_the_repl(saved, tmp_path):
