@@ -13,6 +13,12 @@ x 100, per category and overall. Answers and reviews are appended as they come: 
     python eval.py bench --model DIR --questions questions.jsonl --context context.jsonl \\
         --references answers_gpt4.jsonl --image-folder images/ --out out/bench \\
         --judge-url https://HOST/v1 --judge-model gpt-4    # the key from OPENAI_API_KEY
+
+ScienceQA (§5.2, Table 7): accuracy by subject, context and grade, LLaVA alone and, with a judge
+model, in the paper's two ensembles with a text-only GPT-4 (complement and judge). Resumable.
+
+    python eval.py scienceqa --model DIR --root ScienceQA/data/scienceqa --split test --out out/sqa \\
+        [--judge-url https://HOST/v1 --judge-model gpt-4]
 """
 import argparse
 import json
@@ -169,6 +175,161 @@ def bench_table(results):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# §5.2: ScienceQA (Table 7); LLaVA alone, and with a text-only teacher as complement or judge
+# ----------------------------------------------------------------------------------------------
+
+TABLE7 = ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg"]
+
+
+def table7_columns(problem):
+    """The Table 7 columns a problem counts in, from its own metadata: its subject; its context
+    (TXT: a text context, the hint; IMG: an image; both if it has both; NO: neither); its grades."""
+    context = ["TXT"] * bool(problem["hint"].strip()) + ["IMG"] * bool(problem["image"]) or ["NO"]
+    grades = "G1-6" if int(problem["grade"][len("grade"):]) <= 6 else "G7-12"
+    return [data.SQA_SUBJECTS[problem["subject"]], *context, grades, "Avg"]
+
+
+def score_table7(problems, letters):
+    """Accuracy (%) in each Table 7 column. problems: {pid: problem}; letters: {pid: the letter
+    answered, or None}. No letter is a wrong answer."""
+    right, n = defaultdict(int), defaultdict(int)
+    for pid, problem in problems.items():
+        for column in table7_columns(problem):
+            n[column] += 1
+            right[column] += letters.get(pid) == data.LETTERS[problem["answer"]]
+    return {c: {"accuracy": 100 * right[c] / n[c], "n": n[c]} for c in TABLE7 if n[c]}
+
+
+def table7(runs):
+    """One row per method in Table 7's columns ('-' where no problem falls), then the counts."""
+    width = max(len(name) for name in [*runs, "questions"]) + 1
+
+    def row(name, cells):
+        return f"{name:<{width}}" + "".join(f"{cell:>7}" for cell in cells)
+    lines = [row("method", TABLE7)]
+    for name, scores in runs.items():
+        lines.append(row(name, [f"{scores[c]['accuracy']:.2f}" if c in scores else "-" for c in TABLE7]))
+    counts = next(iter(runs.values()))
+    return "\n".join(lines + [row("questions", [counts[c]["n"] if c in counts else "-" for c in TABLE7])])
+
+
+def saved_rows(path, **made_by):
+    """The rows of a JSONL output so far. Rows another model (or teacher) made are refused, so
+    that one output folder never mixes two models' answers."""
+    rows = data.read_jsonl(path)
+    for row in rows:
+        for key, value in made_by.items():
+            if row.get(key) != value:
+                raise SystemExit(f"{path}: made by {key} {row.get(key)!r}, not {value!r}; "
+                                 f"pass another --out, or delete it to start over")
+    return rows
+
+
+def model_fingerprint(path):
+    """Who answers: the model's directory, and its files' names, sizes and times (a model trained
+    again in the same place is another model)."""
+    import hashlib
+    path = os.path.abspath(data.resolve(path))
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in os.scandir(path) if f.is_file())
+    return f"{path}@{hashlib.sha1(repr(files).encode()).hexdigest()[:12]}"
+
+
+def load_on_device(path):
+    """A saved model to answer with: BF16 on a GPU (as chat.py loads it), FP32 on a CPU."""
+    cuda = torch.cuda.is_available()
+    return llava.load(path, torch.bfloat16 if cuda else torch.float32).to("cuda" if cuda else "cpu").eval()
+
+
+def llava_answers(samples, image_folder, path, model_id, load_model, batch_size=32, max_new_tokens=1024):
+    """LLaVA's greedy answer to each sample's question, appended to `path` a batch at a time: a
+    rerun answers only what is missing, and loads the model only then. Returns {id: text}."""
+    from tqdm import tqdm
+    answers = {r["id"]: r["text"] for r in saved_rows(path, model=model_id)}
+    todo = [s for s in samples if s["id"] not in answers]
+    model = load_model() if todo else None
+    for start in tqdm(range(0, len(todo), batch_size), desc="LLaVA", disable=not todo, leave=False):
+        batch = todo[start:start + batch_size]
+        images = [data.load_image(os.path.join(image_folder, s["image"])) if "image" in s else None for s in batch]
+        for s, text in zip(batch, model.answer_batch([s["conversations"][:1] for s in batch], images, max_new_tokens)):
+            answers[s["id"]] = text
+            append_jsonl(path, {"id": s["id"], "model": model_id, "text": text})
+    return answers
+
+
+SQA_TEACHER = ("You answer multiple-choice questions on science, society and language. You cannot see the "
+               "image a question may come with: use the context and what you know. Reason briefly, then end "
+               'with "The answer is X.", X being the letter of one option.')
+
+
+def sqa_teacher_messages(question, replies=()):
+    """The text-only teacher's request: the question alone (complement), or the question and two
+    answers with their reasoning, to make its own final answer (judge)."""
+    content = question
+    if replies:
+        content += "\n\nTwo assistants answered it; Assistant 1 read the text alone, Assistant 2 also saw the image."
+        for i, reply in enumerate(replies, 1):
+            content += f"\n\n[Assistant {i}]\n{reply}\n[End of Assistant {i}]"
+        content += "\n\nWeigh both answers and their reasoning, then make your own final answer."
+    return [{"role": "system", "content": SQA_TEACHER}, {"role": "user", "content": content}]
+
+
+def sqa_ensembles(samples, problems, answers, path, url, teacher, api_key, model_id, **client_options):
+    """§5.2's two ensembles of LLaVA and a text-only teacher. Returns ({pid: letter}, {pid: letter}):
+    complement: the teacher answers from the text; where it names no option, LLaVA's answer stands.
+    judge: where both name an option and they differ, the teacher sees the question and both answers
+    and its final choice stands (LLaVA's, if it names none). Each request and reply is appended to
+    `path` as it comes; a rerun asks nothing twice, and a reply without an option is kept as it is."""
+    rows = {(r["kind"], r["id"]): r for r in saved_rows(path, model=model_id, teacher=teacher)}
+
+    def ask(kind, pid, messages):
+        if (kind, pid) not in rows:
+            try:
+                reply = data.chat_completion(messages, url, teacher, api_key, **client_options) or ""  # null: none
+            except RuntimeError as e:  # the endpoint gave up: what came before is saved
+                raise SystemExit(f"problem {pid}: the teacher failed ({e}); {len(rows)} replies are saved in "
+                                 f"{path}: run the same command again to continue")
+            rows[kind, pid] = {"id": pid, "kind": kind, "model": model_id, "teacher": teacher, "messages": messages,
+                               "reply": reply, "letter": extract_answer(reply, len(problems[pid]["choices"]))}
+            append_jsonl(path, rows[kind, pid])
+            if rows[kind, pid]["letter"] is None:
+                print(f"problem {pid}: the teacher's {kind} reply names no option; LLaVA's answer stands",
+                      file=sys.stderr)
+        return rows[kind, pid]
+
+    complement, judge = {}, {}
+    for s in samples:
+        pid, question = s["id"], s["conversations"][0]["value"].replace(data.IMAGE + "\n", "")
+        ours = extract_answer(answers[pid], len(problems[pid]["choices"]))
+        theirs = ask("complement", pid, sqa_teacher_messages(question))
+        complement[pid] = judge[pid] = theirs["letter"] or ours
+        if theirs["letter"] and ours and theirs["letter"] != ours:
+            final = ask("judge", pid, sqa_teacher_messages(question, [theirs["reply"], answers[pid]]))
+            judge[pid] = final["letter"] or ours
+    return complement, judge
+
+
+def evaluate_scienceqa(root, split, out, model_id, load_model, teacher=None, url=None, api_key=None,
+                       batch_size=32, max_new_tokens=1024, **client_options):
+    """§5.2 end to end on one split: {method: Table 7 scores}, also written to out/results.json.
+    out/answers.jsonl holds LLaVA's answers, out/teacher.jsonl the teacher's requests and replies."""
+    problems = data.scienceqa_problems(root, split)
+    samples = data.scienceqa(problems, root, split)  # the same prompts as in training; bad problems named
+    problems = {s["id"]: problems[s["id"]] for s in samples}
+    os.makedirs(out, exist_ok=True)
+    answers = llava_answers(samples, os.path.join(root, "images"), os.path.join(out, "answers.jsonl"), model_id,
+                            load_model, batch_size, max_new_tokens)
+    letters = {pid: extract_answer(answers[pid], len(p["choices"])) for pid, p in problems.items()}
+    runs = {"LLaVA": score_table7(problems, letters)}
+    if teacher:
+        complement, judge = sqa_ensembles(samples, problems, answers, os.path.join(out, "teacher.jsonl"), url,
+                                          teacher, api_key, model_id, **client_options)
+        runs[f"LLaVA+{teacher} (complement)"] = score_table7(problems, complement)
+        runs[f"LLaVA+{teacher} (judge)"] = score_table7(problems, judge)
+    data.write_json(os.path.join(out, "results.json"), {"model": model_id, "split": split, "results": runs})
+    return runs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,8 +348,28 @@ def main(argv=None):
     bench.add_argument("--out", default="out/bench", help="answers.jsonl, reviews.jsonl, results.json")
     bench.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     bench.add_argument("--judge-model", default="gpt-4")
+    sqa = sub.add_parser("scienceqa", help="§5.2: ScienceQA in Table 7's columns, alone and with a teacher")
+    sqa.add_argument("--model", required=True, help="model directory or hub id")
+    sqa.add_argument("--root", required=True, help="the folder of problems.json, pid_splits.json and images/")
+    sqa.add_argument("--split", default="test")
+    sqa.add_argument("--out", default="out/sqa", help="answers.jsonl, teacher.jsonl, results.json; a rerun resumes")
+    sqa.add_argument("--batch-size", type=int, default=32, help="questions answered at once")
+    sqa.add_argument("--max-new-tokens", type=int, default=1024, help="the reasoning comes before the answer")
+    sqa.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
+    sqa.add_argument("--judge-model", default=None, help="the text-only teacher (e.g. gpt-4); none: LLaVA alone")
     args = p.parse_args(argv)
 
+    if args.command == "scienceqa":
+        try:
+            model_id = model_fingerprint(args.model)
+        except FileNotFoundError as e:
+            sys.exit(f"eval.py scienceqa: --model {e}")
+        runs = evaluate_scienceqa(args.root, args.split, args.out, model_id, lambda: load_on_device(args.model),
+                                  args.judge_model, args.judge_url, os.environ.get("OPENAI_API_KEY"),
+                                  args.batch_size, args.max_new_tokens, temperature=0)
+        print(table7(runs))
+        print(f"(accuracy %; answers and results in {args.out})")
+        return
     if args.command == "bench":
         contexts = {r["image"]: r.get("caption", r.get("text", "")) for r in data.read_jsonl(args.context)}
         references = {r["question_id"]: r["text"] for r in data.read_jsonl(args.references)}

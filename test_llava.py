@@ -1183,6 +1183,293 @@ def test_llava_bench_relative_score_with_a_judge_and_resume(saved, tmp_path, cap
         judge.close()
 
 
+# ----------------------------------------------------------------------------------------------
+# §5.2: ScienceQA, its release converted, Table 7, the complement and judge ensembles
+# ----------------------------------------------------------------------------------------------
+
+SQA = {  # pid: subject, hint, image, grade, number of choices, answer (index); "10" is malformed
+    "1": ("natural science", "", True, 2, 2, 0), "2": ("natural science", "A magnet pulls iron.", False, 8, 3, 1),
+    "3": ("natural science", "Look at the map.", True, 10, 4, 2), "4": ("social science", "", True, 6, 2, 1),
+    "5": ("social science", "", False, 11, 2, 0), "6": ("language science", "Read the text.", False, 3, 5, 3),
+    "7": ("language science", " ", False, 7, 2, 1), "8": ("language science", "", False, 1, 3, 0),
+    "9": ("social science", "Some history.", False, 4, 2, 1), "10": ("natural science", "", False, 6, 2, 2)}
+SQA_LLAVA = {"1": "Lecture. The answer is A.", "2": "The answer is A.", "3": "The answer is C.", "4": "I do not know.",
+             "5": "The answer is A.", "6": "The answer is D.", "7": "The answer is B.", "8": "The answer is A.",
+             "9": "The answer is A."}  # right: 1, 3, 5, 6, 7, 8
+# Table 7 by hand: (right, questions) per column. NAT 1 2 3, SOC 4 5 9, LAN 6 7 8; TXT 2 3 6 9 (7's hint is
+# blank), IMG 1 3 4, NO 5 7 8; G1-6 1 4 6 8 9, G7-12 2 3 5 7.
+SQA_TABLE7 = {
+    "LLaVA": [(2, 3), (1, 3), (3, 3), (2, 4), (2, 3), (3, 3), (3, 5), (3, 4), (6, 9)],
+    "LLaVA+teacher-1 (complement)": [(2, 3), (3, 3), (2, 3), (3, 4), (2, 3), (2, 3), (5, 5), (2, 4), (7, 9)],
+    "LLaVA+teacher-1 (judge)": [(3, 3), (3, 3), (2, 3), (4, 4), (3, 3), (2, 3), (5, 5), (3, 4), (8, 9)]}
+
+
+def table7_by_hand(method):
+    return {c: {"accuracy": pytest.approx(100 * r / n), "n": n}
+            for c, (r, n) in zip(evaluation.TABLE7, SQA_TABLE7[method])}
+
+
+def write_scienceqa(root):
+    """ScienceQA's release in miniature, in its own schema: problems.json, pid_splits.json and
+    images/test/{pid}/image.png."""
+    problems = {}
+    for pid, (subject, hint, has_image, grade, n, answer) in SQA.items():
+        problems[pid] = {
+            "question": f"What is true of item {pid}?", "choices": [f"choice {i} of {pid}" for i in range(n)],
+            "answer": answer, "hint": hint, "image": "image.png" if has_image else None, "task": "closed choice",
+            "grade": f"grade{grade}", "subject": subject, "topic": "topic", "category": "category", "skill": "skill",
+            "lecture": "" if pid in ("5", "8") else f"Lecture {pid}.",
+            "solution": "" if pid == "8" else f"Solution {pid}.", "split": "test"}
+        if has_image:
+            os.makedirs(root / "images" / "test" / pid)
+            image((30 * int(pid), 120, 40)).save(root / "images" / "test" / pid / "image.png")
+    (root / "problems.json").write_text(json.dumps(problems))
+    (root / "pid_splits.json").write_text(json.dumps({"train": [], "val": [], "test": list(SQA), "minival": [],
+                                                      "minitest": []}))
+    return root
+
+
+def write_llava_answers(out, model_id, texts=SQA_LLAVA):
+    os.makedirs(out, exist_ok=True)
+    for pid, text in texts.items():
+        evaluation.append_jsonl(os.path.join(out, "answers.jsonl"), {"id": pid, "model": model_id, "text": text})
+
+
+def no_model():
+    pytest.fail("the model was loaded though every answer was saved")
+
+
+def test_scienceqa_release_converts_as_the_paper_trains(saved, tmp_path, capfd):
+    root = write_scienceqa(tmp_path / "sqa")
+    for flags, name in [([], "reasoning_first.json"), (["--answer-first"], "answer_first.json")]:
+        data.main(["scienceqa", "--root", str(root), "--split", "test", "--out", str(tmp_path / name), *flags])
+    out, err = capfd.readouterr()
+    assert f"skipped: problem 10 ({root / 'problems.json'}): answer 2 is not the index of one of its 2 choices" in err
+    assert err.count("skipped") == 2 and "9 samples, 3 with an image" in out
+    samples, first = read(tmp_path / "reasoning_first.json"), read(tmp_path / "answer_first.json")
+    assert [s["id"] for s in samples] == list(SQA)[:9]
+    question = ("<image>\nContext: Look at the map.\nQuestion: What is true of item 3?\n"
+                "Options: (A) choice 0 of 3 (B) choice 1 of 3 (C) choice 2 of 3 (D) choice 3 of 3")
+    assert samples[2] == {"id": "3", "image": "test/3/image.png", "conversations": [
+        {"from": "human", "value": question},
+        {"from": "gpt", "value": "Lecture 3. Solution 3. The answer is C."}]}
+    assert first[2]["conversations"][1]["value"] == "The answer is C. BECAUSE: Lecture 3. Solution 3."
+    assert samples[4] == {"id": "5", "conversations": [  # no image, no hint, no lecture
+        {"from": "human", "value": "Context: N/A\nQuestion: What is true of item 5?\nOptions: (A) choice 0 of 5 "
+                                   "(B) choice 1 of 5"}, {"from": "gpt", "value": "Solution 5. The answer is A."}]}
+    assert samples[6]["conversations"][0]["value"].startswith("Context: N/A\n")  # a blank hint
+    assert samples[7]["conversations"][1]["value"] == first[7]["conversations"][1]["value"] == "The answer is A."
+    assert samples[5]["conversations"][0]["value"].endswith("(D) choice 3 of 6 (E) choice 4 of 6")
+    # The file trains as it is: every sample renders, its image found under ROOT/images.
+    dataset = data.LazyDataset(str(tmp_path / "reasoning_first.json"), str(root / "images"), saved[0], strict=True)
+    assert [dataset[i]["pixel_values"] is not None for i in range(len(dataset))] == [SQA[p][2] for p in list(SQA)[:9]]
+    with pytest.raises(SystemExit, match=r"pid_splits.json: no split 'tset'; choose one of \['minitest'"):
+        data.main(["scienceqa", "--root", str(root), "--split", "tset", "--out", str(tmp_path / "x.json")])
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda p: p.pop("hint"), "missing hint"), (lambda p: p.pop("grade"), "missing grade"),
+    (lambda p: p.update(choices=["one"]), "needs a list of 2 to 5 choices"),
+    (lambda p: p.update(choices=list("abcdef"), answer=0), "needs a list of 2 to 5 choices"),
+    (lambda p: p.update(answer=-1), "answer -1 is not the index of one of its 4 choices"),
+    (lambda p: p.update(answer="C"), "answer 'C' is not the index"),
+    (lambda p: p.update(image="other.png"), r"its image .*test/3/other.png is missing"),
+    (lambda p: p.update(grade="grade13"), "unknown subject 'natural science' or grade 'grade13'"),
+    (lambda p: p.update(subject="history"), "unknown subject 'history'"),
+    (lambda p: p.update(lecture=None), "lecture must be text"),
+    (lambda p: p.update(choices=["a", 2]), "choices must be text"),
+    (lambda p: p.clear() or p.update(problem=None), "missing question"),
+])
+def test_scienceqa_malformed_problems_are_named(tmp_path, change, message):
+    root = write_scienceqa(tmp_path)
+    problem = read(root / "problems.json")["3"]
+    change(problem)
+    with pytest.raises(data.SampleError, match=r"problem 3 \(.*problems.json\): " + message):
+        data.scienceqa_sample("3", problem, str(root), "test")
+    with pytest.raises(data.SampleError, match=r"problem 11 .*not an object \(is the pid in problems.json\?\)"):
+        data.scienceqa_sample("11", None, str(root), "test")
+
+
+def test_scienceqa_table7_from_saved_answers(tmp_path):
+    root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
+    write_llava_answers(out, "m1")
+    runs = evaluation.evaluate_scienceqa(str(root), "test", str(out), "m1", no_model)
+    assert runs == {"LLaVA": table7_by_hand("LLaVA")}
+    assert read(out / "results.json") == {"model": "m1", "split": "test", "results": runs}
+    assert evaluation.table7(runs).splitlines() == [
+        "method        NAT    SOC    LAN    TXT    IMG     NO   G1-6  G7-12    Avg",
+        "LLaVA       66.67  33.33 100.00  50.00  66.67 100.00  60.00  75.00  66.67",
+        "questions       3      3      3      4      3      3      5      4      9"]
+    assert evaluation.table7({"LLaVA": evaluation.score_table7({"1": read(root / "problems.json")["1"]}, {})}) \
+        .splitlines()[1].split() == ["LLaVA", "0.00", "-", "-", "-", "0.00", "-", "0.00", "-", "0.00"]
+    # Another model's answers never mix with these.
+    with pytest.raises(SystemExit, match=r"answers.jsonl: made by model 'm1', not 'm2'; pass another --out"):
+        evaluation.evaluate_scienceqa(str(root), "test", str(out), "m2", no_model)
+    # A model saved again in the same place is another model.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"one")
+    before = evaluation.model_fingerprint(str(tmp_path / "model"))
+    assert before.startswith(str(tmp_path / "model") + "@")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"two")
+    os.utime(tmp_path / "model" / "model.safetensors", ns=(1, 1))
+    assert evaluation.model_fingerprint(str(tmp_path / "model")) != before
+
+
+def test_scienceqa_llava_answers_resume_and_load_the_model_only_when_needed(saved, tmp_path):
+    model = saved[0]
+    root = write_scienceqa(tmp_path / "sqa")
+    samples = data.scienceqa(data.scienceqa_problems(str(root), "test"), str(root), "test")
+    asked = []
+
+    class Counting:  # the model, counting the questions it answers
+        def answer_batch(self, prompts, images, max_new_tokens):
+            asked.append([p[0]["value"][-8:] for p in prompts])
+            assert [i is not None for i in images] == ["<image>" in p[0]["value"] for p in prompts]
+            return model.answer_batch(prompts, images, max_new_tokens)
+
+    path, folder = str(tmp_path / "answers.jsonl"), str(root / "images")
+    first = evaluation.llava_answers(samples[:4], folder, path, "m", Counting, batch_size=3, max_new_tokens=3)
+    answers = evaluation.llava_answers(samples, folder, path, "m", Counting, batch_size=3, max_new_tokens=3)
+    assert [len(a) for a in asked] == [3, 1, 3, 2]  # the rerun answers the 5 missing only
+    assert evaluation.llava_answers(samples, folder, path, "m", no_model, max_new_tokens=3) == answers
+    assert first == {k: answers[k] for k in first} and list(answers) == list(SQA)[:9]
+    for s in samples:  # each answer is the model's to its own question and image
+        im = data.load_image(os.path.join(folder, s["image"])) if "image" in s else None
+        assert answers[s["id"]] == model.answer(s["conversations"][:1], im, max_new_tokens=3, temperature=0)
+
+
+class SqaTeacher(Teacher):
+    """A text-only teacher on 127.0.0.1 for the ScienceQA ensembles. It answers by the item number
+    in the question: agrees with LLaVA (1, 6, 8), disagrees (2, 3, 7, 9), names no option (5, with
+    null content), answers where LLaVA has none (4); as a judge, keeps its answer (2, 7, 9) or names
+    none (3). fail_once: (kind, pid) that get one HTTP 500 first; fail_after: after that many
+    replies, every request fails."""
+    COMPLEMENT = {"1": "A", "2": "B", "3": "D", "4": "B", "5": None, "6": "D", "7": "A", "8": "A", "9": "B"}
+    JUDGE = {"2": "B", "3": None, "7": "A", "9": "B"}
+
+    def __init__(self, fail_once=(("complement", "6"), ("judge", "9")), fail_after=None):
+        super().__init__(faults=False)
+        self.fail_once, self.fail_after, self.answered = set(fail_once), fail_after, []
+        teacher = self
+
+        def reply(handler):
+            import re
+            body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+            teacher.requests.append(body)
+            teacher.keys.add(handler.headers.get("Authorization"))
+            question = body["messages"][-1]["content"]
+            kind = "judge" if "[Assistant 1]" in question else "complement"
+            pid = re.search(r"item (\d+)\?", question).group(1)
+            if (kind, pid) in teacher.fail_once or len(teacher.answered) == teacher.fail_after:
+                teacher.fail_once.discard((kind, pid))
+                handler.send_error(500)
+                return
+            teacher.answered.append((kind, pid))
+            letter = (teacher.COMPLEMENT if kind == "complement" else teacher.JUDGE)[pid]
+            content = f"Item {pid} is about... The answer is {letter}." if letter else "I need to see the image."
+            content = None if (kind, pid) == ("complement", "5") else content  # a refusal as some APIs give it
+            out = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(out)))
+            handler.end_headers()
+            handler.wfile.write(out)
+        self.server.RequestHandlerClass.do_POST = reply
+
+
+SQA_ASKED = [("complement", "1"), ("complement", "2"), ("judge", "2"), ("complement", "3"), ("judge", "3"),
+             ("complement", "4"), ("complement", "5"), ("complement", "6"), ("complement", "7"), ("judge", "7"),
+             ("complement", "8"), ("complement", "9"), ("judge", "9")]
+
+
+def test_scienceqa_complement_and_judge_with_a_text_only_teacher(tmp_path, capfd):
+    root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
+    write_llava_answers(out, "m1")
+    teacher = SqaTeacher()
+    run = lambda name="teacher-1": evaluation.evaluate_scienceqa(  # noqa: E731
+        str(root), "test", str(out), "m1", no_model, name, teacher.url, "sk-secret", timeout=5, retries=2,
+        backoff=0.01, temperature=0)
+    try:
+        runs = run()
+        assert runs == {method: table7_by_hand(method) for method in SQA_TABLE7}
+        assert teacher.answered == SQA_ASKED and len(teacher.requests) == 15  # and two HTTP 500s, retried
+        err = capfd.readouterr().err
+        assert "problem 5: the teacher's complement reply names no option; LLaVA's answer stands" in err
+        assert "problem 3: the teacher's judge reply names no option; LLaVA's answer stands" in err
+        rows = data.read_jsonl(out / "teacher.jsonl")
+        assert [(r["kind"], r["id"]) for r in rows] == SQA_ASKED
+        assert [r["letter"] for r in rows[:5]] == ["A", "B", "B", "D", None]
+        assert (rows[4]["reply"], rows[6]["reply"]) == ("I need to see the image.", "")  # kept, never asked again
+        assert all(r["model"] == "m1" and r["teacher"] == "teacher-1" for r in rows)
+        # The teacher reads the text alone: the question as LLaVA reads it, without the image.
+        complement = teacher.requests[3]["messages"]
+        assert complement == [{"role": "system", "content": evaluation.SQA_TEACHER}, {"role": "user", "content": (
+            "Context: Look at the map.\nQuestion: What is true of item 3?\n"
+            "Options: (A) choice 0 of 3 (B) choice 1 of 3 (C) choice 2 of 3 (D) choice 3 of 3")}]
+        assert rows[3]["messages"] == complement and rows[3]["reply"] == "Item 3 is about... The answer is D."
+        judged = rows[4]["messages"][1]["content"]  # the question, then both answers with their reasoning
+        assert judged.startswith(complement[1]["content"] + "\n\nTwo assistants answered it")
+        assert ("[Assistant 1]\nItem 3 is about... The answer is D.\n[End of Assistant 1]\n\n"
+                "[Assistant 2]\nThe answer is C.\n[End of Assistant 2]") in judged
+        assert {(r["model"], r["temperature"]) for r in teacher.requests} == {("teacher-1", 0)}
+        # A rerun asks nothing; the key is only ever in the Authorization header.
+        assert run() == runs and len(teacher.requests) == 15
+        assert teacher.keys == {"Bearer sk-secret"}
+        assert not any("sk-secret" in f.read_text() for f in out.iterdir())
+        assert "sk-secret" not in "".join(capfd.readouterr())
+        with pytest.raises(SystemExit, match=r"teacher.jsonl: made by teacher 'teacher-1', not 'teacher-2'"):
+            run("teacher-2")
+    finally:
+        teacher.close()
+
+
+def test_scienceqa_teacher_run_stopped_part_way_resumes(tmp_path):
+    root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
+    write_llava_answers(out, "m1")
+    run = lambda t: evaluation.evaluate_scienceqa(  # noqa: E731
+        str(root), "test", str(out), "m1", no_model, "teacher-1", t.url, None, timeout=5, retries=1, backoff=0.01)
+    down = SqaTeacher(fail_after=5)  # every request after the 5th reply fails, retries included
+    try:
+        with pytest.raises(SystemExit, match=r"^problem 4: the teacher failed \(http://127.0.0.1:\d+/v1: gave up "
+                                             r"after 2 tries \(HTTP 500\)\); 5 replies are saved in .*teacher.jsonl: "
+                                             r"run the same command again to continue$"):
+            run(down)
+    finally:
+        down.close()
+    assert [(r["kind"], r["id"]) for r in data.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED[:5]
+    up = SqaTeacher()
+    try:
+        assert run(up) == {method: table7_by_hand(method) for method in SQA_TABLE7}
+        assert up.answered == SQA_ASKED[5:]  # only what was missing
+        assert [(r["kind"], r["id"]) for r in data.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED
+    finally:
+        up.close()
+
+
+def test_scienceqa_cli_prints_table7(saved, tmp_path, capsys, monkeypatch):
+    _, path, _ = saved
+    root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
+    write_llava_answers(out, evaluation.model_fingerprint(path))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    teacher = SqaTeacher(fail_once=())
+    try:
+        args = ["scienceqa", "--model", path, "--root", str(root), "--split", "test", "--out", str(out)]
+        evaluation.main(args)
+        assert capsys.readouterr().out.splitlines()[1].split()[1:] == [
+            "66.67", "33.33", "100.00", "50.00", "66.67", "100.00", "60.00", "75.00", "66.67"]
+        assert not teacher.requests  # no --judge-model: LLaVA alone
+        evaluation.main(args + ["--judge-url", teacher.url, "--judge-model", "teacher-1"])
+        printed = capsys.readouterr()
+        lines = printed.out.splitlines()
+        assert [line.split("  ")[0] for line in lines[:5]] == [
+            "method", "LLaVA", "LLaVA+teacher-1 (complement)", "LLaVA+teacher-1 (judge)", "questions"]
+        assert lines[3].split()[-1] == "88.89" and teacher.keys == {"Bearer sk-secret"}
+        assert "sk-secret" not in printed.out + printed.err
+        with pytest.raises(SystemExit, match="eval.py scienceqa: --model .*missing: not a directory"):
+            evaluation.main(["scienceqa", "--model", str(tmp_path / "missing"), "--root", str(root)])
+    finally:
+        teacher.close()
+
+
 def test_huge_images_in_the_repl(saved, tmp_path):
     """A decompression bomb is refused with a message; a large photo is used."""
     _, path, _ = saved
