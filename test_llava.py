@@ -3,6 +3,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -963,25 +964,14 @@ def stage2_args(train_setup, out, *extra):
                      "--max-steps", "4", "--checkpoint-every", "0", *extra]
 
 
-def test_two_processes_train_like_one(train_setup, tmp_path):
-    """Same global batch of 8: one process accumulates 4 micro-batches, two processes 2 each."""
-    run_train(stage2_args(train_setup, tmp_path / "one"))
-    run_train(stage2_args(train_setup, tmp_path / "two"), nproc=2)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4]
-    loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two))
-    w1, w2 = exported(tmp_path / "one"), exported(tmp_path / "two")
-    weight_diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    print(f"1 vs 2 processes: max loss difference {loss_diff:.2e}, max weight difference {weight_diff:.2e}")
-    assert loss_diff < 1e-5 and weight_diff < 1e-5
-    assert one[0]["loss"] > one[-1]["loss"]  # and it learns
-
-
 def test_bf16_mixed_precision_under_fsdp_runs(train_setup, tmp_path):
-    """The GPU recipe (BF16 compute, FP32 reduction) exercised on CPU with gloo."""
+    """The GPU recipe (BF16 compute, FP32 weights and reduction) exercised on CPU with gloo; the model
+    is exported in BF16 (half of FP32) and loads in transformers."""
     run_train(stage2_args(train_setup, tmp_path, "--dtype", "bf16", "--max-steps", "2", "--group-by-length"), nproc=2)
     losses = [m["loss"] for m in metrics(tmp_path)]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert {w.dtype for w in exported(tmp_path).values()} == {torch.bfloat16}
+    assert transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "model").dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -1621,3 +1611,165 @@ def test_the_papers_gpu_commands_on_the_real_formats(parts, toy_world, tmp_path)
     result = subprocess.run([sys.executable, "eval.py", "mc", "--model", model_dir, "--questions", str(tmp_path / "questions.json"),
                              "--image-folder", str(world / "images"), "--no-blind"], cwd=HERE, capture_output=True, text=True)
     assert result.returncode == 0 and "overall" in result.stdout, result.stderr[-2000:]
+
+
+# The chat template llava-hf/llava-1.5-*-hf ship in chat_template.json.
+LLAVA_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def llava_hf(parts, tmp_path_factory):
+    """A llava-hf checkpoint as transformers writes one: LlavaForConditionalGeneration in float16, the
+    Vicuna tokenizer with <image> and <pad> added, a LlavaProcessor with its chat template."""
+    path = tmp_path_factory.mktemp("llava_hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(parts[1])
+    tokenizer.add_tokens([transformers.AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    text_config = transformers.AutoConfig.from_pretrained(parts[1])
+    text_config.vocab_size = len(tokenizer)
+    config = transformers.LlavaConfig(vision_config=transformers.AutoConfig.from_pretrained(parts[0]).vision_config,
+                                      text_config=text_config, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                      image_seq_length=16, vision_feature_layer=-2, projector_hidden_act="gelu",
+                                      vision_feature_select_strategy="default", pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(5)
+    transformers.LlavaForConditionalGeneration(config).to(torch.float16).save_pretrained(path)
+    transformers.LlavaProcessor(image_processor=transformers.CLIPImageProcessor.from_pretrained(parts[0]),
+                                tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                                num_additional_image_tokens=1, chat_template=LLAVA_HF_CHAT_TEMPLATE).save_pretrained(path)
+    return str(path)
+
+
+def test_a_llava_hf_checkpoint_reads_and_answers_as_transformers_does(llava_hf, tmp_path):
+    """LLaVA-1.5's prompt puts the image first; our ids are the processor's ids for the same text, token
+    for token (one tokenization of the whole prompt, BOS as the tokenizer adds it), and our greedy
+    answer is transformers' on the same weights, in chat.py too."""
+    ours = llava.load(llava_hf).eval()
+    assert ours.template.name == "llava15"
+    question = [{"from": "human", "value": "What is in the image?\n<image>"}]  # the data's suffix form
+    text, _ = data.conversation_text(question, ours.template, image=True)
+    processor = transformers.AutoProcessor.from_pretrained(llava_hf)
+    chat_prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What is in the image?"}]}], add_generation_prompt=True)
+    assert text.endswith(" " + chat_prompt)  # "USER: <image>\nWhat is in the image? ASSISTANT:"
+    picture = image((30, 160, 40))
+    inputs = processor(images=picture, text=text, return_tensors="pt")
+    input_ids, pixel_values = ours.prepare(question, picture)
+    assert input_ids.tolist() == inputs["input_ids"].tolist()
+    assert torch.allclose(pixel_values, inputs["pixel_values"])
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(llava_hf, dtype=torch.float32).eval()
+    ref = hf.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=[], pad_token_id=0)
+    assert list(ours.generate(input_ids, pixel_values, max_new_tokens=8, stop="")) == ref[0, input_ids.shape[1]:].tolist()
+    picture.save(tmp_path / "green.png")
+    result = chat([str(tmp_path / "green.png"), "--model", llava_hf, "-p", "What is in the image?", "--temperature", "0",
+                   "--max-new-tokens", "8"])
+    assert result.returncode == 0 and result.stdout == ours.answer(question, picture, max_new_tokens=8, temperature=0) + "\n"
+
+
+def test_hub_repos_with_only_bin_weights_are_fetched():
+    assert data.weight_patterns(["config.json", "model-00001-of-00002.safetensors", "pytorch_model.bin"]) == ["*.safetensors"]
+    assert data.weight_patterns(["config.json", "pytorch_model-00001-of-00002.bin"]) == ["pytorch_model*.bin"]
+    assert set(data.weight_patterns(None)) == {"*.safetensors", "pytorch_model*.bin"}  # offline: the cache decides
+
+
+def test_same_optimizer_step_however_the_global_batch_is_split(train_setup, parts, toy_world, tmp_path):
+    """A global batch of 8 samples of different lengths (text-only ones among them) as 1 x 8, 1 x 4 x 2
+    (accumulation), 2 processes x 4 and 2 x 2 x 2: the same weights after two steps. Every trained
+    token weighs the same, whichever micro-batch and rank it lands in."""
+    world, _ = toy_world
+    mix, _ = llava15_mix(world, tmp_path)
+    common = ["--vision", parts[0], "--llm", parts[1], "--image-folder", str(world / "images"), "--template", "paper",
+              "--workers", "0", "--projector-type", "mlp2x_gelu", "--checkpoint-every", "0", "--stage", "2",
+              "--data", str(mix), "--projector", "none", "--global-batch", "8", "--lr", "1e-3", "--max-steps", "2"]
+    runs = {"1x8": (1, 8), "1x4x2": (1, 4), "2x4": (2, 4), "2x2x2": (2, 2)}
+    for name, (nproc, batch) in runs.items():
+        run_train(common + ["--batch-size", str(batch), "--out", str(tmp_path / name)], nproc=nproc)
+    reference = exported(tmp_path / "1x8")
+    for name in list(runs)[1:]:
+        weights = exported(tmp_path / name)
+        diff = max((reference[k] - weights[k]).abs().max().item() for k in reference)
+        print(f"{name} against 1x8: max weight difference {diff:.1e}")
+        assert diff < 1e-5, name
+    assert not torch.equal(reference["language_model.model.layers.0.mlp.up_proj.weight"],  # it trained
+                           load_file(os.path.join(parts[1], "model.safetensors"))["model.layers.0.mlp.up_proj.weight"].float())
+
+
+SHARDED_GRADIENTS = """
+import sys, torch, data, train
+args = train.get_args(sys.argv[1:])
+rank, world_size, device = train.setup_distributed()
+model = train.load_model(args, rank, device, bf16=False)
+dataset = data.LazyDataset(args.data, args.image_folder, model)
+batch = data.collate([dataset[i] for i in range(2 * rank, 2 * rank + 2)], model.tokenizer.pad_token_id)
+train.accumulate(model, [batch], 100, world_size, device, torch.autocast("cpu", enabled=False))
+for name, p in model.named_parameters():  # after one micro-batch of an accumulation: each rank its shard
+    assert not p.requires_grad or p.grad.to_local().shape[0] <= -(-p.shape[0] // world_size), name
+print("sharded gradients on rank", rank)
+"""
+
+
+def test_gradients_stay_sharded_while_they_accumulate(train_setup, tmp_path):
+    """FSDP with gradient sync turned off during accumulation keeps full unsharded FP32 gradients on
+    every GPU (52 GB at 13B); ours reduce-scatter each micro-batch, so a rank holds only its shard."""
+    common, world = train_setup
+    (tmp_path / "check.py").write_text(SHARDED_GRADIENTS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "check.py"), *common, "--stage", "2", "--data", str(world / "instruct.json"),
+                             "--projector", "none", "--out", str(tmp_path / "unused")],
+                            cwd=HERE, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharded gradients on rank 0" in result.stdout and "sharded gradients on rank 1" in result.stdout
+
+
+@pytest.fixture(scope="session")
+def vicuna_sized_vocabulary(parts, tmp_path_factory):
+    """A Vicuna-format LM with Vicuna's 32,000-word vocabulary: 40M parameters, 80 MB in float16."""
+    path = str(tmp_path_factory.mktemp("big") / "lm")
+    toy.make_vicuna(path, transformers.AutoTokenizer.from_pretrained(parts[1]), width=512, layers=2, heads=8,
+                    vocab_size=32000)
+    return path
+
+
+def peak_memory(stderr):
+    """{rank: MiB} once the model was loaded, from train.py's last lines."""
+    return {int(r): float(m) for r, m in re.findall(r"rank (\d+): peak host memory \d+ MiB \((\d+) MiB once", stderr)}
+
+
+def test_only_rank_0_reads_the_weights(parts, vicuna_sized_vocabulary, toy_world, tmp_path):
+    """Under torchrun the other ranks build the model on the meta device and receive their shards. Once
+    the model is loaded, rank 1's peak host memory is below rank 0's, which read the whole model (when
+    every rank read it, theirs were equal). Not by the whole model: rank 1 received the largest tensor
+    (the 32,000-word embedding, 62 MiB) whole before keeping its shard."""
+    world, _ = toy_world
+    result = run_train(["--vision", parts[0], "--llm", vicuna_sized_vocabulary, "--image-folder", str(world / "images"),
+                        "--data", str(world / "stage1.json"), "--out", str(tmp_path / "s1"), "--stage", "1",
+                        "--projector-type", "mlp2x_gelu", "--workers", "0", "--global-batch", "4", "--batch-size", "2",
+                        "--max-steps", "1", "--checkpoint-every", "0"], nproc=2)
+    peak = peak_memory(result.stderr)
+    model_mib = 40.4e6 * 4 / 2 ** 20  # FP32 (stage 1 on CPU)
+    print(f"peak host memory once the model was loaded: rank 0 {peak[0]:.0f} MiB, rank 1 {peak[1]:.0f} MiB; "
+          f"the LM in FP32 {model_mib:.0f} MiB")
+    assert peak[1] < peak[0] - 0.3 * model_mib
+
+
+def test_loading_holds_one_weight_file_at_a_time(parts, vicuna_sized_vocabulary, tmp_path):
+    """llava.load builds the model and fills it file by file: its memory grows by the model and one
+    file, not by a second copy of the weights."""
+    torch.manual_seed(0)
+    llava.save(llava.build(parts[0], vicuna_sized_vocabulary), str(tmp_path / "m"), max_shard_size="20MB")
+    assert len([f for f in os.listdir(tmp_path / "m") if f.endswith(".safetensors")]) >= 8
+    script = ("import resource, llava; kib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+              f"before = kib(); llava.load({str(tmp_path / 'm')!r}); print((kib() - before) / 1024)")
+    grown = float(subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True,
+                                 check=True).stdout.split()[-1])
+    model_mib = sum(os.path.getsize(tmp_path / "m" / f) for f in os.listdir(tmp_path / "m")
+                    if f.endswith(".safetensors")) / 2 ** 20
+    print(f"loading grew the peak by {grown:.0f} MiB for a {model_mib:.0f} MiB model")
+    assert grown < 1.4 * model_mib

@@ -323,6 +323,7 @@ def train(args):
         model = load_model(args, rank, device, bf16)
     except OSError as e:
         fail(f"cannot load --vision {args.vision} or --llm {args.llm}: {str(e).splitlines()[0]}")
+    loaded_peak = peak_host_memory()
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Adam without weight decay; cosine schedule with 3% warm-up (Appendix C). fused: one kernel for
     # all parameters instead of several per tensor.
@@ -392,8 +393,8 @@ def train(args):
     export(model, args, rank, torch.bfloat16 if bf16 and args.stage == 2 else torch.float32)  # W alone: FP32
     if master and skipped:
         print(f"stage {args.stage}: skipped {skipped} bad samples (see the messages above)")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"rank {rank}: peak host memory {peak:.0f} MiB", file=sys.stderr)
+    print(f"rank {rank}: peak host memory {peak_host_memory():.0f} MiB ({loaded_peak:.0f} MiB once the model was "
+          f"loaded)", file=sys.stderr)
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -414,6 +415,11 @@ def accumulate(model, micro_batches, n_tokens, world_size, device, autocast):
         (loss * world_size / n_tokens).backward()
         loss_sum += loss.item()
     return loss_sum
+
+
+def peak_host_memory():
+    """This process's peak resident memory so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def export(model, args, rank, dtype):
