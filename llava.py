@@ -123,8 +123,8 @@ class LLaVA(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), H_v.to(embeds.dtype))
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None,
-                past_key_values=None, use_cache=False, num_items=None):
-        """Returns (logits, loss or None, past_key_values).
+                cache=None, use_cache=False, num_items=None):
+        """Returns (logits, loss or None, the KV cache).
 
         logits: (B, T, V) without labels; with labels (N, V), only at the N positions that have a
         target: the LM head never runs where nothing is trained (in stage 1, the ~600 positions of
@@ -138,13 +138,13 @@ class LLaVA(nn.Module):
         if labels is not None:
             targets, keep = shifted_targets(labels)  # (B, T) each
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=keep)
+                                  cache=cache, use_cache=use_cache, logits_to_keep=keep)
         logits = out.logits  # (B, T, V), or (N, V) with labels
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
             loss = loss / (num_items if num_items is not None else keep.sum().clamp(min=1))
-        return logits, loss, out.past_key_values
+        return logits, loss, out.cache
 
     # ------------------------------------------------------------------------------------------
     # Generation (§5.1): greedy or sampled, one token at a time, with a KV cache
@@ -176,7 +176,7 @@ class LLaVA(nn.Module):
         cache = transformers.DynamicCache() if use_cache else None
         new_ids = []
         for _ in range(max_new_tokens):
-            out = self.language_model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=use_cache,
+            out = self.language_model(inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache,
                                       logits_to_keep=1)  # the LM head for the last position only
             logits = out.logits[:, -1].float()  # (1, V): the next token's scores
             if temperature > 0:
