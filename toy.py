@@ -583,12 +583,13 @@ def pretrain(out=STAND_INS, lm_steps=3600, clip_steps=150, seed=0):
 # ----------------------------------------------------------------------------------------------
 
 def demo(args):
-    """The world (§3), stage 1 and stage 2 (§4.2) on the stand-ins, the evaluation (§5)."""
-    out = args.out
-    start = time.time()
+    """The world (§3), stage 1 and stage 2 (§4.2) on the stand-ins, the evaluation (§5), a picture."""
+    out, start = args.out, time.time()
+    for stage in ("stage1", "stage2"):  # the demo starts afresh each time
+        shutil.rmtree(os.path.join(out, stage), ignore_errors=True)
     world = os.path.join(out, "data")
-    print(f"[1/4] the toy world (§3) -> {world}")
-    sizes = make_world(world, seed=args.seed)
+    print(f"[1/5] the toy world (§3) -> {world}")
+    sizes = make_world(world, args.images, args.held_out, seed=args.seed)
     print("      " + ", ".join(f"{k}: {v}" for k, v in sizes.items()))
     stage2_data = os.path.join(world, "instruct.json")
     if args.instruct == "conversation":  # ablation: conversation data only (and the MC training questions)
@@ -599,31 +600,119 @@ def demo(args):
               "--projector-type", "mlp2x_gelu", "--feature-layer", str(args.feature_layer), "--template", "paper",
               "--workers", "0", "--checkpoint-every", "0", "--seed", str(args.seed), "--dtype", "fp32"]
     if not args.no_stage1:
-        print("[2/4] stage 1: pre-training for feature alignment (W only)")
+        print("[2/5] stage 1: pre-training for feature alignment (W only)")
         # The paper's lr. W learns only through the frozen LM, and on 2,000 captions it needs many
         # small steps: batch 8 for 6 epochs.
         train.train(train.get_args(["--stage", "1", "--data", os.path.join(world, "stage1.json"), "--out",
                                     os.path.join(out, "stage1"), "--lr", "2e-3", "--global-batch", "8",
                                     "--batch-size", "8", "--epochs", "6"] + common))
     else:
-        print("[2/4] stage 1 skipped (--no-stage1): W starts random")
-    print("[3/4] stage 2: fine-tuning end to end (W and the LLM)")
+        print("[2/5] stage 1 skipped (--no-stage1): W starts random")
+    print("[3/5] stage 2: fine-tuning end to end (W and the LLM)")
     train.train(train.get_args(["--stage", "2", "--data", stage2_data, "--out", os.path.join(out, "stage2"),
                                 "--projector", "none" if args.no_stage1 else os.path.join(out, "stage1"),
                                 "--lr", "1e-3", "--global-batch", "16", "--batch-size", "16", "--epochs", "1"] + common))
 
-    print("[4/4] evaluation (§5): held-out multiple choice by category, and the chat's answers")
+    print("[4/5] evaluation (§5): held-out multiple choice, the image last and first, and the chat's answers")
     model = llava.load(os.path.join(out, "stage2", "model"))
     images = os.path.join(world, "images")
     questions = data.load_json(os.path.join(world, "eval.json"))
-    results, rows = evaluation.evaluate_mc(model, questions, images, progress=True)
+    last, rows = evaluation.evaluate_mc(model, questions, images, progress=True)
+    first, _ = evaluation.evaluate_mc(model, image_first(questions), images, progress=True)
     blind, _ = evaluation.evaluate_mc(model, questions, images, blank=True, progress=True)
-    print(evaluation.table(results, blind, CATEGORIES))
+    chat, chat_rows = chat_eval(model, data.load_json(os.path.join(world, "eval_chat.json")), images)
+    print(results_table(last, first, blind, chat))
     minutes = (time.time() - start) / 60
-    data.write_json(os.path.join(out, "results.json"), {"results": results, "blind": blind, "minutes": minutes,
-                                                        "outputs": rows})
+    results = {"image_last": last, "image_first": first, "blind": blind, "chat": chat, "minutes": minutes}
+    data.write_json(os.path.join(out, "results.json"), dict(results, outputs=rows, chat_outputs=chat_rows))
+    print(f"[5/5] a picture of it -> {os.path.join(out, 'demo.png')}")
+    picture(os.path.join(out, "demo.png"), images, chat_rows, out)
     print(f"done in {minutes:.1f} min. Chat with it: python chat.py {os.path.join(images, questions[0]['image'])}")
-    return results, blind
+    return results
+
+
+def image_first(questions):
+    """The same questions with the image before the question, as chat.py sends it."""
+    return [dict(q, conversations=[{"from": "human", "value": f"{data.IMAGE}\n" + q["conversations"][0]["value"]
+                                    .replace(data.IMAGE, "").strip()}] + q["conversations"][1:]) for q in questions]
+
+
+FACT_WORDS = set(COLORS) | set(SHAPES) | set(ROWS) | set(COLS) | {"0", "1", "2", "3", "yes", "no", "nothing"}
+ASKED = {"What color": "color", "What shape": "shape", "How many": "count", "Where is": "position", "Is there": "existence"}
+
+
+def facts(text):
+    """The words of an answer that carry its facts, in order: colors, shapes, counts, places, yes/no."""
+    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w in FACT_WORDS]
+
+
+@torch.no_grad()
+def chat_eval(model, samples, images, batch_size=32):
+    """The teacher's conversations about held-out images, asked as chat.py asks them: the image first
+    in the first question, each later question after the model's own answers, greedy. An answer is
+    right when it names the same colors, shapes, counts, places and yes/no as the teacher's, in the
+    same order. Returns ({category: accuracy, n}, one row per question)."""
+    conversations = [[] for _ in samples]
+    pictures = [data.load_image(os.path.join(images, s["image"])) for s in samples]
+    rows = []
+    for turn in range(max(len(s["conversations"]) // 2 for s in samples)):
+        asked = [k for k, s in enumerate(samples) if len(s["conversations"]) > 2 * turn]
+        for k in asked:
+            question = samples[k]["conversations"][2 * turn]["value"].replace(data.IMAGE, "").strip()
+            conversations[k].append({"from": "human", "value": f"{data.IMAGE}\n{question}" if turn == 0 else question})
+        for start in range(0, len(asked), batch_size):
+            batch = asked[start:start + batch_size]
+            answers = model.answer_batch([conversations[k] for k in batch], [pictures[k] for k in batch], 64)
+            for k, answer in zip(batch, answers):
+                conversations[k].append({"from": "gpt", "value": answer})
+                question, teacher_answer = conversations[k][-2]["value"], samples[k]["conversations"][2 * turn + 1]["value"]
+                category = next(c for q, c in ASKED.items() if q in question)
+                rows.append({"id": samples[k]["id"], "image": samples[k]["image"], "turn": turn, "category": category,
+                             "question": question.replace(f"{data.IMAGE}\n", ""), "answer": answer,
+                             "teacher": teacher_answer, "right": facts(answer) == facts(teacher_answer)})
+    results = {}
+    for category in CATEGORIES + ["overall"]:
+        chosen = [r["right"] for r in rows if category in (r["category"], "overall")]
+        results[category] = {"accuracy": sum(chosen) / max(len(chosen), 1), "n": len(chosen)}
+    return results, rows
+
+
+def results_table(last, first, blind, chat):
+    """Held-out accuracy per category (%): multiple choice with the image last and first, the blind
+    baseline (a blank image), chance, and the chat's open-ended answers."""
+    lines = [f"{'category':<11}{'n':>5}{'image last':>12}{'image first':>13}{'blind':>8}{'chance':>8}{'chat':>8}{'n':>6}"]
+    for c in CATEGORIES + ["overall"]:
+        lines.append(f"{c:<11}{last[c]['n']:>5}{100 * last[c]['accuracy']:>11.1f}%{100 * first[c]['accuracy']:>12.1f}%"
+                     f"{100 * blind[c]['accuracy']:>7.1f}%{100 * last[c]['chance']:>7.1f}%"
+                     f"{100 * chat[c]['accuracy']:>7.1f}%{chat[c]['n']:>6}")
+    return "\n".join(lines)
+
+
+def picture(path, images, chat_rows, out, shown=4):
+    """A picture a student can look at: a few held-out images, each with a question, the model's answer
+    and the teacher's; and the loss curves of both stages from their metrics.jsonl."""
+    from PIL import Image, ImageDraw, ImageFont
+    font = ImageFont.load_default(size=14)
+    canvas = Image.new("RGB", (1100, 40 + 150 * shown), "white")
+    pen = ImageDraw.Draw(canvas)
+    picked = [next(r for r in chat_rows if r["category"] == c and r["turn"] == 0) for c in CATEGORIES[:shown]]
+    for i, r in enumerate(picked):
+        y = 20 + 150 * i
+        canvas.paste(data.load_image(os.path.join(images, r["image"])).resize((144, 144), Image.NEAREST), (20, y))
+        pen.text((180, y + 20), f"Q: {r['question']}", fill="black", font=font)
+        pen.text((180, y + 55), f"model: {r['answer']}", fill="darkgreen" if r["right"] else "red", font=font)
+        pen.text((180, y + 90), f"teacher: {r['teacher']}", fill="gray", font=font)
+    for k, stage in enumerate(["stage1", "stage2"]):
+        losses = [r["loss"] for r in data.read_jsonl(os.path.join(out, stage, "metrics.jsonl"))]
+        x0, y0, w, h = 680, 40 + 300 * k, 380, 200
+        pen.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
+        pen.text((x0, y0 - 20), f"{stage} loss ({len(losses)} steps)" if losses else f"{stage}: skipped", fill="black", font=font)
+        if len(losses) > 1:
+            top = max(losses)
+            pen.line([(x0 + w * s / (len(losses) - 1), y0 + h - h * v / top) for s, v in enumerate(losses)], fill="blue")
+            pen.text((x0 + 5, y0 + 5), f"{top:.2f}", fill="black", font=font)
+            pen.text((x0 + w - 60, y0 + h - 20), f"{losses[-1]:.3f}", fill="black", font=font)
+    canvas.save(path)
 
 
 def main(argv=None):
@@ -638,7 +727,9 @@ def main(argv=None):
     p.add_argument("--feature-layer", type=int, default=-2, help="ablation: -1 takes Z_v from the last layer")
     p.add_argument("--instruct", default="all", choices=["all", "conversation"],
                    help="ablation: stage 2 on conversations only (no detail, no reasoning)")
-    p.add_argument("--lm-steps", type=int, default=3600, help="pretrain: the LM stand-in's steps of 16 scenes")
+    p.add_argument("--images", type=int, default=2000, help="demo: training images (a smaller world runs faster)")
+    p.add_argument("--held-out", type=int, default=500, help="demo: held-out images (2 questions each)")
+    p.add_argument("--lm-steps", type=int, default=16000, help="pretrain: the LM stand-in's steps of 16 scenes")
     p.add_argument("--clip-steps", type=int, default=150, help="pretrain: the CLIP stand-in's steps of 128 pairs")
     args = p.parse_args(argv)
     if args.command == "pretrain":
