@@ -1106,6 +1106,12 @@ import eval as evaluation  # noqa: E402  (the module, not the builtin)
 @pytest.mark.parametrize("text,expected", [
     ("The square is red. The answer is B.", "B"), ("The answer is (C).", "C"), ("B", "B"), ("(A)", "A"),
     ("The answer is E.", None), ("I think it is red.", None), ("The answer is Blue.", None), ("", None),
+    # Capital letters that are words, or options mentioned in passing, are no choice:
+    ("A red circle is at the top.", None), ("I see a blue square. The answer is D.", "D"),
+    ("A and B are both circles.", None), ("Option B is wrong, the answer is C.", "C"),
+    # Only a definite single letter counts (the paper's parser would take A here):
+    ("The answer is A or B.", None), ("The answer is A. No, the answer is B.", None),
+    ("The answer is B. So the answer is B.", "B"), ("The answer is E. No, the answer is A.", None),
 ])
 def test_answer_extraction(text, expected):
     assert evaluation.extract_answer(text, 4) == expected
