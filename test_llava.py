@@ -1031,6 +1031,22 @@ def test_stage1_trains_only_the_projector_and_stage2_never_the_vision_encoder(tr
                            final["language_model.model.layers.0.mlp.up_proj.weight"])
 
 
+def test_training_reads_every_epoch_in_its_own_order(train_setup, tmp_path, monkeypatch):
+    """train.py over 2 epochs of 16 samples (global batch 8, no --max-steps): 4 steps, reading the
+    samples in micro_batches' order: every sample once an epoch, the second epoch in another order."""
+    common, world = train_setup
+    (tmp_path / "s.json").write_text(json.dumps(read(world / "stage1.json")[:16]))
+    read_order, load = [], data.LazyDataset.__getitem__  # the real loading, watched
+    monkeypatch.setattr(data.LazyDataset, "__getitem__", lambda self, i: read_order.append(i) or load(self, i))
+    train.train(train.get_args(common + ["--stage", "1", "--data", str(tmp_path / "s.json"), "--out",
+                                         str(tmp_path / "out"), "--global-batch", "8", "--batch-size", "4",
+                                         "--epochs", "2", "--checkpoint-every", "0"]))
+    assert [m["step"] for m in metrics(tmp_path / "out")] == [1, 2, 3, 4]
+    assert read_order == [i for b in train.micro_batches(16, 8, 4, 1, 0, 0, 4, seed=0) for i in b]
+    first, second = read_order[:16], read_order[16:]
+    assert sorted(first) == sorted(second) == list(range(16)) and first != second
+
+
 def test_missing_data_file_gets_one_line(train_setup, tmp_path):
     common, _ = train_setup
     result = run_train(common + ["--stage", "1", "--data", str(tmp_path / "chat.json"), "--out", str(tmp_path)],
@@ -1266,3 +1282,27 @@ def test_length_grouping_keeps_each_global_batch_and_cuts_padding():
         per_step = lambda batches: {i for rank in batches for b in rank[step * 4:(step + 1) * 4] for i in b}  # noqa: E731
         assert per_step(plain) == per_step(grouped) and len(per_step(plain)) == 16
     assert padding(grouped) < padding(plain) / 2
+
+
+def test_each_epoch_is_a_new_permutation_whatever_the_world_size():
+    """Two epochs of 36 samples, global batch 12: each epoch takes every sample once, the second in
+    another order, and each step takes the same 12 samples with 1, 2 or 3 processes (6, 3 or 2
+    micro-batches of 2 each); a run resumed mid-epoch 2 takes the rest of the same order."""
+    n, global_batch, batch_size, steps = 36, 12, 2, 6  # 3 steps per epoch
+
+    def per_step(world_size, start_step=0):
+        """The samples of each optimizer step, over every rank and micro-batch."""
+        accumulation = global_batch // (batch_size * world_size)
+        ranks = [train.micro_batches(n, global_batch, batch_size, world_size, r, start_step, steps, seed=0)
+                 for r in range(world_size)]
+        return [sorted(i for batches in ranks for b in batches[s * accumulation:(s + 1) * accumulation] for i in b)
+                for s in range(steps - start_step)]
+
+    one = per_step(1)
+    assert all(len(step) == global_batch for step in one)
+    first, second = one[:3], one[3:]
+    assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(n))  # each sample once an epoch
+    assert first != second  # and a new order in the second epoch
+    for world_size in (2, 3):
+        assert per_step(world_size) == one
+        assert per_step(world_size, start_step=4) == one[4:]
