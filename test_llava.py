@@ -1094,6 +1094,32 @@ def test_repl_as_a_user_drives_it(saved, tmp_path):
     assert "(conversation reset)" in out and "unknown command /dance" in out
 
 
+def repl_answers(stdout):
+    """The REPL's answers in order: the text after each "ASSISTANT: " up to the next prompt."""
+    return [chunk.split("\nUSER: ")[0] for chunk in stdout.split("ASSISTANT: ")[1:]]
+
+
+def test_reset_and_a_new_image_start_the_conversation_over(saved, tmp_path):
+    """After /reset, and after /image, the next question reaches the model alone: its answer is the
+    answer a fresh session gives it (greedy). Asked after a conversation, or about another image,
+    the same question gets another answer."""
+    _, path, _ = saved
+    image().save(tmp_path / "red.png")
+    image((20, 30, 230)).save(tmp_path / "blue.png")
+    question = "How many circles are there?"
+    options = ["--model", path, "--temperature", "0", "--max-new-tokens", "8"]
+    session = chat([str(tmp_path / "red.png"), *options], stdin="\n".join([
+        question, "What color is the square?", question, "/reset", question,
+        f"/image {tmp_path / 'blue.png'}", question]) + "\n")
+    fresh_blue = chat([str(tmp_path / "blue.png"), *options], stdin=question + "\n")
+    assert session.returncode == 0 and fresh_blue.returncode == 0, session.stderr + fresh_blue.stderr
+    fresh_red, _, after_a_conversation, after_reset, after_new_image = repl_answers(session.stdout)
+    [fresh_blue] = repl_answers(fresh_blue.stdout)
+    assert after_a_conversation != fresh_red and fresh_blue != fresh_red  # so that the two below can fail
+    assert after_reset == fresh_red
+    assert after_new_image == fresh_blue
+
+
 def test_repl_drops_the_oldest_turns_when_the_context_is_full(saved, tmp_path):
     model, path, _ = saved
     image().save(tmp_path / "red.png")
