@@ -1265,31 +1265,40 @@ def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
     fd, terminal = os.openpty()  # chat.py reads and writes a terminal; Ctrl-C is the SIGINT a terminal sends
     child = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal, cwd=HERE)
     os.close(terminal)
-    screen = b""
+    screen, seen = b"", 0  # all the terminal showed, and how much of it the test has gone through
 
-    def read_until(text, timeout=180):
-        nonlocal screen
+    def read_past(text, timeout=180):
+        """Wait until `text` shows after what was seen before, and go past it. Nothing is thrown
+        away: text that came in the same read (the prompt after "[stopped]") is still there."""
+        nonlocal screen, seen
         deadline = time.time() + timeout
-        while text.encode() not in screen:
-            assert time.time() < deadline, f"no {text!r} in {screen[-500:]!r}"
+        while (found := screen.find(text.encode(), seen)) < 0:
+            assert time.time() < deadline, f"no {text!r} in {screen[seen:][-500:]!r}"
             if select.select([fd], [], [], 0.5)[0]:
                 try:
                     screen += os.read(fd, 4096)
-                except OSError:
-                    break
-        return screen
+                except OSError:  # the terminal closed: chat.py ended
+                    raise AssertionError(f"chat.py ended before {text!r}: {screen[seen:][-500:]!r}")
+        seen = found + len(text)
+
+    def wait_until_reading():
+        """Until chat.py sleeps in its read of the terminal, as it does right after the prompt.
+        Python's input() looks at signals only when one interrupts that read: a Ctrl-C sent
+        between the prompt and the read would wait, unseen, for the next line typed."""
+        stat = f"/proc/{child.pid}/stat"
+        while child.poll() is None and os.path.exists(stat) and open(stat).read().rsplit(") ", 1)[1][0] != "S":
+            time.sleep(0.01)
 
     try:
-        read_until("USER: ")
+        read_past("USER: ")
+        wait_until_reading()
         child.send_signal(signal.SIGINT)  # Ctrl-C at the prompt
-        screen = b""
-        read_until("USER: ")
+        read_past("USER: ")  # a fresh prompt
         os.write(fd, b"What color is the square?\r")
-        read_until("<unk><unk><unk>")  # the answer is being written
+        read_past("<unk><unk><unk>")  # the answer is being written
         child.send_signal(signal.SIGINT)  # Ctrl-C during the answer
-        read_until("[stopped]")
-        screen = b""
-        read_until("USER: ")  # and the chat goes on
+        read_past("[stopped]")
+        read_past("USER: ")  # and the chat goes on
         os.write(fd, b"\x04")  # Ctrl-D
         assert child.wait(timeout=60) == 0
     finally:
