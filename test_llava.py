@@ -100,6 +100,29 @@ def test_padded_batch_loss_equals_transformers(saved):
     assert torch.allclose(loss, ref, atol=1e-6)
 
 
+def test_a_padded_batch_loses_what_its_samples_lose_alone(saved):
+    """collate's padding trains nothing and each image stays with its sample: the summed loss of a
+    batch (two images, a text-only sample between them, three lengths) is the sum of each alone."""
+    model, _, _ = saved
+    text_only = [{"from": "human", "value": "What is a circle?"}, {"from": "gpt", "value": "A round shape."}]
+    samples = []
+    for conversation, color in ((CONVERSATION[:2], (200, 30, 30)), (text_only, None), (CONVERSATION, (20, 30, 230))):
+        input_ids, labels = map(torch.tensor, data.render(conversation, model.tokenizer, model.template,
+                                                          model.image_token_id if color else None,
+                                                          model.num_image_tokens))
+        pixel_values = model.image_processor(images=image(color), return_tensors="pt")["pixel_values"] if color else None
+        samples.append({"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values})  # (1, 3, H, W)
+    assert len({len(s["input_ids"]) for s in samples}) == 3  # padded: two of them
+    batch = data.collate([dict(s, pixel_values=None if s["pixel_values"] is None else s["pixel_values"][0])
+                          for s in samples], model.tokenizer.pad_token_id)
+    with torch.no_grad():
+        alone = sum(model(s["input_ids"][None], s["pixel_values"], labels=s["labels"][None], num_items=1)[1]
+                    for s in samples)
+        summed = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"],
+                       num_items=1)[1]
+    assert torch.allclose(summed, alone, rtol=1e-5)
+
+
 @pytest.mark.parametrize("feature_layer", [-2, -1, 0, 1])
 def test_vision_tower_stops_at_the_feature_layer_with_the_same_features(saved, feature_layer):
     model, _, _ = saved
