@@ -264,6 +264,22 @@ def test_kv_cache_generation_equals_no_cache(saved):
                                           top_p=0.9, use_cache=False))
 
 
+def test_sampling_that_keeps_only_the_likeliest_token_is_greedy(saved):
+    """top_p so small that only the most likely token is left, or a temperature near 0, leave nothing
+    to chance: the sampled answer is the greedy one, where plain sampling (same seed) is not."""
+    model, _, _ = saved
+    input_ids, pixel_values = model.prepare(CONVERSATION[:1], image())
+
+    def sample(**settings):
+        torch.manual_seed(0)
+        return list(model.generate(input_ids, pixel_values, max_new_tokens=12, stop="", **settings))
+
+    greedy = sample(temperature=0)
+    assert sample(temperature=1.0) != greedy  # the untrained model's next-token distribution is flat
+    assert sample(temperature=1.0, top_p=1e-6) == greedy
+    assert sample(temperature=1e-6) == greedy
+
+
 def test_generation_stops_at_the_stop_string_and_at_eos(saved):
     """The untrained model writes 12 arbitrary tokens; made EOS, any one of them ends generation
     there, and a stop string taken from its text ends it at the token that completes the string."""
