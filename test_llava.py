@@ -900,6 +900,20 @@ def test_dataset_is_lazy(saved, tmp_path):
     assert len(dataset) == 100_000
 
 
+def test_dataset_pads_to_square_and_truncates_as_asked(saved, tmp_path):
+    """A wide blue image, padded to a square with the processor's mean color, shows that color
+    (0 once normalized) along its top edge; not padded, blue to the edge. max_length cuts the ids."""
+    model, _, _ = saved
+    Image.new("RGB", (90, 30), (0, 0, 255)).save(tmp_path / "wide.png")
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "w", "image": "wide.png", "conversations": CONVERSATION}]))
+    dataset = lambda **options: data.LazyDataset(str(tmp_path / "d.json"), str(tmp_path), model, **options)  # noqa: E731
+    plain, padded = dataset()[0], dataset(pad_to_square=True)[0]
+    assert plain["pixel_values"][:, 0].abs().min() > 1  # (3, H, W): the top row, blue
+    assert padded["pixel_values"][:, 0].abs().max() < 0.05  # the mean color
+    cut = dataset(max_length=len(plain["input_ids"]) - 3)[0]
+    assert torch.equal(cut["input_ids"], plain["input_ids"][:-3])
+
+
 BAD_SAMPLES = [
     ({"id": "b1", "image": "missing.jpg", "conversations": PUBLIC_SHAPES["llava_instruct_150k.json"]["conversations"]},
      "sample b1 .*cannot read image .*missing.jpg"),
