@@ -1148,27 +1148,33 @@ def test_repl_as_a_user_drives_it(saved, tmp_path):
 
 
 def repl_answers(stdout):
-    """The REPL's answers in order: the text after each "ASSISTANT: " up to the next prompt."""
-    return [chunk.split("\nUSER: ")[0] for chunk in stdout.split("ASSISTANT: ")[1:]]
+    """The REPL's answers in order: the text after each "ASSISTANT: " up to the next prompt, as the
+    REPL keeps it in the conversation."""
+    return [chunk.split("\nUSER: ")[0].strip() for chunk in stdout.split("ASSISTANT: ")[1:]]
 
 
-def test_reset_and_a_new_image_start_the_conversation_over(saved, tmp_path):
-    """After /reset, and after /image, the next question reaches the model alone: its answer is the
-    answer a fresh session gives it (greedy). Asked after a conversation, or about another image,
-    the same question gets another answer."""
-    _, path, _ = saved
+def test_what_reaches_the_model_in_the_repl(saved, tmp_path):
+    """A question in the REPL reaches the model after the conversation so far, the REPL's own answers
+    in it; after /reset, and after /image, it reaches the model alone: its answer is the one a fresh
+    session gives (greedy). Asked after a conversation, or about another image, the same question
+    gets another answer, so each comparison can fail."""
+    model, path, _ = saved
     image().save(tmp_path / "red.png")
     image((20, 30, 230)).save(tmp_path / "blue.png")
-    question = "How many circles are there?"
+    question, other = "How many circles are there?", "What color is the square?"
     options = ["--model", path, "--temperature", "0", "--max-new-tokens", "8"]
     session = chat([str(tmp_path / "red.png"), *options], stdin="\n".join([
-        question, "What color is the square?", question, "/reset", question,
-        f"/image {tmp_path / 'blue.png'}", question]) + "\n")
+        question, other, question, "/reset", question, f"/image {tmp_path / 'blue.png'}", question]) + "\n")
     fresh_blue = chat([str(tmp_path / "blue.png"), *options], stdin=question + "\n")
     assert session.returncode == 0 and fresh_blue.returncode == 0, session.stderr + fresh_blue.stderr
-    fresh_red, _, after_a_conversation, after_reset, after_new_image = repl_answers(session.stdout)
+    fresh_red, answer_to_other, after_a_conversation, after_reset, after_new_image = repl_answers(session.stdout)
     [fresh_blue] = repl_answers(fresh_blue.stdout)
-    assert after_a_conversation != fresh_red and fresh_blue != fresh_red  # so that the two below can fail
+    assert after_a_conversation != fresh_red and fresh_blue != fresh_red
+    conversation = [{"from": "human", "value": f"{data.IMAGE}\n{question}"}, {"from": "gpt", "value": fresh_red},
+                    {"from": "human", "value": other}, {"from": "gpt", "value": answer_to_other},
+                    {"from": "human", "value": question}]
+    assert after_a_conversation == model.answer(conversation, data.load_image(tmp_path / "red.png"),
+                                                max_new_tokens=8, temperature=0)
     assert after_reset == fresh_red
     assert after_new_image == fresh_blue
 
