@@ -1230,6 +1230,22 @@ def test_mc_evaluation_counts_per_category(saved, toy_world):
     assert "overall" in evaluation.table(results, results)
 
 
+def test_the_blind_baseline_never_sees_the_image(saved, toy_world):
+    """One question about three images: with the images the model answers differently, blind
+    (a blank image of the processor's mean color) always the same."""
+    model, _, _ = saved
+    out, _ = toy_world
+    questions = read(out / "eval.json")
+    same_question = [dict(questions[0], image=q["image"]) for q in questions[:3]]
+
+    def outputs(blank):
+        rows = evaluation.evaluate_mc(model, same_question, str(out / "images"), blank=blank, max_new_tokens=8)[1]
+        return {row["output"] for row in rows}
+
+    assert len(outputs(blank=False)) > 1
+    assert len(outputs(blank=True)) == 1
+
+
 def test_batched_answers_equal_one_at_a_time(saved, toy_world):
     model, _, _ = saved
     out, _ = toy_world
