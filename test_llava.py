@@ -1224,7 +1224,10 @@ def test_mc_evaluation_counts_per_category(saved, toy_world):
     model, _, _ = saved
     out, _ = toy_world
     questions = read(out / "eval.json")[:10]
-    results, rows = evaluation.evaluate_mc(model, questions, str(out / "images"), max_new_tokens=4)
+    results, rows = evaluation.evaluate_mc(model, questions, str(out / "images"), max_new_tokens=4, batch_size=4)
+    assert [row["output"] for row in rows] == [  # each question's own answer, batch after batch
+        model.answer(q["conversations"][:1], data.load_image(out / "images" / q["image"]), max_new_tokens=4,
+                     temperature=0) for q in questions]
     assert results["overall"]["n"] == 10 and sum(r["n"] for c, r in results.items() if c != "overall") == 10
     right = sum(row["predicted"] == row["answer"] for row in rows)
     assert results["overall"]["accuracy"] == right / 10
