@@ -1264,6 +1264,35 @@ def test_batched_answers_equal_one_at_a_time(saved, toy_world):
     assert all(one_at_a_time)
 
 
+def test_batched_answers_end_at_the_stop_string_and_at_eos(saved):
+    """answer_batch ends each answer where answer does, at a stop string and at EOS taken from what
+    the untrained model writes (on its own it writes neither "###" nor EOS)."""
+    import dataclasses
+    model, _, _ = saved
+    prompts = [CONVERSATION[:3], CONVERSATION[:1], [{"from": "human", "value": "What is a circle?"}]]
+    images = [image(), image((20, 30, 230)), None]
+
+    def answers(batched):
+        if batched:
+            return model.answer_batch(prompts, images, max_new_tokens=12)
+        return [model.answer(p, i, max_new_tokens=12, temperature=0) for p, i in zip(prompts, images)]
+
+    free = answers(batched=False)[0]
+    stop = next(free[k:k + 2] for k in range(2, len(free)) if free[k:k + 2].isprintable() and "\ufffd" not in free[k:k + 2])
+    ids = list(model.generate(*model.prepare(prompts[0], images[0]), max_new_tokens=12, stop=""))
+    template, eos = model.template, model.tokenizer.eos_token
+    try:
+        model.template = dataclasses.replace(template, stop=stop)
+        stopped = answers(batched=False)
+        assert len(stopped[0]) < len(free) and answers(batched=True) == stopped
+        model.template = template
+        model.tokenizer.eos_token = model.tokenizer.convert_ids_to_tokens(ids[5])
+        ended = answers(batched=False)
+        assert len(ended[0]) < len(free) and answers(batched=True) == ended
+    finally:
+        model.template, model.tokenizer.eos_token = template, eos
+
+
 class Judge(Teacher):
     """A judge on 127.0.0.1: scores 8 for the reference and 6 for the model; once, no scores."""
 
