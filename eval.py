@@ -34,12 +34,15 @@ import llava
 
 
 def extract_answer(text, n_options=5):
-    """The letter in "The answer is X." (the paper's pattern); a lone letter also counts. None if
-    there is no such letter among the first n_options."""
+    """The letter in "The answer is X." (the paper's pattern; the letter, maybe in parentheses, ends
+    the sentence), or a reply that is the letter alone. None if there is no such letter among the
+    first n_options, or if the text states two ("The answer is A or B.", "The answer is A. No, the
+    answer is B."): only a definite single letter is a choice."""
     letters = data.LETTERS[:n_options]
-    match = re.search(rf"answer is \(?([{letters}])\)?(?![A-Za-z])", text)
-    if match is None:
-        match = re.fullmatch(rf"\s*\(?([{letters}])\)?[.)]?\s*", text)
+    stated = set(re.findall(r"answer is \(?([A-Z])\)?(?=[.!]?$|[.!]\s)", text.strip()))
+    if stated:
+        return stated.pop() if len(stated) == 1 and stated <= set(letters) else None
+    match = re.fullmatch(rf"\s*\(?([{letters}])\)?[.)]?\s*", text)
     return match.group(1) if match else None
 
 

@@ -101,6 +101,29 @@ def test_padded_batch_loss_equals_transformers(saved):
     assert torch.allclose(loss, ref, atol=1e-6)
 
 
+def test_a_padded_batch_loses_what_its_samples_lose_alone(saved):
+    """collate's padding trains nothing and each image stays with its sample: the summed loss of a
+    batch (two images, a text-only sample between them, three lengths) is the sum of each alone."""
+    model, _, _ = saved
+    text_only = [{"from": "human", "value": "What is a circle?"}, {"from": "gpt", "value": "A round shape."}]
+    samples = []
+    for conversation, color in ((CONVERSATION[:2], (200, 30, 30)), (text_only, None), (CONVERSATION, (20, 30, 230))):
+        input_ids, labels = map(torch.tensor, data.render(conversation, model.tokenizer, model.template,
+                                                          model.image_token_id if color else None,
+                                                          model.num_image_tokens))
+        pixel_values = model.image_processor(images=image(color), return_tensors="pt")["pixel_values"] if color else None
+        samples.append({"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values})  # (1, 3, H, W)
+    assert len({len(s["input_ids"]) for s in samples}) == 3  # padded: two of them
+    batch = data.collate([dict(s, pixel_values=None if s["pixel_values"] is None else s["pixel_values"][0])
+                          for s in samples], model.tokenizer.pad_token_id)
+    with torch.no_grad():
+        alone = sum(model(s["input_ids"][None], s["pixel_values"], labels=s["labels"][None], num_items=1)[1]
+                    for s in samples)
+        summed = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["labels"],
+                       num_items=1)[1]
+    assert torch.allclose(summed, alone, rtol=1e-5)
+
+
 @pytest.mark.parametrize("feature_layer", [-2, -1, 0, 1])
 def test_vision_tower_stops_at_the_feature_layer_with_the_same_features(saved, feature_layer):
     model, _, _ = saved
@@ -242,12 +265,29 @@ def test_kv_cache_generation_equals_no_cache(saved):
                                           top_p=0.9, use_cache=False))
 
 
+def test_sampling_that_keeps_only_the_likeliest_token_is_greedy(saved):
+    """top_p so small that only the most likely token is left, or a temperature near 0, leave nothing
+    to chance: the sampled answer is the greedy one, where plain sampling (same seed) is not."""
+    model, _, _ = saved
+    input_ids, pixel_values = model.prepare(CONVERSATION[:1], image())
+
+    def sample(**settings):
+        torch.manual_seed(0)
+        return list(model.generate(input_ids, pixel_values, max_new_tokens=12, stop="", **settings))
+
+    greedy = sample(temperature=0)
+    assert sample(temperature=1.0) != greedy  # the untrained model's next-token distribution is flat
+    assert sample(temperature=1.0, top_p=1e-6) == greedy
+    assert sample(temperature=1e-6) == greedy
+
+
 def test_generation_stops_at_the_stop_string_and_at_eos(saved):
     """The untrained model writes 12 arbitrary tokens; made EOS, any one of them ends generation
-    there, and a stop string taken from its text ends it at the token that completes the string."""
+    there, and a stop string taken from its text across two tokens (as "###" can come as "#", "##")
+    ends it at the token that completes the string."""
     model, _, _ = saved
     tokenizer = model.tokenizer
-    input_ids, pixel_values = model.prepare(CONVERSATION[:1], image())
+    input_ids, pixel_values = model.prepare(CONVERSATION[:3], image())
     ids = list(model.generate(input_ids, pixel_values, max_new_tokens=12, stop=""))
     assert len(ids) == 12 and tokenizer.eos_token_id not in ids
     eos = tokenizer.eos_token
@@ -257,10 +297,11 @@ def test_generation_stops_at_the_stop_string_and_at_eos(saved):
     finally:
         tokenizer.eos_token = eos
     text = tokenizer.decode(ids)
-    stop = next(text[k:k + 2] for k in range(3, len(text)) if text[k:k + 2].isprintable() and "\ufffd" not in text[k:k + 2])
+    ends = [len(tokenizer.decode(ids[:m])) for m in range(3, len(ids) - 1)]  # where tokens 3, 4, ... end
+    stop = next(text[e - 1:e + 1] for e in ends if text[e - 1:e + 1].isprintable() and "\ufffd" not in text[e - 1:e + 1])
     j = next(j for j in range(len(ids)) if stop in tokenizer.decode(ids[:j + 1]))
     assert list(model.generate(input_ids, pixel_values, max_new_tokens=12, stop=stop)) == ids[:j + 1]
-    streamed = list(model.generate_text(CONVERSATION[:1], image(), max_new_tokens=12, stop=stop))
+    streamed = list(model.generate_text(CONVERSATION[:3], image(), max_new_tokens=12, stop=stop))
     assert "".join(streamed) == tokenizer.decode(ids[:j + 1]).split(stop)[0]  # the text before the stop string
 
 
@@ -862,6 +903,20 @@ def test_dataset_is_lazy(saved, tmp_path):
     assert len(dataset) == 100_000
 
 
+def test_dataset_pads_to_square_and_truncates_as_asked(saved, tmp_path):
+    """A wide blue image, padded to a square with the processor's mean color, shows that color
+    (0 once normalized) along its top edge; not padded, blue to the edge. max_length cuts the ids."""
+    model, _, _ = saved
+    Image.new("RGB", (90, 30), (0, 0, 255)).save(tmp_path / "wide.png")
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "w", "image": "wide.png", "conversations": CONVERSATION}]))
+    dataset = lambda **options: data.LazyDataset(str(tmp_path / "d.json"), str(tmp_path), model, **options)  # noqa: E731
+    plain, padded = dataset()[0], dataset(pad_to_square=True)[0]
+    assert plain["pixel_values"][:, 0].abs().min() > 1  # (3, H, W): the top row, blue
+    assert padded["pixel_values"][:, 0].abs().max() < 0.05  # the mean color
+    cut = dataset(max_length=len(plain["input_ids"]) - 3)[0]
+    assert torch.equal(cut["input_ids"], plain["input_ids"][:-3])
+
+
 BAD_SAMPLES = [
     ({"id": "b1", "image": "missing.jpg", "conversations": PUBLIC_SHAPES["llava_instruct_150k.json"]["conversations"]},
      "sample b1 .*cannot read image .*missing.jpg"),
@@ -1021,6 +1076,22 @@ def test_stage1_trains_only_the_projector_and_stage2_never_the_vision_encoder(tr
                            final["language_model.model.layers.0.mlp.up_proj.weight"])
 
 
+def test_training_reads_every_epoch_in_its_own_order(train_setup, tmp_path, monkeypatch):
+    """train.py over 2 epochs of 16 samples (global batch 8, no --max-steps): 4 steps, reading the
+    samples in micro_batches' order: every sample once an epoch, the second epoch in another order."""
+    common, world = train_setup
+    (tmp_path / "s.json").write_text(json.dumps(read(world / "stage1.json")[:16]))
+    read_order, load = [], data.LazyDataset.__getitem__  # the real loading, watched
+    monkeypatch.setattr(data.LazyDataset, "__getitem__", lambda self, i: read_order.append(i) or load(self, i))
+    train.train(train.get_args(common + ["--stage", "1", "--data", str(tmp_path / "s.json"), "--out",
+                                         str(tmp_path / "out"), "--global-batch", "8", "--batch-size", "4",
+                                         "--epochs", "2", "--checkpoint-every", "0"]))
+    assert [m["step"] for m in metrics(tmp_path / "out")] == [1, 2, 3, 4]
+    assert read_order == [i for b in train.micro_batches(16, 8, 4, 1, 0, 0, 4, seed=0) for i in b]
+    first, second = read_order[:16], read_order[16:]
+    assert sorted(first) == sorted(second) == list(range(16)) and first != second
+
+
 def test_missing_data_file_gets_one_line(train_setup, tmp_path):
     common, _ = train_setup
     result = run_train(common + ["--stage", "1", "--data", str(tmp_path / "chat.json"), "--out", str(tmp_path)],
@@ -1068,6 +1139,38 @@ def test_repl_as_a_user_drives_it(saved, tmp_path):
     assert "(conversation reset)" in out and "unknown command /dance" in out
 
 
+def repl_answers(stdout):
+    """The REPL's answers in order: the text after each "ASSISTANT: " up to the next prompt, as the
+    REPL keeps it in the conversation."""
+    return [chunk.split("\nUSER: ")[0].strip() for chunk in stdout.split("ASSISTANT: ")[1:]]
+
+
+def test_what_reaches_the_model_in_the_repl(saved, tmp_path):
+    """A question in the REPL reaches the model after the conversation so far, the REPL's own answers
+    in it; after /reset, and after /image, it reaches the model alone: its answer is the one a fresh
+    session gives (greedy). Asked after a conversation, or about another image, the same question
+    gets another answer, so each comparison can fail."""
+    model, path, _ = saved
+    image().save(tmp_path / "red.png")
+    image((20, 30, 230)).save(tmp_path / "blue.png")
+    question, other = "How many circles are there?", "What color is the square?"
+    options = ["--model", path, "--temperature", "0", "--max-new-tokens", "8"]
+    session = chat([str(tmp_path / "red.png"), *options], stdin="\n".join([
+        question, other, question, "/reset", question, f"/image {tmp_path / 'blue.png'}", question]) + "\n")
+    fresh_blue = chat([str(tmp_path / "blue.png"), *options], stdin=question + "\n")
+    assert session.returncode == 0 and fresh_blue.returncode == 0, session.stderr + fresh_blue.stderr
+    fresh_red, answer_to_other, after_a_conversation, after_reset, after_new_image = repl_answers(session.stdout)
+    [fresh_blue] = repl_answers(fresh_blue.stdout)
+    assert after_a_conversation != fresh_red and fresh_blue != fresh_red
+    conversation = [{"from": "human", "value": f"{data.IMAGE}\n{question}"}, {"from": "gpt", "value": fresh_red},
+                    {"from": "human", "value": other}, {"from": "gpt", "value": answer_to_other},
+                    {"from": "human", "value": question}]
+    assert after_a_conversation == model.answer(conversation, data.load_image(tmp_path / "red.png"),
+                                                max_new_tokens=8, temperature=0)
+    assert after_reset == fresh_red
+    assert after_new_image == fresh_blue
+
+
 def test_repl_drops_the_oldest_turns_when_the_context_is_full(saved, tmp_path):
     model, path, _ = saved
     image().save(tmp_path / "red.png")
@@ -1096,6 +1199,12 @@ import eval as evaluation  # noqa: E402  (the module, not the builtin)
 @pytest.mark.parametrize("text,expected", [
     ("The square is red. The answer is B.", "B"), ("The answer is (C).", "C"), ("B", "B"), ("(A)", "A"),
     ("The answer is E.", None), ("I think it is red.", None), ("The answer is Blue.", None), ("", None),
+    # Capital letters that are words, or options mentioned in passing, are no choice:
+    ("A red circle is at the top.", None), ("I see a blue square. The answer is D.", "D"),
+    ("A and B are both circles.", None), ("Option B is wrong, the answer is C.", "C"),
+    # Only a definite single letter counts (the paper's parser would take A here):
+    ("The answer is A or B.", None), ("The answer is A. No, the answer is B.", None),
+    ("The answer is B. So the answer is B.", "B"), ("The answer is E. No, the answer is A.", None),
 ])
 def test_answer_extraction(text, expected):
     assert evaluation.extract_answer(text, 4) == expected
@@ -1105,12 +1214,31 @@ def test_mc_evaluation_counts_per_category(saved, toy_world):
     model, _, _ = saved
     out, _ = toy_world
     questions = read(out / "eval.json")[:10]
-    results, rows = evaluation.evaluate_mc(model, questions, str(out / "images"), max_new_tokens=4)
+    results, rows = evaluation.evaluate_mc(model, questions, str(out / "images"), max_new_tokens=4, batch_size=4)
+    assert [row["output"] for row in rows] == [  # each question's own answer, batch after batch
+        model.answer(q["conversations"][:1], data.load_image(out / "images" / q["image"]), max_new_tokens=4,
+                     temperature=0) for q in questions]
     assert results["overall"]["n"] == 10 and sum(r["n"] for c, r in results.items() if c != "overall") == 10
     right = sum(row["predicted"] == row["answer"] for row in rows)
     assert results["overall"]["accuracy"] == right / 10
     assert 0.25 < results["overall"]["chance"] < 0.5
     assert "overall" in evaluation.table(results, results)
+
+
+def test_the_blind_baseline_never_sees_the_image(saved, toy_world):
+    """One question about three images: with the images the model answers differently, blind
+    (a blank image of the processor's mean color) always the same."""
+    model, _, _ = saved
+    out, _ = toy_world
+    questions = read(out / "eval.json")
+    same_question = [dict(questions[0], image=q["image"]) for q in questions[:3]]
+
+    def outputs(blank):
+        rows = evaluation.evaluate_mc(model, same_question, str(out / "images"), blank=blank, max_new_tokens=8)[1]
+        return {row["output"] for row in rows}
+
+    assert len(outputs(blank=False)) > 1
+    assert len(outputs(blank=True)) == 1
 
 
 def test_batched_answers_equal_one_at_a_time(saved, toy_world):
@@ -1124,6 +1252,35 @@ def test_batched_answers_equal_one_at_a_time(saved, toy_world):
     one_at_a_time = [model.answer(p, i, max_new_tokens=12, temperature=0) for p, i in zip(prompts, images)]
     assert model.answer_batch(prompts, images, max_new_tokens=12) == one_at_a_time
     assert all(one_at_a_time)
+
+
+def test_batched_answers_end_at_the_stop_string_and_at_eos(saved):
+    """answer_batch ends each answer where answer does, at a stop string and at EOS taken from what
+    the untrained model writes (on its own it writes neither "###" nor EOS)."""
+    import dataclasses
+    model, _, _ = saved
+    prompts = [CONVERSATION[:3], CONVERSATION[:1], [{"from": "human", "value": "What is a circle?"}]]
+    images = [image(), image((20, 30, 230)), None]
+
+    def answers(batched):
+        if batched:
+            return model.answer_batch(prompts, images, max_new_tokens=12)
+        return [model.answer(p, i, max_new_tokens=12, temperature=0) for p, i in zip(prompts, images)]
+
+    free = answers(batched=False)[0]
+    stop = next(free[k:k + 2] for k in range(2, len(free)) if free[k:k + 2].isprintable() and "\ufffd" not in free[k:k + 2])
+    ids = list(model.generate(*model.prepare(prompts[0], images[0]), max_new_tokens=12, stop=""))
+    template, eos = model.template, model.tokenizer.eos_token
+    try:
+        model.template = dataclasses.replace(template, stop=stop)
+        stopped = answers(batched=False)
+        assert len(stopped[0]) < len(free) and answers(batched=True) == stopped
+        model.template = template
+        model.tokenizer.eos_token = model.tokenizer.convert_ids_to_tokens(ids[5])
+        ended = answers(batched=False)
+        assert len(ended[0]) < len(free) and answers(batched=True) == ended
+    finally:
+        model.template, model.tokenizer.eos_token = template, eos
 
 
 class Judge(Teacher):
@@ -1494,31 +1651,40 @@ def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
     fd, terminal = os.openpty()  # chat.py reads and writes a terminal; Ctrl-C is the SIGINT a terminal sends
     child = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal, cwd=HERE)
     os.close(terminal)
-    screen = b""
+    screen, seen = b"", 0  # all the terminal showed, and how much of it the test has gone through
 
-    def read_until(text, timeout=180):
-        nonlocal screen
+    def read_past(text, timeout=180):
+        """Wait until `text` shows after what was seen before, and go past it. Nothing is thrown
+        away: text that came in the same read (the prompt after "[stopped]") is still there."""
+        nonlocal screen, seen
         deadline = time.time() + timeout
-        while text.encode() not in screen:
-            assert time.time() < deadline, f"no {text!r} in {screen[-500:]!r}"
+        while (found := screen.find(text.encode(), seen)) < 0:
+            assert time.time() < deadline, f"no {text!r} in {screen[seen:][-500:]!r}"
             if select.select([fd], [], [], 0.5)[0]:
                 try:
                     screen += os.read(fd, 4096)
-                except OSError:
-                    break
-        return screen
+                except OSError:  # the terminal closed: chat.py ended
+                    raise AssertionError(f"chat.py ended before {text!r}: {screen[seen:][-500:]!r}")
+        seen = found + len(text)
+
+    def wait_until_reading():
+        """Until chat.py sleeps in its read of the terminal, as it does right after the prompt.
+        Python's input() looks at signals only when one interrupts that read: a Ctrl-C sent
+        between the prompt and the read would wait, unseen, for the next line typed."""
+        stat = f"/proc/{child.pid}/stat"
+        while child.poll() is None and os.path.exists(stat) and open(stat).read().rsplit(") ", 1)[1][0] != "S":
+            time.sleep(0.01)
 
     try:
-        read_until("USER: ")
+        read_past("USER: ")
+        wait_until_reading()
         child.send_signal(signal.SIGINT)  # Ctrl-C at the prompt
-        screen = b""
-        read_until("USER: ")
+        read_past("USER: ")  # a fresh prompt
         os.write(fd, b"What color is the square?\r")
-        read_until("<unk><unk><unk>")  # the answer is being written
+        read_past("<unk><unk><unk>")  # the answer is being written
         child.send_signal(signal.SIGINT)  # Ctrl-C during the answer
-        read_until("[stopped]")
-        screen = b""
-        read_until("USER: ")  # and the chat goes on
+        read_past("[stopped]")
+        read_past("USER: ")  # and the chat goes on
         os.write(fd, b"\x04")  # Ctrl-D
         assert child.wait(timeout=60) == 0
     finally:
@@ -1773,3 +1939,27 @@ def test_loading_holds_one_weight_file_at_a_time(parts, vicuna_sized_vocabulary,
                     if f.endswith(".safetensors")) / 2 ** 20
     print(f"loading grew the peak by {grown:.0f} MiB for a {model_mib:.0f} MiB model")
     assert grown < 1.4 * model_mib
+
+
+def test_each_epoch_is_a_new_permutation_whatever_the_world_size():
+    """Two epochs of 36 samples, global batch 12: each epoch takes every sample once, the second in
+    another order, and each step takes the same 12 samples with 1, 2 or 3 processes (6, 3 or 2
+    micro-batches of 2 each); a run resumed mid-epoch 2 takes the rest of the same order."""
+    n, global_batch, batch_size, steps = 36, 12, 2, 6  # 3 steps per epoch
+
+    def per_step(world_size, start_step=0):
+        """The samples of each optimizer step, over every rank and micro-batch."""
+        accumulation = global_batch // (batch_size * world_size)
+        ranks = [train.micro_batches(n, global_batch, batch_size, world_size, r, start_step, steps, seed=0)
+                 for r in range(world_size)]
+        return [sorted(i for batches in ranks for b in batches[s * accumulation:(s + 1) * accumulation] for i in b)
+                for s in range(steps - start_step)]
+
+    one = per_step(1)
+    assert all(len(step) == global_batch for step in one)
+    first, second = one[:3], one[3:]
+    assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(n))  # each sample once an epoch
+    assert first != second  # and a new order in the second epoch
+    for world_size in (2, 3):
+        assert per_step(world_size) == one
+        assert per_step(world_size, start_step=4) == one[4:]
