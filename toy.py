@@ -693,12 +693,15 @@ def picture(path, images, chat_rows, out, shown=4):
     and the teacher's; and the loss curves of both stages from their metrics.jsonl."""
     from PIL import Image, ImageDraw, ImageFont
     font = ImageFont.load_default(size=14)
-    canvas = Image.new("RGB", (1100, 40 + 150 * shown), "white")
+    canvas = Image.new("RGB", (1100, 40 + 150 * shown), "white")  # images and answers left, losses right
     pen = ImageDraw.Draw(canvas)
-    picked = [next(r for r in chat_rows if r["category"] == c and r["turn"] == 0) for c in CATEGORIES[:shown]]
+    first_turns = [r for r in chat_rows if r["turn"] == 0]
+    picked = [next((r for r in first_turns if r["category"] == c), None) for c in CATEGORIES]  # a kind each
+    picked = ([r for r in picked if r] + first_turns)[:shown]
     for i, r in enumerate(picked):
         y = 20 + 150 * i
         canvas.paste(data.load_image(os.path.join(images, r["image"])).resize((144, 144), Image.NEAREST), (20, y))
+        pen.rectangle([19, y - 1, 164, y + 144], outline="gray")
         pen.text((180, y + 20), f"Q: {r['question']}", fill="black", font=font)
         pen.text((180, y + 55), f"model: {r['answer']}", fill="darkgreen" if r["right"] else "red", font=font)
         pen.text((180, y + 90), f"teacher: {r['teacher']}", fill="gray", font=font)
