@@ -1963,3 +1963,41 @@ def test_each_epoch_is_a_new_permutation_whatever_the_world_size():
     for world_size in (2, 3):
         assert per_step(world_size) == one
         assert per_step(world_size, start_step=4) == one[4:]
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy demo's stand-ins: made by `python toy.py pretrain`, in the formats of CLIP and Vicuna
+# ----------------------------------------------------------------------------------------------
+
+def check_stand_ins(root):
+    """stand_ins/vicuna as lmsys/vicuna-*-v1.5 ship: float16 safetensors, a SentencePiece tokenizer.model,
+    BOS added, no pad token, legacy false; stand_ins/clip as openai/clip-vit-*: both towers and a
+    preprocessor config."""
+    lm, clip = os.path.join(root, "vicuna"), os.path.join(root, "clip")
+    config = json.load(open(os.path.join(lm, "config.json")))
+    assert config.get("torch_dtype", config.get("dtype")) == "float16"  # transformers 5 writes "dtype"
+    assert {w.dtype for w in load_file(os.path.join(lm, "model.safetensors")).values()} == {torch.float16}
+    assert os.path.exists(os.path.join(lm, "tokenizer.model")) and not os.path.exists(os.path.join(lm, "tokenizer.json"))
+    tokenizer_config = json.load(open(os.path.join(lm, "tokenizer_config.json")))
+    assert tokenizer_config["legacy"] is False and tokenizer_config["pad_token"] is None
+    tokenizer = transformers.AutoTokenizer.from_pretrained(lm)
+    assert tokenizer("The circle").input_ids[0] == tokenizer.bos_token_id and tokenizer.pad_token is None
+    towers = {k.split(".")[0] for k in load_file(os.path.join(clip, "model.safetensors"))}
+    assert {"text_model", "vision_model"} <= towers
+    assert json.load(open(os.path.join(clip, "preprocessor_config.json")))["crop_size"] == {"height": 48, "width": 48}
+    model = llava.build(clip, lm)
+    assert model.num_image_tokens == 9  # a 3 x 3 grid of patches: one per cell
+    return model
+
+
+def test_the_stand_ins_are_made_by_a_command_in_the_real_formats(tmp_path):
+    result = subprocess.run([sys.executable, "toy.py", "pretrain", "--out", str(tmp_path), "--lm-steps", "4",
+                             "--clip-steps", "2", "--images", "64"], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == ["clip", "vicuna"]
+    check_stand_ins(tmp_path)
+
+
+def test_the_committed_stand_ins_are_the_real_formats():
+    model = check_stand_ins(toy.STAND_INS)
+    assert sum(p.numel() for p in model.language_model.parameters()) < 3e6  # a few MB in the repository

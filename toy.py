@@ -561,11 +561,11 @@ def pretrain_lm(path, tokenizer, reading, steps=1000, batch=16, lr=1e-3, noise=0
     return loss.item()
 
 
-def pretrain(out=STAND_INS, lm_steps=3600, clip_steps=150, seed=0):
+def pretrain(out=STAND_INS, lm_steps=16000, clip_steps=150, seed=0, images=2000):
     """Make stand_ins/clip and stand_ins/vicuna from a world of their own (seed 1000 + seed)."""
     start = time.time()
     world = os.path.join(out, "world.tmp")
-    make_world(world, 2000, 0, seed=1000 + seed)
+    make_world(world, images, 0, seed=1000 + seed)
     samples = [s for f in ("instruct", "stage1") for s in data.load_json(os.path.join(world, f"{f}.json"))]
     # The system message comes with every sample: weighted so that BPE gives it few tokens.
     texts = [t.system for t in data.TEMPLATES.values()] * 200 + [turn["value"] for s in samples for turn in s["conversations"]]
@@ -730,13 +730,13 @@ def main(argv=None):
     p.add_argument("--feature-layer", type=int, default=-2, help="ablation: -1 takes Z_v from the last layer")
     p.add_argument("--instruct", default="all", choices=["all", "conversation"],
                    help="ablation: stage 2 on conversations only (no detail, no reasoning)")
-    p.add_argument("--images", type=int, default=2000, help="demo: training images (a smaller world runs faster)")
+    p.add_argument("--images", type=int, default=2000, help="training images (a smaller world runs faster)")
     p.add_argument("--held-out", type=int, default=500, help="demo: held-out images (2 questions each)")
     p.add_argument("--lm-steps", type=int, default=16000, help="pretrain: the LM stand-in's steps of 16 scenes")
     p.add_argument("--clip-steps", type=int, default=150, help="pretrain: the CLIP stand-in's steps of 128 pairs")
     args = p.parse_args(argv)
     if args.command == "pretrain":
-        pretrain(args.out or STAND_INS, args.lm_steps, args.clip_steps, args.seed)
+        pretrain(args.out or STAND_INS, args.lm_steps, args.clip_steps, args.seed, args.images)
     else:
         args.out = args.out or "out/toy"
         demo(args)
