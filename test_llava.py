@@ -2001,3 +2001,17 @@ def test_the_stand_ins_are_made_by_a_command_in_the_real_formats(tmp_path):
 def test_the_committed_stand_ins_are_the_real_formats():
     model = check_stand_ins(toy.STAND_INS)
     assert sum(p.numel() for p in model.language_model.parameters()) < 3e6  # a few MB in the repository
+
+
+def test_the_demo_runs_end_to_end_on_a_small_world(tmp_path):
+    """`python toy.py` with a small world: both stages on the committed stand-ins, the evaluations
+    (image last and first, blind, the chat's open-ended answers), results.json and the picture."""
+    result = subprocess.run([sys.executable, "toy.py", "--images", "40", "--held-out", "10", "--out", str(tmp_path)],
+                            cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "image last" in result.stdout and "image first" in result.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["image_last"]["overall"]["n"] == results["image_first"]["overall"]["n"] == 20
+    assert results["chat"]["overall"]["n"] >= 20  # 10 conversations of 2 to 4 questions
+    assert Image.open(tmp_path / "demo.png").size[0] == 1100
+    assert (tmp_path / "stage2" / "model" / "model.safetensors").exists()
