@@ -457,7 +457,7 @@ def chat_completion(messages, base_url, model, api_key, timeout=60, retries=5, b
                 raise RuntimeError(f"{base_url}: HTTP {e.code} {e.reason}") from None
             error = f"HTTP {e.code}"
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            error = "timed out" if "timed out" in str(e) else type(e).__name__
+            error = str(getattr(e, "reason", e)) or type(e).__name__  # "timed out", "[Errno 111] Connection refused"
         if attempt == retries:
             raise RuntimeError(f"{base_url}: gave up after {retries + 1} tries ({error})")
         print(f"{base_url}: {error}; try {attempt + 2} of {retries + 1} in {backoff * 2 ** attempt:g} s",

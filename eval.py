@@ -385,9 +385,10 @@ def main(argv=None):
             if q["question_id"] not in references or q["image"] not in contexts:
                 sys.exit(f"{args.questions}: question {q['question_id']} has no reference answer or context")
             check_image(args.questions, q["question_id"], args.image_folder, q["image"])
-        saved_rows(os.path.join(args.out, "answers.jsonl"), model=model_id)  # another model's: refused now
-        saved_rows(os.path.join(args.out, "reviews.jsonl"), model=model_id, judge=args.judge_model)
-        results = evaluate_bench(loaded(args.model), questions, contexts, references, args.image_folder, args.out,
+        answered = {r["question_id"] for r in saved_rows(os.path.join(args.out, "answers.jsonl"), model=model_id)}
+        saved_rows(os.path.join(args.out, "reviews.jsonl"), model=model_id, judge=args.judge_model)  # or refused now
+        model = loaded(args.model) if any(q["question_id"] not in answered for q in questions) else None  # if needed
+        results = evaluate_bench(model, questions, contexts, references, args.image_folder, args.out,
                                  args.judge_url, args.judge_model, os.environ.get("OPENAI_API_KEY"), model_id,
                                  timeout=args.timeout, retries=args.retries)
         if results:
