@@ -2179,3 +2179,86 @@ def test_a_users_mistake_gets_one_line_and_loses_nothing(user, case, tmp_path):
         assert not user["elsewhere"].requests  # nothing, the key least of all, followed a redirect
     finally:
         subprocess.run(["chattr", "-i", str(o)], capture_output=True)
+
+
+def run_ok(user, command, o, stdin=b"", cwd=HERE):
+    argv = expand(user, o, command)
+    code, out, err = user["programs"].run(argv, stdin, cwd)
+    assert code == 0 and "Traceback" not in out + err, err[-3000:]
+    return out, err
+
+
+def test_where_the_input_is_fine_training_gives_the_right_result(user, tmp_path):
+    """A multi-image sample is skipped and named, --grad-clip 0 trains without clipping, one process in BF16
+    runs, an --out left by a run that stopped before its first step is taken, and the model is exported
+    with the permissions any new file gets."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    out, err = run_ok(user, "{train} --data {root}/multi.json --grad-clip 0 --dtype bf16", tmp_path)
+    assert re.search(r"skipped: sample .*multi.json\[0\]\): 'image' must be one file name, not \[", err)
+    assert "stage 2: skipped 1 bad samples" in out and "bf16 on cpu" in out
+    exported = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    before = load_file(os.path.join(user["lm"], "model.safetensors"))
+    assert not torch.equal(exported["language_model.model.layers.0.mlp.up_proj.weight"].float(),
+                           before["model.layers.0.mlp.up_proj.weight"].float())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "run" / "model" / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["grad_clip"] == 0
+
+
+def test_ctrl_c_while_training_says_where_it_stopped_and_how_to_go_on(user, tmp_path):
+    import signal
+    import time
+    argv = expand(user, tmp_path, "{train} --max-steps 100000 --checkpoint-every 2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    child = subprocess.Popen([sys.executable, *argv], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "run" / "checkpoints" / "latest").exists():
+            assert child.poll() is None and time.time() < deadline, child.stderr.read()[-3000:]
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode != 0 and "Traceback" not in err
+    assert re.fullmatch(r"train.py: stopped by Ctrl-C after step \d+; the same command with --resume continues "
+                        r"from its checkpoint step_\d{7} in .*run", err.strip().splitlines()[-1])
+
+
+def test_the_repl_refuses_a_question_it_cannot_ask_and_goes_on(user, tmp_path):
+    session = b"What is <image> here?\n\xff\xfe\x80 binary\nWhat color is the square?\n"
+    out, _ = run_ok(user, "chat.py {root}/bench_images/bench.png --model {model} --temperature 0 "
+                          "--max-new-tokens 3", tmp_path, stdin=session)
+    assert "(<image> is where the image goes" in out and "(that line is not UTF-8 text; type it again)" in out
+    assert out.count("ASSISTANT: ") == 1  # the good question is answered, in the same conversation
+
+
+def test_data_show_finds_the_demos_model(user, tmp_path):
+    import shutil
+    shutil.copytree(user["model"], tmp_path / "out" / "toy" / "stage2" / "model")
+    out, _ = run_ok(user, "data.py show {world}/instruct.json", tmp_path, cwd=tmp_path)
+    assert "[[" in out and "trained (in [[ ]])" in out
+
+
+def test_evaluation_outputs_remember_their_model(user, tmp_path):
+    """mc --out and bench --out name the model that made them; the same model may run again, and the judge's
+    retries are said as they happen."""
+    mc = "eval.py mc --model {model} --questions {root}/mc.json --image-folder {world}/images --no-blind --out {o}/mc.json"
+    run_ok(user, mc, tmp_path)
+    first = read(tmp_path / "mc.json")
+    assert first["model"] == evaluation.model_fingerprint(user["model"]) and first["results"]["overall"]["n"] == 2
+    run_ok(user, mc, tmp_path)  # the same model replaces its own results
+    out, _ = run_ok(user, "{bench} --judge-url {judge}/ok/v1", tmp_path)
+    assert "overall" in out
+    results = read(tmp_path / "results.json")
+    assert results["model"] == first["model"] and results["judge"] == "gpt-4" and results["overall"]["relative"] == 75
+    assert [r["model"] for r in data.read_jsonl(tmp_path / "answers.jsonl")] == [first["model"]]
+    slow = tmp_path / "slow"
+    bench_answers(user, slow)
+    code, _, err = user["programs"].run(expand(user, slow, "{bench} --judge-url {judge}/slow/v1 --timeout 0.3 "
+                                                            "--retries 2"))
+    assert code != 0 and re.search(r"/slow/v1: timed out; try 2 of 3 in 1 s\n.*/slow/v1: timed out; try 3 of 3 in "
+                                   r"2 s\n", err)

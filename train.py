@@ -374,7 +374,7 @@ def train(args):
         # token count over all micro-batches and ranks. FSDP averages gradients over ranks, so
         # multiply by the world size to get a sum.
         n_tokens = all_sum(sum(int(llava.shifted_targets(b["labels"])[1].sum()) for b in micro))
-        bad = all_sum(sum(b["skipped"] for b in micro))  # every rank knows, so all of them stop together
+        bad = int(all_sum(sum(b["skipped"] for b in micro)))  # every rank knows, so all of them stop together
         if bad and args.strict_data:
             fail(f"--strict-data: step {step + 1} holds the bad sample named above; fix it or leave out --strict-data")
         if n_tokens == 0:  # every rank sees the same count, so all of them stop here
@@ -404,7 +404,7 @@ def train(args):
 
     export(model, args, rank, torch.bfloat16 if bf16 and args.stage == 2 else torch.float32)  # W alone: FP32
     if master and skipped:
-        print(f"stage {args.stage}: skipped {skipped:.0f} bad samples (see the messages above)")
+        print(f"stage {args.stage}: skipped {skipped} bad samples (see the messages above)")
     print(f"rank {rank}: peak host memory {peak_host_memory():.0f} MiB ({loaded_peak:.0f} MiB once the model was "
           f"loaded)", file=sys.stderr)
     barrier()
