@@ -28,46 +28,6 @@ class SampleError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# A user's mistake: one line that names it and what to do, never a traceback
-# ----------------------------------------------------------------------------------------------
-
-def cli(main, program):
-    """Run a program's main(): a message that ends it, a file that cannot be read or written (missing,
-    a folder, read-only, a full disk) and a bad sample each become one line, "program: ...", exit 1."""
-    try:
-        main()
-    except SystemExit as e:
-        if isinstance(e.code, str) and not e.code.startswith(program):
-            raise SystemExit(f"{program}: {e.code}") from None
-        raise
-    except (OSError, SampleError) as e:
-        raise SystemExit(f"{program}: {one_line(e)}") from None
-    except KeyboardInterrupt:
-        print(f"{program}: stopped by Ctrl-C", file=sys.stderr)
-        sys.exit(130)
-
-
-def one_line(e):
-    """An error as one line; an OSError names its file, and a full disk says so."""
-    if isinstance(e, OSError) and e.strerror:
-        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-        return f"{e.filename}: {e.strerror}{full}" if e.filename else f"{e.strerror}{full}"
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def number(kind, low, high=math.inf, above=False):
-    """An argparse type: a finite int or float from `low` (or above it) to `high`."""
-    def parse(text):
-        value = kind(text)
-        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
-            most = f" and at most {high}" if high < math.inf else ""
-            raise argparse.ArgumentTypeError(f"{text}: must be {'above' if above else 'at least'} {low}{most}")
-        return value
-    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
-    return parse
-
-
-# ----------------------------------------------------------------------------------------------
 # Table 2: the conversation templates
 # ----------------------------------------------------------------------------------------------
 
@@ -708,6 +668,42 @@ def collate(samples, pad_id):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+def cli(main, program):
+    """Run a program's main(): a message that ends it, a file that cannot be read or written (missing,
+    a folder, read-only, a full disk) and a bad sample each become one line, "program: ...", exit 1."""
+    try:
+        main()
+    except SystemExit as e:
+        if isinstance(e.code, str) and not e.code.startswith(program):
+            raise SystemExit(f"{program}: {e.code}") from None
+        raise
+    except (OSError, SampleError) as e:
+        raise SystemExit(f"{program}: {one_line(e)}") from None
+    except KeyboardInterrupt:
+        print(f"{program}: stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(130)
+
+
+def one_line(e):
+    """An error as one line; an OSError names its file, and a full disk says so."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        return text + (" (the disk is full)" if e.errno == errno.ENOSPC else "")
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def number(kind, low, high=math.inf, above=False):
+    """An argparse type: a finite int or float from `low` (or above it) to `high`."""
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            most = f" and at most {high}" if high < math.inf else ""
+            raise argparse.ArgumentTypeError(f"{text}: must be {'above' if above else 'at least'} {low}{most}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -753,11 +749,7 @@ def main(argv=None):
         sample = samples[args.index]
         if not isinstance(sample, dict) or "conversations" not in sample:
             raise SampleError(f"sample {args.index} of {args.file}: no 'conversations'")
-        try:
-            tokenizer, config = load_tokenizer_and_config(args.model)
-        except (OSError, ValueError, KeyError) as e:
-            sys.exit(f"cannot read --model {args.model} ({one_line(e)}); pass the model directory whose tokenizer "
-                     f"renders the sample")
+        tokenizer, config = load_tokenizer_and_config(args.model)
         has_image = "image" in sample
         ids, labels = render(sample["conversations"], tokenizer, args.template or config["template"],
                              image_token_id=config["image_token_id"] if has_image else None,

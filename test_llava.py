@@ -1873,6 +1873,7 @@ class Judges(Teacher):
             handler.end_headers()
             handler.wfile.write(out)
         self.server.RequestHandlerClass.do_POST = reply
+        self.server.handle_error = lambda *args: None  # the slow reply, written after the client gave up
 
 
 @pytest.fixture(scope="session")
@@ -1886,7 +1887,7 @@ def user(parts, toy_world, saved, tmp_path_factory):
     text_only = {"id": "t", "conversations": [{"from": "human", "value": "What is a circle?"},
                                               {"from": "gpt", "value": "A round shape."}]}
     files = {
-        "notutf8.json": b"\xff\xfe[", "object.json": b"{}", "corrupt.safetensors": b"garbage" * 10, "empty.safetensors": b"",
+        "notutf8.json": b"\xff\xfe[", "object.json": b"{}", "empty.safetensors": b"",
         "few.json": json.dumps(samples[:3]).encode(),
         "mixed.json": json.dumps(with_image[:4] + [dict(text_only, id=str(i)) for i in range(8)]).encode(),
         "multi.json": json.dumps([dict(with_image[0], image=[with_image[0]["image"]] * 2)] + with_image[1:4]).encode(),
@@ -2003,7 +2004,7 @@ MISTAKES = {
     "train-epochs-0": ("{train} --epochs 0", r"argument --epochs: 0: must be above 0"),
     "train-max-steps-0": ("{train} --max-steps 0", r"argument --max-steps: 0: must be at least 1"),
     "train-lr-nan": ("{train} --lr nan", r"argument --lr: nan: must be above 0"),
-    "train-warmup-ratio": ("{train} --warmup-ratio 1.5", r"argument --warmup-ratio: 1.5: must be at least 0 and at most 1"),
+    "train-warmup-ratio": ("{train} --warmup-ratio 1.5", r"--warmup-ratio: 1.5: must be at least 0 and at most 1"),
     "train-grad-clip-negative": ("{train} --grad-clip -1", r"argument --grad-clip: -1: must be at least 0"),
     "train-max-length-0": ("{train} --max-length 0", r"argument --max-length: 0: must be at least 1"),
     "train-checkpoint-every": ("{train} --checkpoint-every -5", r"argument --checkpoint-every: -5: must be at least 0"),
@@ -2011,7 +2012,8 @@ MISTAKES = {
     "train-workers": ("{train} --workers -1", r"argument --workers: -1: must be at least 0"),
     "train-projector-type": ("{train} --projector-type mlp3", r"argument --projector-type: invalid choice: 'mlp3'"),
     "train-template": ("{train} --template vicuna", r"argument --template: invalid choice: 'vicuna'"),
-    "train-batch-split": ("{train} --global-batch 6 --batch-size 4", r"--global-batch 6 is not a multiple of --batch-size 4"),
+    "train-batch-split": ("{train} --global-batch 6 --batch-size 4", r"--global-batch 6 is not a multiple of "
+                                                                     r"--batch-size 4"),
     # train.py: data
     "train-data-missing": ("{train} --data {o}/chat.json", r"--data .*chat.json not found; pass --data"),
     "train-data-not-utf8": ("{train} --data {root}/notutf8.json", r"notutf8.json: cannot read JSON: 'utf-8' codec"),
@@ -2056,9 +2058,9 @@ MISTAKES = {
     "chat-device": ("chat.py --model {model} --device tpu", r"argument --device: invalid choice: 'tpu'"),
     "chat-device-cuda": ("chat.py --model {model} --device cuda", r"--device cuda: PyTorch sees no CUDA GPU here"),
     "chat-empty-prompt": ("chat.py --model {model} -p ''", r"-p: the question is empty"),
-    "chat-image-in-prompt": ("chat.py --model {model} -p '<image> What is it?'", r"-p: <image> is where the image goes"),
-    "chat-model-missing": ("chat.py {root}/bench_images/bench.png --model {o}/model -p Hi", r"cannot load --model .*model: not a "
-                                                                                r"directory, and the hub cannot give it"),
+    "chat-image-in-prompt": ("chat.py --model {model} -p '<image> What is it?'", r"-p: <image> is where the image"),
+    "chat-model-missing": ("chat.py {root}/bench_images/bench.png --model {o}/model -p Hi",
+                           r"cannot load --model .*model: not a directory, and the hub cannot give it"),
     "chat-model-corrupt": ("chat.py --model {root}/corrupt_model -p Hi", r"cannot load --model .*corrupt_model: "
                                                                          r".*model.safetensors: Error while deserial"),
     "chat-model-not-llava": ("chat.py --model {lm} -p Hi", r"cannot load --model .*neither a LLaVA"),
@@ -2077,7 +2079,7 @@ MISTAKES = {
     "mc-not-questions": ("eval.py mc --model {model} --questions {root}/strings.json --image-folder {images}",
                          r"strings.json: question 0 has no 'conversations' with a question first"),
     "mc-questions-missing": ("eval.py mc --model {model} --questions {o}/eval.json", r"eval.json: cannot read JSON"),
-    "mc-questions-not-utf8": ("eval.py mc --model {model} --questions {root}/notutf8.json", r"cannot read JSON: 'utf-8'"),
+    "mc-questions-not-utf8": ("eval.py mc --model {model} --questions {root}/notutf8.json", r"cannot read JSON: 'utf"),
     "mc-model-missing": ("eval.py mc --model {o}/model --questions {root}/mc.json --image-folder {images}",
                          r"eval.py mc: --model .*model: not a directory"),
     "mc-model-corrupt": ("eval.py mc --model {root}/corrupt_model --questions {root}/mc.json --image-folder {images}",
@@ -2098,8 +2100,8 @@ MISTAKES = {
     "bench-image-missing": ("{bench} --questions {root}/questions_no_image.jsonl --context {root}/context_gone.jsonl",
                             r"question 1: image .*gone.png not found; check --image-folder"),
     "bench-judge-html": ("{bench} --judge-url {judge}/html/v1", r"question 1: the judge failed \(.*/html/v1: the reply "
-                                                                r"is not a chat completion \(b'<html>.*\); 0 reviews are "
-                                                                r"saved in .*reviews.jsonl: run the same command again",
+                                                                r"is not a chat completion \(b'<html>.*\); 0 reviews "
+                                                                r"are saved in .*reviews.jsonl: run the same command",
                          bench_answers),
     "bench-judge-no-choices": ("{bench} --judge-url {judge}/nochoices/v1", r"not a chat completion \(b'\{\"error\"",
                                bench_answers),
@@ -2129,14 +2131,14 @@ MISTAKES = {
                         r"sample x \(.*alternation.json\[0\]\): turn 1 breaks the human/gpt alternation"),
     "show-not-a-sample": ("data.py show {root}/strings.json --model {model}", r"sample 0 of .*: no 'conversations'"),
     "show-model-missing": ("data.py show {root}/few.json --model {o}/model",
-                           r"cannot read --model .*model \(.*\); pass the model directory"),
+                           r"case/model: not a directory, and the hub cannot give it"),
     "show-template": ("data.py show {root}/few.json --template vicuna", r"argument --template: invalid choice"),
     "sqa-convert-split": ("data.py scienceqa --root {root}/sqa --split tset --out {o}/x.json",
                           r"pid_splits.json: no split 'tset'; choose one of"),
     "sqa-convert-disk-full": ("data.py scienceqa --root {root}/sqa --split test --out {o}/out.json",
                               r"out.json: No space left on device \(the disk is full\)", full_disk),
     "teacher-not-coco": ("data.py teacher --captions {root}/not_coco.json --instances {root}/instances.json "
-                         "--kind detail --out {o}/x.jsonl", r"not_coco.json: not a COCO file \(needs lists annotations\)"),
+                         "--kind detail --out {o}/x.jsonl", r"not_coco.json: not a COCO file \(needs lists annotat"),
     "teacher-not-utf8": ("data.py teacher --captions {root}/notutf8.json --instances {root}/instances.json "
                          "--kind detail --out {o}/x.jsonl", r"notutf8.json: cannot read JSON"),
     "teacher-limit-0": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
@@ -2148,7 +2150,7 @@ MISTAKES = {
                              r"the teacher failed \(.*HTTP 401 Unauthorized\); 0 samples are saved in .*x.jsonl: run "
                              r"the same command again", lambda u, o: o.mkdir()),
     "teacher-redirect": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
-                         "--kind detail --out {o}/x.jsonl --base-url {judge}/redirect/v1", r"redirects to .*not followed",
+                         "--kind detail --out {o}/x.jsonl --base-url {judge}/redirect/v1", r"redirects to .*not follow",
                          lambda u, o: o.mkdir()),
 }
 
@@ -2246,7 +2248,7 @@ def test_data_show_finds_the_demos_model(user, tmp_path):
 def test_evaluation_outputs_remember_their_model(user, tmp_path):
     """mc --out and bench --out name the model that made them; the same model may run again, and the judge's
     retries are said as they happen."""
-    mc = "eval.py mc --model {model} --questions {root}/mc.json --image-folder {world}/images --no-blind --out {o}/mc.json"
+    mc = "eval.py mc --model {model} --questions {root}/mc.json --image-folder {images} --no-blind --out {o}/mc.json"
     run_ok(user, mc, tmp_path)
     first = read(tmp_path / "mc.json")
     assert first["model"] == evaluation.model_fingerprint(user["model"]) and first["results"]["overall"]["n"] == 2
