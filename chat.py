@@ -45,6 +45,16 @@ def fit_context(model, conversation, image, max_new_tokens):
         dropped += 1
 
 
+def problem(question):
+    """Why a question cannot be asked as it is, or None."""
+    if "\ufffd" in question:
+        return "that line is not UTF-8 text; type it again"
+    if data.IMAGE in question:
+        return f"{data.IMAGE} is where the image goes, not a word to ask with; show one with /image PATH"
+    if not question.strip():
+        return "the question is empty"
+
+
 def reply(model, conversation, image, args):
     """Generate the answer to the last question, printing it as it comes; returns its text."""
     pieces = []
@@ -65,7 +75,7 @@ def repl(model, image, args):
     print(f"LLaVA ({model.template.name} template). {COMMANDS}")
     while True:
         try:
-            line = input("USER: ").strip()
+            line = input("USER: ").strip()  # bytes that are not UTF-8 read as U+FFFD (see main)
         except EOFError:  # Ctrl-D
             print()
             return
@@ -73,6 +83,9 @@ def repl(model, image, args):
             print()
             continue
         if not line:
+            continue
+        if why := problem(line):
+            print(f"({why})")
             continue
         if line.startswith("/"):
             command, _, argument = line.partition(" ")
@@ -108,11 +121,16 @@ def main(argv=None):
     p.add_argument("image", nargs="?", help="the image to talk about (optional)")
     p.add_argument("--model", default=None, help="model directory or hub id (ours or llava-hf)")
     p.add_argument("-p", "--prompt", default=None, help="one question: print the answer and exit")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="the longest answer")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+    p.add_argument("--temperature", type=data.number(float, 0), default=0.2, help="0 is greedy")
+    p.add_argument("--top-p", type=data.number(float, 0, 1, above=True), default=1.0,
+                   help="nucleus sampling: keep this much probability")
+    p.add_argument("--max-new-tokens", type=data.number(int, 1), default=512, help="the longest answer")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="cuda or cpu (default: cuda when there is one)")
     args = p.parse_args(argv)
+    if args.prompt is not None and problem(args.prompt):
+        sys.exit(f"chat.py: -p: {problem(args.prompt)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("chat.py: --device cuda: PyTorch sees no CUDA GPU here; pass --device cpu")
 
     path = args.model or next((m for m in DEFAULT_MODELS if os.path.isdir(m)), None)
     if path is None:
@@ -121,7 +139,7 @@ def main(argv=None):
     try:
         model = llava.load(path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device).eval()
     except (OSError, ValueError) as e:
-        sys.exit(f"chat.py: cannot load --model {path}: {e}")
+        sys.exit(f"chat.py: cannot load --model {path}: {data.one_line(e)}")
     image = None
     if args.image:
         image, error = open_image(args.image)
@@ -138,8 +156,9 @@ def main(argv=None):
     # Ctrl-C must reach the REPL even when a parent started us with SIGINT ignored (a background job
     # of a non-interactive shell): Python raises KeyboardInterrupt only under its own handler.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 is refused, not fatal
     repl(model, image, args)
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main, "chat.py")

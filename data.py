@@ -11,8 +11,10 @@ Only the answers X_a and their <STOP> are trained (Eq. 3); every other label is 
     python data.py show FILE.json --index 0 --model DIR   # print a sample, trained tokens marked
 """
 import argparse
+import errno
 import itertools
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -262,11 +264,24 @@ LETTERS = "ABCDE"  # multiple-choice options, as ScienceQA letters them
 
 
 def write_json(path, obj):
-    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    """Write atomically: a crash or a full disk leaves the old file or the new one, never half of one."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    except OSError as e:  # a full disk fails at a write: name the file
+        raise OSError(e.errno, e.strerror, path) from None
     os.replace(tmp, path)
+
+
+def append_jsonl(path, row):
+    """Add one row to a JSONL file (answers, reviews, metrics: kept as they come)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,16 +332,20 @@ SEED_EXAMPLES = {  # (captions, boxes) -> the response a good teacher gives; wri
 }
 
 
-def read_jsonl(path):
-    """The rows of a JSONL file (none if it does not exist); a last line cut short by a crash is ignored."""
+def read_jsonl(path, required=False):
+    """The rows of a JSONL file. What a program wrote (answers, reviews): none if it does not exist, and
+    a line cut short by a crash is ignored (asked again). An input (required): a line that is not JSON
+    stops with its number."""
+    if not required and not os.path.exists(path):
+        return []
     rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except ValueError as e:  # not JSON, or not UTF-8
+                if required:
+                    raise SystemExit(f"{path}, line {number}: not JSON ({e}); fix or remove it") from None
     return rows
 
 
@@ -348,6 +367,10 @@ def coco_annotations(captions_file, instances_file):
     """COCO's captions_*.json and instances_*.json -> {image id: (file name, captions, boxes)} with
     boxes as `category: [x1, y1, x2, y2]` normalized by the image size."""
     captions, instances = load_json_object(captions_file), load_json_object(instances_file)
+    for path, obj, keys in [(captions_file, captions, ["annotations"]),
+                            (instances_file, instances, ["images", "categories", "annotations"])]:
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), list) for k in keys):
+            raise SystemExit(f"{path}: not a COCO file (needs lists {', '.join(keys)})")
     images = {im["id"]: im for im in instances["images"]}
     names = {c["id"]: c["name"] for c in instances["categories"]}
     out = {i: (im["file_name"], [], []) for i, im in images.items()}
@@ -365,11 +388,17 @@ def coco_annotations(captions_file, instances_file):
 
 def chat_completion(messages, base_url, model, api_key, timeout=60, retries=5, backoff=1.0, temperature=0.7):
     """One call to an OpenAI-compatible /chat/completions endpoint with the standard library.
-    Timeouts, refused connections, 429 and 5xx are retried with exponential backoff; other HTTP
-    errors raise. The key goes in the Authorization header only, never in a message."""
+    Timeouts, refused connections, 429 and 5xx are retried with exponential backoff, each retry said
+    on stderr; other HTTP errors and a reply that is not a chat completion raise RuntimeError. The key
+    goes in the Authorization header only, never in a message, and never follows a redirect."""
     import time
     import urllib.error
     import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, request, fp, code, msg, headers, new_url):
+            raise RuntimeError(f"{base_url}: redirects to {new_url}; not followed, so that the API key stays "
+                               f"with {base_url} (pass the new URL if you trust it)")
     body = json.dumps({"model": model, "messages": messages, "temperature": temperature}).encode()
     headers = {"Content-Type": "application/json"}
     if api_key:
@@ -377,17 +406,22 @@ def chat_completion(messages, base_url, model, api_key, timeout=60, retries=5, b
     for attempt in range(retries + 1):
         request = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", body, headers)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                reply = json.loads(response.read())
-            return reply["choices"][0]["message"]["content"]
+            with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
+                text = response.read()
+            try:
+                return json.loads(text)["choices"][0]["message"]["content"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise RuntimeError(f"{base_url}: the reply is not a chat completion ({text[:60]!r})") from None
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500:
                 raise RuntimeError(f"{base_url}: HTTP {e.code} {e.reason}") from None
             error = f"HTTP {e.code}"
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            error = type(e).__name__
+            error = str(getattr(e, "reason", e)) or type(e).__name__  # "timed out", "[Errno 111] Connection refused"
         if attempt == retries:
             raise RuntimeError(f"{base_url}: gave up after {retries + 1} tries ({error})")
+        print(f"{base_url}: {error}; try {attempt + 2} of {retries + 1} in {backoff * 2 ** attempt:g} s",
+              file=sys.stderr)
         time.sleep(backoff * 2 ** attempt)
 
 
@@ -549,9 +583,10 @@ class LazyDataset:
     and a one-line message naming the sample and file; with strict=True the first one is fatal.
     """
 
-    def __init__(self, json_path, image_folder, model, max_length=2048, pad_to_square=False, strict=False):
+    def __init__(self, json_path, image_folder, model, max_length=2048, pad_to_square=False, strict=False,
+                 samples=None):
         self.path, self.image_folder, self.max_length = json_path, image_folder, max_length
-        self.samples = load_json(json_path)
+        self.samples = load_json(json_path) if samples is None else samples  # samples: the file, read already
         self.tokenizer, self.template = model.tokenizer, model.template
         self.image_processor, self.image_token_id = model.image_processor, model.image_token_id
         self.num_image_tokens, self.pad_to_square, self.strict = model.num_image_tokens, pad_to_square, strict
@@ -585,6 +620,8 @@ class LazyDataset:
             raise SampleError(f"sample {sample_id}: no 'conversations'")
         pixel_values = None
         if sample.get("image") is not None:
+            if not isinstance(sample["image"], str):  # e.g. several images: the model takes one
+                raise SampleError(f"sample {sample_id}: 'image' must be one file name, not {sample['image']!r}")
             image_path = os.path.join(self.image_folder, sample["image"])
             try:
                 image = load_image(image_path, self.pad_to_square, self.background)
@@ -595,6 +632,16 @@ class LazyDataset:
                                    self.image_token_id if pixel_values is not None else None,
                                    self.num_image_tokens, max_length=self.max_length, sample_id=sample_id)
         return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+
+
+def check_images(samples, image_folder, json_path, first=20):
+    """Stop early if none of the first samples' images is in image_folder: the wrong folder would
+    otherwise skip every image sample and train on the text-only ones alone."""
+    named = (s["image"] for s in samples if isinstance(s, dict) and isinstance(s.get("image"), str))
+    names = list(itertools.islice(named, first))
+    if names and not any(os.path.isfile(os.path.join(image_folder, n)) for n in names):
+        raise SystemExit(f"--image-folder {image_folder}: none of the first {len(names)} images of {json_path} is "
+                         f"there (e.g. {os.path.join(image_folder, names[0])}); pass the folder they are relative to")
 
 
 def collate(samples, pad_id):
@@ -621,14 +668,50 @@ def collate(samples, pad_id):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+def cli(main, program):
+    """Run a program's main(): a message that ends it, a file that cannot be read or written (missing,
+    a folder, read-only, a full disk) and a bad sample each become one line, "program: ...", exit 1."""
+    try:
+        main()
+    except SystemExit as e:
+        if isinstance(e.code, str) and not e.code.startswith(program):
+            raise SystemExit(f"{program}: {e.code}") from None
+        raise
+    except (OSError, SampleError) as e:
+        raise SystemExit(f"{program}: {one_line(e)}") from None
+    except KeyboardInterrupt:
+        print(f"{program}: stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(130)
+
+
+def one_line(e):
+    """An error as one line; an OSError names its file, and a full disk says so."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        return text + (" (the disk is full)" if e.errno == errno.ENOSPC else "")
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def number(kind, low, high=math.inf, above=False):
+    """An argparse type: a finite int or float from `low` (or above it) to `high`."""
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            most = f" and at most {high}" if high < math.inf else ""
+            raise argparse.ArgumentTypeError(f"{text}: must be {'above' if above else 'at least'} {low}{most}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("show", help="print one tokenized sample with its trained tokens marked")
     p.add_argument("file", help="a LLaVA JSON file (a list of samples)")
     p.add_argument("--index", type=int, default=0, help="which sample")
-    p.add_argument("--model", default="out/toy/stage2", help="a model directory (for its tokenizer)")
-    p.add_argument("--template", default=None, help="paper or llava15 (default: the model's)")
+    p.add_argument("--model", default="out/toy/stage2/model", help="a model directory (for its tokenizer)")
+    p.add_argument("--template", choices=list(TEMPLATES), help="paper or llava15 (default: the model's)")
     p = sub.add_parser("teacher", help="GPT-assisted generation from COCO annotations with a chat-completions API")
     p.add_argument("--captions", required=True, help="COCO captions_*.json")
     p.add_argument("--instances", required=True, help="COCO instances_*.json")
@@ -636,7 +719,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="JSONL file, appended to; a rerun skips the ids in it")
     p.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     p.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4"), help="the teacher model")
-    p.add_argument("--limit", type=int, default=None, help="at most this many images")
+    p.add_argument("--limit", type=number(int, 1), default=None, help="at most this many images")
     p = sub.add_parser("scienceqa", help="§5.2: one split of ScienceQA's release as LLaVA JSON")
     p.add_argument("--root", required=True, help="the folder of problems.json, pid_splits.json and images/")
     p.add_argument("--split", default="train", help="train, val, test, minival or minitest")
@@ -651,19 +734,27 @@ def main(argv=None):
               f"(--image-folder {os.path.join(args.root, 'images')})")
     elif args.command == "teacher":
         key = os.environ.get("OPENAI_API_KEY")  # from the environment only: never a flag, never printed
-        new, skipped = generate_with_teacher(coco_annotations(args.captions, args.instances), args.kind,
-                                             args.out, args.base_url, args.model, key, limit=args.limit)
+        annotations = coco_annotations(args.captions, args.instances)
+        try:
+            new, skipped = generate_with_teacher(annotations, args.kind, args.out, args.base_url, args.model, key,
+                                                 limit=args.limit)
+        except RuntimeError as e:  # the endpoint gave up: every sample so far is saved
+            sys.exit(f"the teacher failed ({e}); {len(read_jsonl(args.out))} samples are saved in {args.out}: "
+                     f"run the same command again to continue")
         print(f"{args.out}: {new} new samples, {skipped} malformed replies skipped")
     elif args.command == "show":
-        tokenizer, config = load_tokenizer_and_config(args.model)
         samples = load_json(args.file)
         if not 0 <= args.index < len(samples):
             sys.exit(f"{args.file}: --index {args.index} is out of range (0..{len(samples) - 1})")
         sample = samples[args.index]
+        if not isinstance(sample, dict) or "conversations" not in sample:
+            raise SampleError(f"sample {args.index} of {args.file}: no 'conversations'")
+        tokenizer, config = load_tokenizer_and_config(args.model)
         has_image = "image" in sample
         ids, labels = render(sample["conversations"], tokenizer, args.template or config["template"],
                              image_token_id=config["image_token_id"] if has_image else None,
-                             num_image_tokens=config["num_image_tokens"], sample_id=sample.get("id", args.index))
+                             num_image_tokens=config["num_image_tokens"],
+                             sample_id=f"{sample.get('id', args.index)} ({args.file}[{args.index}])")
         print(show(ids, labels, tokenizer, config["image_token_id"]))
 
 
@@ -671,8 +762,8 @@ def load_json_object(path):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{path}: cannot read JSON: {e}")
+    except (OSError, ValueError) as e:  # missing, a folder, not JSON, not UTF-8
+        raise SystemExit(f"{path}: cannot read JSON: {e}") from None
 
 
 def load_json(path):
@@ -684,4 +775,4 @@ def load_json(path):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main, "data.py")

@@ -21,7 +21,6 @@ model, in the paper's two ensembles with a text-only GPT-4 (complement and judge
         [--judge-url https://HOST/v1 --judge-model gpt-4]
 """
 import argparse
-import json
 import os
 import re
 import sys
@@ -127,41 +126,46 @@ def parse_scores(review):
     return (float(numbers[0]), float(numbers[1])) if len(numbers) == 2 else None
 
 
-def append_jsonl(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+append_jsonl = data.append_jsonl
 
 
 def evaluate_bench(model, questions, contexts, references, image_folder, out, judge_url, judge_model,
-                   api_key, **client_options):
+                   api_key, model_id=None, **client_options):
     """questions: [{question_id, image, text, category}], contexts: {image: captions text},
-    references: {question_id: reference answer}. Returns {category: relative score etc.}."""
+    references: {question_id: reference answer}. Returns {category: relative score etc.} over the
+    questions reviewed so far. The answers remember model_id and the reviews the judge too: a rerun
+    into the same `out` with another model or judge is refused, never mixed."""
     os.makedirs(out, exist_ok=True)
     answers_path, reviews_path = os.path.join(out, "answers.jsonl"), os.path.join(out, "reviews.jsonl")
-    answers = {r["question_id"]: r["text"] for r in data.read_jsonl(answers_path)}
+    answers = {r["question_id"]: r["text"] for r in saved_rows(answers_path, model=model_id)}
+    reviews = {r["question_id"]: r for r in saved_rows(reviews_path, model=model_id, judge=judge_model)}
     for q in questions:  # 1. the model's answers, saved one by one
         if q["question_id"] not in answers:
             image = data.load_image(os.path.join(image_folder, q["image"]))
             text = model.answer([{"from": "human", "value": f"{data.IMAGE}\n{q['text']}"}], image, temperature=0)
             answers[q["question_id"]] = text
-            append_jsonl(answers_path, {"question_id": q["question_id"], "text": text})
-    reviews = {r["question_id"]: r for r in data.read_jsonl(reviews_path)}
+            append_jsonl(answers_path, {"question_id": q["question_id"], "model": model_id, "text": text})
     for q in questions:  # 2. the judge's reviews, saved one by one
         if q["question_id"] in reviews:
             continue
         messages = judge_messages(contexts[q["image"]], q["text"], references[q["question_id"]],
                                   answers[q["question_id"]])
-        review = data.chat_completion(messages, judge_url, judge_model, api_key, **client_options)
+        try:
+            review = data.chat_completion(messages, judge_url, judge_model, api_key, **client_options) or ""
+        except RuntimeError as e:  # the judge gave up or answered nonsense: what came before is saved
+            raise SystemExit(f"question {q['question_id']}: the judge failed ({e}); {len(reviews)} reviews are saved "
+                             f"in {reviews_path}: run the same command again to continue") from None
         scores = parse_scores(review)
         if scores is None:
             print(f"question {q['question_id']}: the judge gave no two scores; asked again on the next run",
                   file=sys.stderr)
             continue
         reviews[q["question_id"]] = {"question_id": q["question_id"], "category": q.get("category", "all"),
-                                     "scores": scores, "review": review}
+                                     "model": model_id, "judge": judge_model, "scores": scores, "review": review}
         append_jsonl(reviews_path, reviews[q["question_id"]])
     totals = defaultdict(lambda: [0.0, 0.0, 0])  # 3. relative score = mean(model) / mean(reference) x 100
-    for r in reviews.values():
+    asked = {q["question_id"] for q in questions}
+    for r in (r for r in reviews.values() if r["question_id"] in asked):
         for c in (r["category"], "overall"):
             totals[c][0] += r["scores"][0]
             totals[c][1] += r["scores"][1]
@@ -351,52 +355,101 @@ def main(argv=None):
     bench.add_argument("--out", default="out/bench", help="answers.jsonl, reviews.jsonl, results.json")
     bench.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     bench.add_argument("--judge-model", default="gpt-4")
+    bench.add_argument("--timeout", type=data.number(float, 0, above=True), default=60, help="seconds per try")
+    bench.add_argument("--retries", type=data.number(int, 0), default=5, help="tries after the first, then stop")
     sqa = sub.add_parser("scienceqa", help="§5.2: ScienceQA in Table 7's columns, alone and with a teacher")
     sqa.add_argument("--model", required=True, help="model directory or hub id")
     sqa.add_argument("--root", required=True, help="the folder of problems.json, pid_splits.json and images/")
     sqa.add_argument("--split", default="test")
     sqa.add_argument("--out", default="out/sqa", help="answers.jsonl, teacher.jsonl, results.json; a rerun resumes")
-    sqa.add_argument("--batch-size", type=int, default=32, help="questions answered at once")
-    sqa.add_argument("--max-new-tokens", type=int, default=1024, help="the reasoning comes before the answer")
+    sqa.add_argument("--batch-size", type=data.number(int, 1), default=32, help="questions answered at once")
+    sqa.add_argument("--max-new-tokens", type=data.number(int, 1), default=1024,
+                     help="the reasoning comes before the answer")
     sqa.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     sqa.add_argument("--judge-model", default=None, help="the text-only teacher (e.g. gpt-4); none: LLaVA alone")
     args = p.parse_args(argv)
 
+    try:
+        model_id = model_fingerprint(args.model)  # who answers: every output remembers it
+    except FileNotFoundError as e:
+        sys.exit(f"eval.py {args.command}: --model {e}")
     if args.command == "scienceqa":
-        try:
-            model_id = model_fingerprint(args.model)
-        except FileNotFoundError as e:
-            sys.exit(f"eval.py scienceqa: --model {e}")
-        runs = evaluate_scienceqa(args.root, args.split, args.out, model_id, lambda: load_on_device(args.model),
+        runs = evaluate_scienceqa(args.root, args.split, args.out, model_id, lambda: loaded(args.model, load_on_device),
                                   args.judge_model, args.judge_url, os.environ.get("OPENAI_API_KEY"),
                                   args.batch_size, args.max_new_tokens, temperature=0)
         print(table7(runs))
         print(f"(accuracy %; answers and results in {args.out})")
         return
-    if args.command == "bench":
-        contexts = {r["image"]: r.get("caption", r.get("text", "")) for r in data.read_jsonl(args.context)}
-        references = {r["question_id"]: r["text"] for r in data.read_jsonl(args.references)}
-        questions = data.read_jsonl(args.questions)
+    if args.command == "bench":  # every input is checked before the model loads
+        contexts = {r["image"]: r.get("caption", r.get("text", "")) for r in read_rows(args.context, "image")}
+        references = {r["question_id"]: r["text"] for r in read_rows(args.references, "question_id", "text")}
+        questions = read_rows(args.questions, "question_id", "image", "text")
         for q in questions:
             if q["question_id"] not in references or q["image"] not in contexts:
                 sys.exit(f"{args.questions}: question {q['question_id']} has no reference answer or context")
-        results = evaluate_bench(llava.load(args.model), questions, contexts, references, args.image_folder,
-                                 args.out, args.judge_url, args.judge_model, os.environ.get("OPENAI_API_KEY"))
-        print(bench_table(results))
-        data.write_json(os.path.join(args.out, "results.json"), results)
+            check_image(args.questions, q["question_id"], args.image_folder, q["image"])
+        answered = {r["question_id"] for r in saved_rows(os.path.join(args.out, "answers.jsonl"), model=model_id)}
+        saved_rows(os.path.join(args.out, "reviews.jsonl"), model=model_id, judge=args.judge_model)  # or refused now
+        model = loaded(args.model) if any(q["question_id"] not in answered for q in questions) else None  # if needed
+        results = evaluate_bench(model, questions, contexts, references, args.image_folder, args.out,
+                                 args.judge_url, args.judge_model, os.environ.get("OPENAI_API_KEY"), model_id,
+                                 timeout=args.timeout, retries=args.retries)
+        if results:
+            print(bench_table(results))
+        missing = len(questions) - results.get("overall", {}).get("n", 0)
+        if missing:  # the judge gave no two scores for some: results.json waits for all of them
+            sys.exit(f"{missing} of {len(questions)} questions have no review yet (see above); run the same "
+                     f"command again to ask the judge again")
+        data.write_json(os.path.join(args.out, "results.json"), dict(results, model=model_id, judge=args.judge_model))
         return
 
     questions = data.load_json(args.questions)
-    for i, q in enumerate(questions):
-        if "answer" not in q or "conversations" not in q:
-            sys.exit(f"{args.questions}: question {q.get('id', i)} has no 'answer' or 'conversations'")
-    model = llava.load(args.model)
+    for i, q in enumerate(questions):  # every question is checked before the model loads
+        turn = q.get("conversations", [None])[0] if isinstance(q, dict) else None
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            sys.exit(f"{args.questions}: question {i} has no 'conversations' with a question first")
+        if n_options(turn["value"]) < 2 or q.get("answer") not in data.LETTERS[:n_options(turn["value"])]:
+            sys.exit(f"{args.questions}: question {q.get('id', i)} needs 2 or more options '(A) ...' and an "
+                     f"'answer' letter among them")
+        if q.get("image"):
+            check_image(args.questions, q.get("id", i), args.image_folder, q["image"])
+    if args.out and os.path.exists(args.out):  # only the same model's results are replaced
+        made_by = data.load_json_object(args.out)
+        made_by = made_by.get("model") if isinstance(made_by, dict) else None
+        if made_by != model_id:
+            sys.exit(f"--out {args.out}: made by model {made_by!r}, not {model_id!r}; pass another --out, "
+                     f"or delete it to start over")
+    model = loaded(args.model)
     results, rows = evaluate_mc(model, questions, args.image_folder, progress=True)
     blind = None if args.no_blind else evaluate_mc(model, questions, args.image_folder, blank=True, progress=True)[0]
     print(table(results, blind))
     if args.out:
-        data.write_json(args.out, {"results": results, "blind": blind, "outputs": rows})
+        data.write_json(args.out, {"model": model_id, "results": results, "blind": blind, "outputs": rows})
+
+
+def read_rows(path, *keys):
+    """An input JSONL file: each line an object with `keys`; a line that is not is named."""
+    rows = data.read_jsonl(path, required=True)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not all(k in row for k in keys):
+            sys.exit(f"{path}: row {i + 1} needs {', '.join(keys)}")
+    if not rows:
+        sys.exit(f"{path}: empty")
+    return rows
+
+
+def check_image(path, question, folder, image):
+    if not os.path.isfile(os.path.join(folder, image)):
+        sys.exit(f"{path}: question {question}: image {os.path.join(folder, image)} not found; check --image-folder")
+
+
+def loaded(path, load=llava.load):
+    """The model at `path`, or one line that says why it cannot be loaded."""
+    try:
+        return load(path)
+    except (OSError, ValueError) as e:
+        sys.exit(f"cannot load --model {path}: {data.one_line(e)}")
 
 
 if __name__ == "__main__":
-    main()
+    data.cli(main, "eval.py")

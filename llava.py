@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers.initialization import no_init_weights
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
@@ -63,6 +63,9 @@ class LLaVA(nn.Module):
                                         language_model.config.hidden_size)  # W
         self.language_model = language_model  # f_phi, a causal LM with its LM head
         self.tokenizer, self.image_processor = tokenizer, image_processor
+        n = vision_tower.config.num_hidden_layers  # hidden states: -n - 1 (the input) to n (the last layer)
+        if not -n - 1 <= feature_layer <= n:
+            raise ValueError(f"feature layer {feature_layer}: the vision encoder has {n} layers; choose -{n + 1}..{n}")
         self.projector_kind, self.feature_layer, self.keep_cls = projector, feature_layer, keep_cls
         self.image_token_id = image_token_id
         self.template = data.get_template(template)
@@ -268,6 +271,9 @@ def load_vision_tower(name_or_path, dtype=torch.float32, empty=False):
     empty: its layout only, weights not read (to be built on the meta device)."""
     config = AutoConfig.from_pretrained(name_or_path)
     vision_config = getattr(config, "vision_config", config)
+    if not hasattr(vision_config, "image_size"):
+        raise ValueError(f"{name_or_path}: a {config.model_type} model, not a vision encoder "
+                         f"(--vision and --llm swapped?)")
     if empty:
         return AutoModel.from_config(vision_config, dtype=dtype)
     with quiet_transformers():  # a CLIP checkpoint also holds the text tower we leave out
@@ -279,11 +285,14 @@ def build(vision, llm, projector="mlp2x_gelu", feature_layer=-2, keep_cls=False,
     """A new LLaVA: g and f_phi from pretrained models (hub ids or directories), W random (FP32).
     dtype: f_phi's; vision_dtype: g's (default: the same). Checkpoints are converted as read (Vicuna
     ships float16). empty: the same model without reading any weights (for the meta device)."""
-    vision_tower = load_vision_tower(vision, vision_dtype or dtype, empty)
+    vision_tower = named(vision, lambda: load_vision_tower(vision, vision_dtype or dtype, empty))
+    config = named(llm, lambda: AutoConfig.from_pretrained(llm))
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{llm}: a {config.model_type} model, not a language model (--vision and --llm swapped?)")
     if empty:
-        language_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llm), dtype=dtype)
+        language_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        language_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype)
+        language_model = named(llm, lambda: AutoModelForCausalLM.from_pretrained(llm, dtype=dtype))
     tokenizer = AutoTokenizer.from_pretrained(llm)
     # An <image> token in the vocabulary, so that transformers' Llava can read what we save.
     image_token_id = data.image_placeholder(tokenizer)
@@ -293,6 +302,14 @@ def build(vision, llm, projector="mlp2x_gelu", feature_layer=-2, keep_cls=False,
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)
     return LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision, backend="pil"),
                  projector, feature_layer, keep_cls, image_token_id, template)
+
+
+def named(path, read):
+    """read() from `path`; an error that does not say where names it (a corrupt weight file)."""
+    try:
+        return read()
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: {data.one_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,6 +376,7 @@ def save(model, path, state_dict=None, max_shard_size="5GB"):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_torch_state_dict(weights, tmp, max_shard_size=max_shard_size)
+    usual_mode(*[os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".safetensors")])
     config.save_pretrained(tmp)
     model.tokenizer.save_pretrained(tmp)
     model.image_processor.save_pretrained(tmp)
@@ -367,6 +385,15 @@ def save(model, path, state_dict=None, max_shard_size="5GB"):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def usual_mode(*paths):
+    """safetensors writes its files readable by their owner alone; give them what the user's umask
+    gives any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
 
 
 def own_storage(tensor):
@@ -392,7 +419,7 @@ def read_file(file, device="cpu"):
     """One weight file's tensors: safetensors straight onto `device`; a .bin read with
     weights_only=True (no code from the file is run) and memory-mapped."""
     if file.endswith(".safetensors"):
-        return load_file(file, device=str(device))
+        return named(file, lambda: load_file(file, device=str(device)))
     return torch.load(file, map_location=device, weights_only=True, mmap=True)
 
 
@@ -401,7 +428,7 @@ def stored_shapes(files):
     shapes = {}
     for file in files:
         if file.endswith(".safetensors"):
-            with safe_open(file, "pt") as f:
+            with named(file, lambda: safe_open(file, "pt")) as f:
                 shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         else:
             shapes.update({k: tuple(v.shape) for k, v in read_file(file).items()})
@@ -476,6 +503,7 @@ def save_projector(model, path, state_dict=None):
     state_dict = model.projector.state_dict() if state_dict is None else state_dict
     save_file({k: v.contiguous() for k, v in state_dict.items()}, path + ".tmp",
               metadata={"projector": model.projector_kind})
+    usual_mode(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -486,8 +514,7 @@ def load_projector(model, path):
         path = os.path.join(path, "projector.safetensors")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no stage-1 projector here; run stage 1 or pass --projector")
-    weights = load_file(path) if path.endswith(".safetensors") else torch.load(path, map_location="cpu",
-                                                                               weights_only=True)
+    weights = read_file(path)
     weights = {re.sub(r"^(model\.)?mm_projector\.", "", k): v for k, v in weights.items()}
     expected = model.projector.state_dict()
     problems = sorted(set(expected) ^ set(weights)) or [k for k in expected if weights[k].shape != expected[k].shape]

@@ -2015,3 +2015,494 @@ def test_the_demo_runs_end_to_end_on_a_small_world(tmp_path):
     assert results["chat"]["overall"]["n"] >= 20  # 10 conversations of 2 to 4 questions
     assert Image.open(tmp_path / "demo.png").size[0] == 1100
     assert (tmp_path / "stage2" / "model" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A new user's mistakes (issue 17): each program answers a mistake with one line that names the
+# file, sample, flag or server and what to do, exits non-zero, and loses nothing the user made
+# ----------------------------------------------------------------------------------------------
+# Importing torch and transformers takes seconds, a program's check a fraction of one. So the cases
+# run in processes forked from one interpreter that has imported them and nothing more (no torch op
+# ran in it); each runs the program file as __main__ with its own argv, stdin, stdout, stderr and
+# working folder, and exits with the program's code. LLAVA_PLAIN_SUBPROCESS=1 runs every case as
+# `python PROGRAM ...` instead (slower; the same answers).
+
+FORK_SERVER = r"""
+import json, os, runpy, sys, traceback
+sys.path.insert(0, os.getcwd())
+import torch, transformers, data, llava, train, chat, eval  # noqa: E401,F401  the seconds, paid once
+for request in sys.stdin:
+    argv, stdin, stdout, stderr, cwd = json.loads(request)
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(cwd)
+        for fd, path, flags in [(0, stdin, os.O_RDONLY), (1, stdout, os.O_WRONLY), (2, stderr, os.O_WRONLY)]:
+            os.dup2(os.open(path, flags), fd)
+        sys.stdin, sys.stdout = open(0, closefd=False), open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")
+        sys.argv, code = argv, 0
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:  # as the interpreter ends on it
+            code = e.code if isinstance(e.code, int) or e.code is None else print(e.code, file=sys.stderr) or 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class Programs:
+    """Runs `python PROGRAM ARGS` as a user does: (exit code, stdout, stderr)."""
+
+    def __init__(self, folder):
+        self.folder, self.server = folder, None
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                        OPENAI_API_KEY="sk-never-shown")
+        if not os.environ.get("LLAVA_PLAIN_SUBPROCESS"):
+            self.server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=HERE, env=self.env, text=True,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def run(self, argv, stdin=b"", cwd=HERE):
+        argv = [os.path.join(HERE, argv[0]), *argv[1:]]
+        if self.server is None:
+            r = subprocess.run([sys.executable, *argv], input=stdin, capture_output=True, cwd=cwd, env=self.env,
+                               timeout=300)
+            return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+        paths = [os.path.join(self.folder, name) for name in ("stdin", "stdout", "stderr")]
+        for path, content in zip(paths, [stdin, b"", b""]):
+            open(path, "wb").write(content)
+        self.server.stdin.write(json.dumps([argv, *paths, str(cwd)]) + "\n")
+        self.server.stdin.flush()
+        code = int(self.server.stdout.readline())
+        return code, *(open(path, errors="replace").read() for path in paths[1:])
+
+    def close(self):
+        if self.server:
+            self.server.stdin.close()
+            self.server.wait(timeout=60)
+
+
+class Judges(Teacher):
+    """Chat-completion endpoints on 127.0.0.1, one behaviour per path: /ok (scores "8 6"), /html, /nochoices,
+    /noscores, /slow (2 s, then ok), /unauthorized (401), /redirect (302 to `elsewhere`)."""
+
+    def __init__(self, elsewhere=None):
+        super().__init__(faults=False)
+        judges = self
+
+        def reply(handler):
+            import time
+            handler.rfile.read(int(handler.headers["Content-Length"]))
+            judges.requests.append(handler.path)
+            judges.keys.add(handler.headers.get("Authorization"))
+            kind = handler.path.split("/")[1]
+            if kind == "unauthorized":
+                return handler.send_error(401)
+            if kind == "redirect":
+                handler.send_response(302)
+                handler.send_header("Location", elsewhere + "/chat/completions")
+                return handler.end_headers()
+            time.sleep(2 if kind == "slow" else 0)
+            content = {"noscores": "Both are fine."}.get(kind, "8 6\nThe first is more detailed.")
+            out = {"html": b"<html><body>Sign in</body></html>", "nochoices": b'{"error": "overloaded"}'}.get(
+                kind, json.dumps({"choices": [{"message": {"content": content}}]}).encode())
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(out)))
+            handler.end_headers()
+            handler.wfile.write(out)
+        self.server.RequestHandlerClass.do_POST = reply
+        self.server.handle_error = lambda *args: None  # the slow reply, written after the client gave up
+
+
+@pytest.fixture(scope="session")
+def user(parts, toy_world, saved, tmp_path_factory):
+    """A user's folder: the tiny parts, the toy world, a saved model, and the broken files a user makes."""
+    root = tmp_path_factory.mktemp("user")
+    world, _ = toy_world
+    clip, lm = parts
+    samples = read(world / "instruct.json")
+    with_image = [s for s in samples if "image" in s]
+    text_only = {"id": "t", "conversations": [{"from": "human", "value": "What is a circle?"},
+                                              {"from": "gpt", "value": "A round shape."}]}
+    files = {
+        "notutf8.json": b"\xff\xfe[", "object.json": b"{}", "empty.safetensors": b"",
+        "few.json": json.dumps(samples[:3]).encode(),
+        "mixed.json": json.dumps(with_image[:4] + [dict(text_only, id=str(i)) for i in range(8)]).encode(),
+        "multi.json": json.dumps([dict(with_image[0], image=[with_image[0]["image"]] * 2)] + with_image[1:4]).encode(),
+        "alternation.json": json.dumps([{"id": "x", "conversations": [{"from": "human", "value": "A?"},
+                                                                      {"from": "human", "value": "B?"}]}]).encode(),
+        "strings.json": b'["just a string"]'}
+    for name, content in files.items():
+        (root / name).write_bytes(content)
+    save_file({"0.weight": torch.zeros(3, 5), "0.bias": torch.zeros(3)}, root / "other_projector.safetensors")
+    (root / "empty_dir").mkdir()
+    # Models: the saved one, one with a corrupt weight file, an LM copy with one
+    import shutil
+    shutil.copytree(saved[1], root / "model")
+    shutil.copytree(saved[1], root / "model_b")  # another model: another fingerprint
+    (root / "model_b" / "model.safetensors").write_bytes(open(root / "model" / "model.safetensors", "rb").read())
+    shutil.copytree(saved[1], root / "corrupt_model")
+    (root / "corrupt_model" / "model.safetensors").write_bytes(b"garbage" * 10)
+    shutil.copytree(lm, root / "corrupt_lm")
+    (root / "corrupt_lm" / "model.safetensors").write_bytes(b"")
+    # Multiple choice and LLaVA-Bench inputs
+    mc = read(world / "eval.json")[:2]
+    (root / "mc.json").write_text(json.dumps(mc))
+    no_options = [dict(mc[0], conversations=[{"from": "human", "value": "<image>\nWhat is it?"}])]
+    (root / "mc_no_options.json").write_text(json.dumps(no_options))
+    (root / "mc_no_image.json").write_text(json.dumps([dict(mc[0], image="gone.png")]))
+    (root / "mc_bad_answer.json").write_text(json.dumps([dict(mc[0], answer="Z")]))
+    (root / "bench_images").mkdir()
+    image().save(root / "bench_images" / "bench.png")
+    question = {"question_id": 1, "image": "bench.png", "text": "What color is the square?", "category": "conv"}
+    (root / "questions.jsonl").write_text(json.dumps(question) + "\n")
+    (root / "questions_malformed.jsonl").write_text(json.dumps(question) + "\n{\"question_id\": 2,\n")
+    (root / "questions_no_text.jsonl").write_text(json.dumps({"question_id": 1, "image": "bench.png"}) + "\n")
+    (root / "questions_no_reference.jsonl").write_text(json.dumps(dict(question, question_id=7)) + "\n")
+    (root / "questions_no_image.jsonl").write_text(json.dumps(dict(question, image="gone.png")) + "\n")
+    (root / "context.jsonl").write_text(json.dumps({"image": "bench.png", "caption": "A red square."}) + "\n")
+    (root / "context_gone.jsonl").write_text(json.dumps({"image": "gone.png", "caption": "Gone."}) + "\n")
+    (root / "references.jsonl").write_text(json.dumps({"question_id": 1, "text": "It is red."}) + "\n")
+    write_coco(root)
+    (root / "not_coco.json").write_text(json.dumps({"info": {}}))
+    write_scienceqa(root / "sqa")
+    elsewhere = Judges()
+    judges = Judges(elsewhere.url.replace("127.0.0.1", "localhost"))  # another host
+    programs = Programs(str(tmp_path_factory.mktemp("io")))
+    yield {"root": root, "world": world, "clip": clip, "lm": lm, "model": str(root / "model"), "judges": judges,
+           "elsewhere": elsewhere, "programs": programs, "images": str(world / "images")}
+    programs.close()
+    judges.close()
+    elsewhere.close()
+
+
+def bench_answers(u, o, model="model"):
+    """A bench --out whose answer was saved by `model` (so that the judge is asked next)."""
+    o.mkdir(exist_ok=True)
+    row = {"question_id": 1, "model": evaluation.model_fingerprint(str(u["root"] / model)), "text": "Red."}
+    (o / "answers.jsonl").write_text(json.dumps(row) + "\n")
+
+
+def readonly(u, o):
+    """A folder that even root cannot write into (the immutable attribute), or skip where it cannot be set."""
+    o.mkdir()
+    if subprocess.run(["chattr", "+i", str(o)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not permitted here")
+
+
+def full_disk(u, o):
+    """An earlier output (out.json) and a write that fails for want of space: out.json.tmp leads to /dev/full."""
+    o.mkdir()
+    (o / "out.json").write_text('["earlier samples"]')
+    os.symlink("/dev/full", o / "out.json.tmp")
+
+
+def used_run(u, o):
+    (o / "run" / "model").mkdir(parents=True)
+    (o / "run" / "model" / "model.safetensors").write_bytes(b"a trained model")
+    (o / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+
+
+def resumable_run(u, o):
+    """A run in o/run with the settings of the cases' own command, and a checkpoint."""
+    settings = train.get_args(expand(u, o, "{train}")[1:])
+    (o / "run" / "checkpoints").mkdir(parents=True)
+    (o / "run" / "run.json").write_text(json.dumps({k: getattr(settings, k) for k in train.RUN_SETTINGS}))
+    (o / "run" / "checkpoints" / "latest").write_text("step_0000001")
+
+
+def mc_results_of(model):
+    def setup(u, o):
+        o.mkdir()
+        fingerprint = evaluation.model_fingerprint(str(u["root"] / model))
+        (o / "results.json").write_text(json.dumps({"model": fingerprint, "results": {"overall": {"accuracy": 1}}}))
+    return setup
+
+
+def expand(u, o, command):
+    """A case's command line with {placeholders}: the user's files, o (the case's own folder), {train}."""
+    import shlex
+    train_args = ("train.py --vision {clip} --llm {lm} --image-folder {images} --template paper --workers 0 "
+                  "--projector-type mlp2x_gelu --stage 2 --projector none --data {world}/instruct.json "
+                  "--global-batch 4 --batch-size 2 --max-steps 1 --checkpoint-every 0 --lr 1e-3 --out {o}/run")
+    bench = ("eval.py bench --model {model} --questions {root}/questions.jsonl --context {root}/context.jsonl "
+             "--references {root}/references.jsonl --image-folder {root}/bench_images --out {o} --retries 0 "
+             "--timeout 5")
+    command = command.replace("{train}", train_args).replace("{bench}", bench)
+    return shlex.split(command.format(**u, o=o, judge=u["judges"].url.rsplit("/v1", 1)[0]))
+
+
+# case: (command, what the last line of stderr says after "PROGRAM: ", setup(user, case folder) or None)
+MISTAKES = {
+    # train.py: flags
+    "train-batch-size-0": ("{train} --batch-size 0", r"error: argument --batch-size: 0: must be at least 1"),
+    "train-batch-size-negative": ("{train} --batch-size -2", r"argument --batch-size: -2: must be at least 1"),
+    "train-global-batch-0": ("{train} --global-batch 0", r"argument --global-batch: 0: must be at least 1"),
+    "train-not-a-number": ("{train} --batch-size two", r"argument --batch-size: invalid int value: 'two'"),
+    "train-epochs-0": ("{train} --epochs 0", r"argument --epochs: 0: must be above 0"),
+    "train-max-steps-0": ("{train} --max-steps 0", r"argument --max-steps: 0: must be at least 1"),
+    "train-lr-nan": ("{train} --lr nan", r"argument --lr: nan: must be above 0"),
+    "train-warmup-ratio": ("{train} --warmup-ratio 1.5", r"--warmup-ratio: 1.5: must be at least 0 and at most 1"),
+    "train-grad-clip-negative": ("{train} --grad-clip -1", r"argument --grad-clip: -1: must be at least 0"),
+    "train-max-length-0": ("{train} --max-length 0", r"argument --max-length: 0: must be at least 1"),
+    "train-checkpoint-every": ("{train} --checkpoint-every -5", r"argument --checkpoint-every: -5: must be at least 0"),
+    "train-keep-0": ("{train} --keep 0", r"argument --keep: 0: must be at least 1"),
+    "train-workers": ("{train} --workers -1", r"argument --workers: -1: must be at least 0"),
+    "train-projector-type": ("{train} --projector-type mlp3", r"argument --projector-type: invalid choice: 'mlp3'"),
+    "train-template": ("{train} --template vicuna", r"argument --template: invalid choice: 'vicuna'"),
+    "train-batch-split": ("{train} --global-batch 6 --batch-size 4", r"--global-batch 6 is not a multiple of "
+                                                                     r"--batch-size 4"),
+    # train.py: data
+    "train-data-missing": ("{train} --data {o}/chat.json", r"--data .*chat.json not found; pass --data"),
+    "train-data-not-utf8": ("{train} --data {root}/notutf8.json", r"notutf8.json: cannot read JSON: 'utf-8' codec"),
+    "train-data-not-a-list": ("{train} --data {root}/object.json", r"object.json: expected a JSON list of samples"),
+    "train-data-a-folder": ("{train} --data {root}/empty_dir", r"empty_dir: cannot read JSON: .*Is a directory"),
+    "train-data-too-few": ("{train} --data {root}/few.json", r"few.json has 3 samples, fewer than --global-batch 4"),
+    "train-image-folder-missing": ("{train} --image-folder {o}/images", r"--image-folder .*images not found"),
+    "train-image-folder-wrong": ("{train} --data {root}/mixed.json --image-folder {clip}",
+                                 r"--image-folder .*clip: none of the first 4 images of .*mixed.json is there "
+                                 r"\(e.g. .*clip/.*\.png\); pass the folder they are relative to"),
+    "train-nothing-trainable": ("{train} --max-length 5", r"step 1: no sample of the global batch can be trained on .*"
+                                                          r"--max-length. Nothing was saved."),
+    "train-strict-data": ("{train} --data {root}/multi.json --strict-data",
+                          r"--strict-data: step 1 holds the bad sample named above"),
+    # train.py: --out and --resume
+    "train-out-a-file": ("{train} --out {root}/few.json", r"--out .*few.json is a file; pass a directory"),
+    "train-out-used": ("{train}", r"--out .*run already holds a run \(metrics.jsonl\); pass --resume", used_run),
+    "train-resume-nothing": ("{train} --resume", r"--resume: .*run holds no run to resume; start without --resume"),
+    "train-resume-changed": ("{train} --resume --lr 0.5", r"--resume: --lr 0.5 differs from the run in .*run "
+                                                          r"\(0.001\); resume with the same settings", resumable_run),
+    "train-out-read-only": ("{train}", r"run: Operation not permitted", readonly),
+    # train.py: the parts
+    "train-llm-corrupt": ("{train} --llm {root}/corrupt_lm", r"cannot build the model .*corrupt_lm: Error while "
+                                                             r"deserializing header"),
+    "train-llm-missing": ("{train} --llm {o}/vicuna", r"cannot build the model .*vicuna"),
+    "train-swapped": ("{train} --vision {lm} --llm {clip}", r"lm: a llama model, not a vision encoder \(--vision and "
+                                                            r"--llm swapped\?\)"),
+    "train-llm-is-clip": ("{train} --llm {clip}", r"clip: a clip model, not a language model"),
+    "train-projector-missing": ("{train} --projector {o}/stage1", r"stage1: no stage-1 projector here; run stage 1 or "
+                                                                  r"pass --projector"),
+    "train-projector-empty": ("{train} --projector {root}/empty.safetensors", r"empty.safetensors: Error while "
+                                                                              r"deserializing header"),
+    "train-projector-other": ("{train} --projector {root}/other_projector.safetensors",
+                              r"does not fit this model's mlp2x_gelu projector .*made for other models\?"),
+    "train-feature-layer": ("{train} --feature-layer 10", r"feature layer 10: the vision encoder has 3 layers; "
+                                                          r"choose -4..3"),
+    # chat.py
+    "chat-temperature": ("chat.py --model {model} --temperature -1", r"argument --temperature: -1: must be at least 0"),
+    "chat-max-new-tokens": ("chat.py --model {model} --max-new-tokens -5", r"--max-new-tokens: -5: must be at least 1"),
+    "chat-top-p-0": ("chat.py --model {model} --top-p 0", r"--top-p: 0: must be above 0 and at most 1"),
+    "chat-top-p-big": ("chat.py --model {model} --top-p 1.5", r"--top-p: 1.5: must be above 0 and at most 1"),
+    "chat-device": ("chat.py --model {model} --device tpu", r"argument --device: invalid choice: 'tpu'"),
+    "chat-device-cuda": ("chat.py --model {model} --device cuda", r"--device cuda: PyTorch sees no CUDA GPU here"),
+    "chat-empty-prompt": ("chat.py --model {model} -p ''", r"-p: the question is empty"),
+    "chat-image-in-prompt": ("chat.py --model {model} -p '<image> What is it?'", r"-p: <image> is where the image"),
+    "chat-model-missing": ("chat.py {root}/bench_images/bench.png --model {o}/model -p Hi",
+                           r"cannot load --model .*model: not a directory, and the hub cannot give it"),
+    "chat-model-corrupt": ("chat.py --model {root}/corrupt_model -p Hi", r"cannot load --model .*corrupt_model: "
+                                                                         r".*model.safetensors: Error while deserial"),
+    "chat-model-not-llava": ("chat.py --model {lm} -p Hi", r"cannot load --model .*neither a LLaVA"),
+    "chat-model-no-config": ("chat.py --model {root}/empty_dir -p Hi", r"cannot load --model .*config.json: No such"),
+    "chat-image-missing": ("chat.py {o}/gone.png --model {model} -p Hi", r"cannot use image .*gone.png: "
+                                                                         r"FileNotFoundError"),
+    "chat-image-not-an-image": ("chat.py {root}/few.json --model {model} -p Hi", r"cannot use image .*few.json: "
+                                                                                 r"UnidentifiedImageError"),
+    # eval.py mc
+    "mc-no-options": ("eval.py mc --model {model} --questions {root}/mc_no_options.json --image-folder {images}",
+                      r"mc_no_options.json: question .* needs 2 or more options '\(A\) ...'"),
+    "mc-bad-answer": ("eval.py mc --model {model} --questions {root}/mc_bad_answer.json --image-folder {images}",
+                      r"and an 'answer' letter among them"),
+    "mc-image-missing": ("eval.py mc --model {model} --questions {root}/mc_no_image.json --image-folder {images}",
+                         r"question .*: image .*gone.png not found; check --image-folder"),
+    "mc-not-questions": ("eval.py mc --model {model} --questions {root}/strings.json --image-folder {images}",
+                         r"strings.json: question 0 has no 'conversations' with a question first"),
+    "mc-questions-missing": ("eval.py mc --model {model} --questions {o}/eval.json", r"eval.json: cannot read JSON"),
+    "mc-questions-not-utf8": ("eval.py mc --model {model} --questions {root}/notutf8.json", r"cannot read JSON: 'utf"),
+    "mc-model-missing": ("eval.py mc --model {o}/model --questions {root}/mc.json --image-folder {images}",
+                         r"eval.py mc: --model .*model: not a directory"),
+    "mc-model-corrupt": ("eval.py mc --model {root}/corrupt_model --questions {root}/mc.json --image-folder {images}",
+                         r"cannot load --model .*corrupt_model"),
+    "mc-out-another-model": ("eval.py mc --model {model} --questions {root}/mc.json --image-folder {images} "
+                             "--out {o}/results.json", r"--out .*results.json: made by model '.*model_b@.*', not "
+                                                       r"'.*model@.*'; pass another --out", mc_results_of("model_b")),
+    # eval.py bench
+    "bench-another-model": ("{bench}", r"answers.jsonl: made by model '.*model_b@.*', not '.*model@.*'; pass another "
+                                       r"--out, or delete it", lambda u, o: bench_answers(u, o, "model_b")),
+    "bench-questions-missing": ("{bench} --questions {o}/questions.jsonl", r"questions.jsonl: No such file"),
+    "bench-questions-malformed": ("{bench} --questions {root}/questions_malformed.jsonl",
+                                  r"questions_malformed.jsonl, line 2: not JSON .*; fix or remove it"),
+    "bench-questions-no-text": ("{bench} --questions {root}/questions_no_text.jsonl",
+                                r"questions_no_text.jsonl: row 1 needs question_id, image, text"),
+    "bench-no-reference": ("{bench} --questions {root}/questions_no_reference.jsonl",
+                           r"question 7 has no reference answer or context"),
+    "bench-image-missing": ("{bench} --questions {root}/questions_no_image.jsonl --context {root}/context_gone.jsonl",
+                            r"question 1: image .*gone.png not found; check --image-folder"),
+    "bench-judge-html": ("{bench} --judge-url {judge}/html/v1", r"question 1: the judge failed \(.*/html/v1: the reply "
+                                                                r"is not a chat completion \(b'<html>.*\); 0 reviews "
+                                                                r"are saved in .*reviews.jsonl: run the same command",
+                         bench_answers),
+    "bench-judge-no-choices": ("{bench} --judge-url {judge}/nochoices/v1", r"not a chat completion \(b'\{\"error\"",
+                               bench_answers),
+    "bench-judge-no-scores": ("{bench} --judge-url {judge}/noscores/v1", r"1 of 1 questions have no review yet \(see "
+                                                                         r"above\); run the same command again",
+                              bench_answers),
+    "bench-judge-slow": ("{bench} --judge-url {judge}/slow/v1 --timeout 0.3 --retries 1",
+                         r"the judge failed \(.*/slow/v1: gave up after 2 tries \(timed out\)\)", bench_answers),
+    "bench-judge-unauthorized": ("{bench} --judge-url {judge}/unauthorized/v1", r"HTTP 401 Unauthorized",
+                                 bench_answers),
+    "bench-judge-down": ("{bench} --judge-url http://127.0.0.1:9/v1", r"gave up after 1 tries \(.*Connection refused",
+                         bench_answers),
+    "bench-judge-redirect": ("{bench} --judge-url {judge}/redirect/v1", r"/redirect/v1: redirects to "
+                                                                        r"http://localhost:\d+/v1/chat/completions; "
+                                                                        r"not followed, so that the API key stays",
+                             bench_answers),
+    "bench-timeout-0": ("{bench} --timeout 0", r"argument --timeout: 0: must be above 0"),
+    # eval.py scienceqa
+    "sqa-batch-size-0": ("eval.py scienceqa --model {model} --root {root}/sqa --batch-size 0",
+                         r"argument --batch-size: 0: must be at least 1"),
+    "sqa-root-missing": ("eval.py scienceqa --model {model} --root {o}/sqa --out {o}/out",
+                         r"sqa/problems.json: cannot read JSON: \[Errno 2\]"),
+    # data.py
+    "show-file-missing": ("data.py show {o}/chat.json --model {model}", r"chat.json: cannot read JSON: \[Errno 2\]"),
+    "show-index": ("data.py show {root}/few.json --index 5 --model {model}", r"--index 5 is out of range \(0..2\)"),
+    "show-bad-sample": ("data.py show {root}/alternation.json --model {model}",
+                        r"sample x \(.*alternation.json\[0\]\): turn 1 breaks the human/gpt alternation"),
+    "show-not-a-sample": ("data.py show {root}/strings.json --model {model}", r"sample 0 of .*: no 'conversations'"),
+    "show-model-missing": ("data.py show {root}/few.json --model {o}/model",
+                           r"case/model: not a directory, and the hub cannot give it"),
+    "show-template": ("data.py show {root}/few.json --template vicuna", r"argument --template: invalid choice"),
+    "sqa-convert-split": ("data.py scienceqa --root {root}/sqa --split tset --out {o}/x.json",
+                          r"pid_splits.json: no split 'tset'; choose one of"),
+    "sqa-convert-disk-full": ("data.py scienceqa --root {root}/sqa --split test --out {o}/out.json",
+                              r"out.json: No space left on device \(the disk is full\)", full_disk),
+    "teacher-not-coco": ("data.py teacher --captions {root}/not_coco.json --instances {root}/instances.json "
+                         "--kind detail --out {o}/x.jsonl", r"not_coco.json: not a COCO file \(needs lists annotat"),
+    "teacher-not-utf8": ("data.py teacher --captions {root}/notutf8.json --instances {root}/instances.json "
+                         "--kind detail --out {o}/x.jsonl", r"notutf8.json: cannot read JSON"),
+    "teacher-limit-0": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
+                        "--kind detail --out {o}/x.jsonl --limit 0", r"argument --limit: 0: must be at least 1"),
+    "teacher-out-folder-missing": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
+                                   "--kind detail --out {o}/x.jsonl", r"x.jsonl: No such file or directory"),
+    "teacher-unauthorized": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
+                             "--kind detail --out {o}/x.jsonl --base-url {judge}/unauthorized/v1",
+                             r"the teacher failed \(.*HTTP 401 Unauthorized\); 0 samples are saved in .*x.jsonl: run "
+                             r"the same command again", lambda u, o: o.mkdir()),
+    "teacher-redirect": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
+                         "--kind detail --out {o}/x.jsonl --base-url {judge}/redirect/v1", r"redirects to .*not follow",
+                         lambda u, o: o.mkdir()),
+}
+
+
+def snapshot(*folders):
+    """Every file under the folders: its bytes and modification time."""
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for folder in folders for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_a_users_mistake_gets_one_line_and_loses_nothing(user, case, tmp_path):
+    command, message, setup = (*MISTAKES[case], None)[:3]
+    if case == "chat-device-cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    o = tmp_path / "case"
+    try:
+        if setup:
+            setup(user, o)
+        before = snapshot(user["root"], tmp_path)
+        argv = expand(user, o, command)
+        code, out, err = user["programs"].run(argv)
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        assert code != 0 and "Traceback" not in out + err and "sk-never-shown" not in out + err, (code, err[-3000:])
+        assert re.match(rf"{argv[0]}( \w+)?: ", last) and re.search(message, last), err[-3000:]
+        after = snapshot(user["root"], tmp_path)
+        assert {path: after.get(path) for path in before} == before  # nothing the user had is changed or gone
+        assert not user["elsewhere"].requests  # nothing, the key least of all, followed a redirect
+    finally:
+        subprocess.run(["chattr", "-i", str(o)], capture_output=True)
+
+
+def run_ok(user, command, o, stdin=b"", cwd=HERE):
+    argv = expand(user, o, command)
+    code, out, err = user["programs"].run(argv, stdin, cwd)
+    assert code == 0 and "Traceback" not in out + err, err[-3000:]
+    return out, err
+
+
+def test_where_the_input_is_fine_training_gives_the_right_result(user, tmp_path):
+    """A multi-image sample is skipped and named, --grad-clip 0 trains without clipping, one process in BF16
+    runs, an --out left by a run that stopped before its first step is taken, and the model is exported
+    with the permissions any new file gets."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    out, err = run_ok(user, "{train} --data {root}/multi.json --grad-clip 0 --dtype bf16", tmp_path)
+    assert re.search(r"skipped: sample .*multi.json\[0\]\): 'image' must be one file name, not \[", err)
+    assert "stage 2: skipped 1 bad samples" in out and "bf16 on cpu" in out
+    exported = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    before = load_file(os.path.join(user["lm"], "model.safetensors"))
+    assert not torch.equal(exported["language_model.model.layers.0.mlp.up_proj.weight"].float(),
+                           before["model.layers.0.mlp.up_proj.weight"].float())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "run" / "model" / "model.safetensors").st_mode & 0o777 == 0o666 & ~umask
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["grad_clip"] == 0
+
+
+def test_ctrl_c_while_training_says_where_it_stopped_and_how_to_go_on(user, tmp_path):
+    import signal
+    import time
+    argv = expand(user, tmp_path, "{train} --max-steps 100000 --checkpoint-every 2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    child = subprocess.Popen([sys.executable, *argv], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "run" / "checkpoints" / "latest").exists():
+            assert child.poll() is None and time.time() < deadline, child.stderr.read()[-3000:]
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode != 0 and "Traceback" not in err
+    assert re.fullmatch(r"train.py: stopped by Ctrl-C after step \d+; the same command with --resume continues "
+                        r"from its checkpoint step_\d{7} in .*run", err.strip().splitlines()[-1])
+
+
+def test_the_repl_refuses_a_question_it_cannot_ask_and_goes_on(user, tmp_path):
+    session = b"What is <image> here?\n\xff\xfe\x80 binary\nWhat color is the square?\n"
+    out, _ = run_ok(user, "chat.py {root}/bench_images/bench.png --model {model} --temperature 0 "
+                          "--max-new-tokens 3", tmp_path, stdin=session)
+    assert "(<image> is where the image goes" in out and "(that line is not UTF-8 text; type it again)" in out
+    assert out.count("ASSISTANT: ") == 1  # the good question is answered, in the same conversation
+
+
+def test_data_show_finds_the_demos_model(user, tmp_path):
+    import shutil
+    shutil.copytree(user["model"], tmp_path / "out" / "toy" / "stage2" / "model")
+    out, _ = run_ok(user, "data.py show {world}/instruct.json", tmp_path, cwd=tmp_path)
+    assert "[[" in out and "trained (in [[ ]])" in out
+
+
+def test_evaluation_outputs_remember_their_model(user, tmp_path):
+    """mc --out and bench --out name the model that made them; the same model may run again, and the judge's
+    retries are said as they happen."""
+    mc = "eval.py mc --model {model} --questions {root}/mc.json --image-folder {images} --no-blind --out {o}/mc.json"
+    run_ok(user, mc, tmp_path)
+    first = read(tmp_path / "mc.json")
+    assert first["model"] == evaluation.model_fingerprint(user["model"]) and first["results"]["overall"]["n"] == 2
+    run_ok(user, mc, tmp_path)  # the same model replaces its own results
+    out, _ = run_ok(user, "{bench} --judge-url {judge}/ok/v1", tmp_path)
+    assert "overall" in out
+    results = read(tmp_path / "results.json")
+    assert results["model"] == first["model"] and results["judge"] == "gpt-4" and results["overall"]["relative"] == 75
+    assert [r["model"] for r in data.read_jsonl(tmp_path / "answers.jsonl")] == [first["model"]]
+    slow = tmp_path / "slow"
+    bench_answers(user, slow)
+    code, _, err = user["programs"].run(expand(user, slow, "{bench} --judge-url {judge}/slow/v1 --timeout 0.3 "
+                                                            "--retries 2"))
+    assert code != 0 and re.search(r"/slow/v1: timed out; try 2 of 3 in 1 s\n.*/slow/v1: timed out; try 3 of 3 in "
+                                   r"2 s\n", err)

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -48,33 +49,37 @@ STAGE_DEFAULTS = {
 
 
 def get_args(argv=None):
+    count, natural, positive = data.number(int, 1), data.number(int, 0), data.number(float, 0, above=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: align W; 2: fine-tune W and the LLM")
     p.add_argument("--vision", default="openai/clip-vit-large-patch14", help="vision encoder g (hub id or dir)")
     p.add_argument("--llm", default="lmsys/vicuna-13b-v1.5", help="language model f_phi (hub id or dir)")
-    p.add_argument("--projector-type", help="linear (the paper; the default) or mlp2x_gelu (LLaVA-1.5; the toy's)")
+    p.add_argument("--projector-type", choices=["linear", "mlp2x_gelu"],
+                   help="linear (the paper; the default) or mlp2x_gelu (LLaVA-1.5; the toy's)")
     p.add_argument("--projector", default="out/stage1", help="stage 2: the stage-1 output W starts from")
     p.add_argument("--feature-layer", type=int, default=-2, help="which vision layer gives Z_v (-2: penultimate)")
-    p.add_argument("--template", default="paper", help="paper (###) or llava15 (USER:/ASSISTANT:)")
+    p.add_argument("--template", default="paper", choices=list(data.TEMPLATES),
+                   help="paper (###) or llava15 (USER:/ASSISTANT:)")
     p.add_argument("--data", help="LLaVA JSON file (stage 1: chat.json; stage 2: llava_instruct_150k.json)")
     p.add_argument("--image-folder", help="folder the samples' `image` paths are relative to")
     p.add_argument("--out", help="output directory (checkpoints, metrics.jsonl, the final model)")
-    p.add_argument("--lr", type=float, help="peak learning rate (stage 1: 2e-3, stage 2: 2e-5)")
-    p.add_argument("--global-batch", type=int, help="samples per optimizer step, all GPUs (128 / 32)")
-    p.add_argument("--batch-size", type=int, help="samples per GPU per forward pass")
-    p.add_argument("--epochs", type=float, help="passes over the data (1 / 3)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: epochs)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up share of the cosine schedule")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    p.add_argument("--max-length", type=int, default=2048, help="tokens per sample at most")
+    p.add_argument("--lr", type=positive, help="peak learning rate (stage 1: 2e-3, stage 2: 2e-5)")
+    p.add_argument("--global-batch", type=count, help="samples per optimizer step, all GPUs (128 / 32)")
+    p.add_argument("--batch-size", type=count, help="samples per GPU per forward pass")
+    p.add_argument("--epochs", type=positive, help="passes over the data (1 / 3)")
+    p.add_argument("--max-steps", type=count, default=None, help="stop after this many steps (default: epochs)")
+    p.add_argument("--warmup-ratio", type=data.number(float, 0, 1), default=0.03,
+                   help="linear warm-up share of the cosine schedule")
+    p.add_argument("--grad-clip", type=data.number(float, 0), default=1.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--max-length", type=count, default=2048, help="tokens per sample at most")
     p.add_argument("--pad-to-square", action="store_true", help="LLaVA-1.5's padding of images to squares")
     p.add_argument("--group-by-length", action="store_true", help="sort each global batch by length: less padding")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="bf16 mixed precision (default on GPU) or fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM activations in backward")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: never)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--checkpoint-every", type=natural, default=500, help="steps between checkpoints (0: never)")
+    p.add_argument("--keep", type=count, default=2, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes per GPU")
+    p.add_argument("--workers", type=natural, default=4, help="data loader processes per GPU")
     p.add_argument("--strict-data", action="store_true", help="the first bad sample is fatal (default: skip)")
     p.add_argument("--seed", type=int, default=0, help="data order and initialization")
     p.add_argument("--kill-after-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: a crash
@@ -269,7 +274,8 @@ RUN_SETTINGS = ["stage", "vision", "llm", "projector_type", "feature_layer", "te
 
 def check_out(args, rank):
     """A new run needs an --out of its own: it never mixes its metrics and checkpoints with another
-    run's, nor replaces another run's model. --resume continues the run in --out, on its settings."""
+    run's, nor replaces another run's model. --resume continues the run in --out, on its settings.
+    A run that stopped before its first step left only run.json: a new run may take its place."""
     run_file = os.path.join(args.out, "run.json")
     settings = {k: getattr(args, k) for k in RUN_SETTINGS}
     if args.resume:
@@ -284,14 +290,14 @@ def check_out(args, rank):
         return
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file; pass a directory")
-    used = [f for f in ("run.json", "checkpoints", "model", "projector.safetensors")
+    used = [f for f in ("metrics.jsonl", "checkpoints", "model", "projector.safetensors")
             if os.path.exists(os.path.join(args.out, f))]
     if used:
         fail(f"--out {args.out} already holds a run ({used[0]}); pass --resume to continue it, or another --out")
     barrier()  # every rank has looked before rank 0 writes
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        data.write_json(run_file, settings)
+        os.makedirs(args.out, exist_ok=True)  # a read-only or missing place fails now, before any work
+    return settings
 
 
 def fail(message):
@@ -313,16 +319,20 @@ def train(args):
     for path, flag in [(args.data, "--data"), (args.image_folder, "--image-folder")]:
         if not os.path.exists(path):
             fail(f"{flag} {path} not found; pass {flag} (or try the offline demo: python toy.py)")
+    samples = data.load_json(args.data)  # what can be checked is checked before the model loads
+    data.check_images(samples, args.image_folder, args.data)
+    if len(samples) < args.global_batch:
+        fail(f"{args.data} has {len(samples)} samples, fewer than --global-batch {args.global_batch}")
     if args.global_batch % (args.batch_size * world_size):
         fail(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
              f"x {world_size} processes")
     accumulation = args.global_batch // (args.batch_size * world_size)  # gradient accumulation steps
-    check_out(args, rank)
+    settings = check_out(args, rank)
 
     try:
         model = load_model(args, rank, device, bf16)
-    except OSError as e:
-        fail(f"cannot load --vision {args.vision} or --llm {args.llm}: {str(e).splitlines()[0]}")
+    except (OSError, ValueError, SafetensorError) as e:  # missing, corrupt, swapped, made for other models
+        fail(f"cannot build the model (--vision, --llm, --projector): {data.one_line(e)}")
     loaded_peak = peak_host_memory()
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Adam without weight decay; cosine schedule with 3% warm-up (Appendix C). fused: one kernel for
@@ -333,13 +343,13 @@ def train(args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not dist.is_initialized())
 
     dataset = data.LazyDataset(args.data, args.image_folder, model, args.max_length, args.pad_to_square,
-                               args.strict_data)
+                               samples=samples)
     steps_per_epoch = len(dataset) // args.global_batch
-    if steps_per_epoch == 0:
-        fail(f"{args.data} has {len(dataset)} samples, fewer than --global-batch {args.global_batch}")
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     start_step = load_checkpoint(args.out, model, optimizer, scheduler, rank) if args.resume else 0
+    if master and not args.resume:
+        data.write_json(os.path.join(args.out, "run.json"), settings)  # the run starts: its settings stay
     if master and args.resume:  # the metrics of steps after the checkpoint are written again
         rows = [r for r in data.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r["step"] <= start_step]
         with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
@@ -364,11 +374,14 @@ def train(args):
         # token count over all micro-batches and ranks. FSDP averages gradients over ranks, so
         # multiply by the world size to get a sum.
         n_tokens = all_sum(sum(int(llava.shifted_targets(b["labels"])[1].sum()) for b in micro))
+        bad = int(all_sum(sum(b["skipped"] for b in micro)))  # every rank knows, so all of them stop together
+        if bad and args.strict_data:
+            fail(f"--strict-data: step {step + 1} holds the bad sample named above; fix it or leave out --strict-data")
         if n_tokens == 0:  # every rank sees the same count, so all of them stop here
             fail(f"step {step + 1}: no sample of the global batch can be trained on (see the messages above); "
                  f"check --data, --image-folder and --max-length. Nothing was saved.")
         loss_sum = accumulate(model, micro, n_tokens, world_size, device, autocast)
-        skipped += sum(b["skipped"] for b in micro)
+        skipped += bad
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
         optimizer.step()
@@ -380,10 +393,9 @@ def train(args):
             samples_per_s = (step + 1 - start_step) * args.global_batch / (time.time() - t0)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                  samples_s=f"{samples_per_s:.1f}")
-            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"stage": args.stage, "step": step + 1, "loss": loss_value,
-                                    "lr": scheduler.get_last_lr()[0], "samples_per_s": samples_per_s,
-                                    "skipped": skipped}) + "\n")
+            data.append_jsonl(os.path.join(args.out, "metrics.jsonl"), {
+                "stage": args.stage, "step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": samples_per_s, "skipped": skipped})
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < total_steps:
             save_checkpoint(args.out, step + 1, model, optimizer, scheduler, rank, args.keep,
                             kill=args.kill_in_save == step + 1)
@@ -439,9 +451,18 @@ def export(model, args, rank, dtype):
             llava.save(model, os.path.join(args.out, "model"), state_dict=state)
 
 
-if __name__ == "__main__":
+def main():
     args = get_args()
-    train(args)
+    try:
+        train(args)
+    except KeyboardInterrupt:  # Ctrl-C: say where the run stopped and how to go on
+        if not os.path.exists(os.path.join(args.out, "run.json")):
+            fail("stopped by Ctrl-C before the first step; nothing was saved")
+        steps = [r["step"] for r in data.read_jsonl(os.path.join(args.out, "metrics.jsonl"))]
+        latest = os.path.join(args.out, "checkpoints", "latest")
+        saved = f"its checkpoint {open(latest).read()}" if os.path.exists(latest) else "step 0 (no checkpoint yet)"
+        fail(f"stopped by Ctrl-C after step {max(steps, default=0)}; the same command with --resume continues "
+             f"from {saved} in {args.out}")
     if "RANK" in os.environ:  # under torchrun: everything is saved and the process group destroyed, so leave
         # now. DTensor's caches keep FSDP's device mesh, and with it gloo's worker threads, alive after
         # destroy_process_group; tearing them down during interpreter exit can abort a finished run
@@ -450,3 +471,7 @@ if __name__ == "__main__":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+if __name__ == "__main__":
+    data.cli(main, "train.py")
