@@ -1926,19 +1926,20 @@ def test_only_rank_0_reads_the_weights(parts, vicuna_sized_vocabulary, toy_world
 
 
 def test_loading_holds_one_weight_file_at_a_time(parts, vicuna_sized_vocabulary, tmp_path):
-    """llava.load builds the model and fills it file by file: its memory grows by the model and one
-    file, not by a second copy of the weights."""
+    """llava.load builds the model and fills it file by file: its memory grows by the model and the
+    largest file, not by a second copy of the weights (reading every file first grew it by twice the
+    model)."""
     torch.manual_seed(0)
     llava.save(llava.build(parts[0], vicuna_sized_vocabulary), str(tmp_path / "m"), max_shard_size="20MB")
-    assert len([f for f in os.listdir(tmp_path / "m") if f.endswith(".safetensors")]) >= 8
-    script = ("import resource, llava; kib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-              f"before = kib(); llava.load({str(tmp_path / 'm')!r}); print((kib() - before) / 1024)")
+    sizes = [os.path.getsize(tmp_path / "m" / f) / 2 ** 20 for f in os.listdir(tmp_path / "m") if f.endswith(".safetensors")]
+    assert len(sizes) >= 4  # the 32,000-word embedding and head get a file each, the rest two more
+    script = (f"import llava, train; before = train.peak_host_memory(); llava.load({str(tmp_path / 'm')!r}); "
+              "print(train.peak_host_memory() - before)")
     grown = float(subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True,
-                                 check=True).stdout.split()[-1])
-    model_mib = sum(os.path.getsize(tmp_path / "m" / f) for f in os.listdir(tmp_path / "m")
-                    if f.endswith(".safetensors")) / 2 ** 20
-    print(f"loading grew the peak by {grown:.0f} MiB for a {model_mib:.0f} MiB model")
-    assert grown < 1.4 * model_mib
+                                 check=True).stdout.split()[-1])  # MiB
+    print(f"loading grew the peak by {grown:.0f} MiB for a {sum(sizes):.0f} MiB model whose largest file is "
+          f"{max(sizes):.0f} MiB")
+    assert grown < sum(sizes) + max(sizes) + 0.15 * sum(sizes)
 
 
 def test_each_epoch_is_a_new_permutation_whatever_the_world_size():

@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
@@ -430,8 +431,13 @@ def accumulate(model, micro_batches, n_tokens, world_size, device, autocast):
 
 
 def peak_host_memory():
-    """This process's peak resident memory so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak resident memory so far, in MiB: Linux's VmHWM, which starts afresh with the
+    program (ru_maxrss, the fallback, keeps the high-water mark of the process that started it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read())[1]) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def export(model, args, rank, dtype):
