@@ -1,6 +1,7 @@
 """§3 and Table 2 of "Visual Instruction Tuning": the data the model learns from.
 
-Table 2, the training sequence, is built here as token ids and labels together, piece by piece:
+Table 2, the training sequence, is built here as token ids and labels together (the text tokenized
+at once, the answers found by their characters):
 
     X_system-message <STOP>
     Human: X_instruct^1 <STOP> Assistant: X_a^1 <STOP>
