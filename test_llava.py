@@ -2507,3 +2507,26 @@ def test_evaluation_outputs_remember_their_model(user, tmp_path):
                                                             "--retries 2"))
     assert code != 0 and re.search(r"/slow/v1: timed out; try 2 of 3 in 1 s\n.*/slow/v1: timed out; try 3 of 3 in "
                                    r"2 s\n", err)
+
+
+def test_a_full_context_drops_the_oldest_exchanges_and_keeps_the_image(saved):
+    """chat.fit_context: the newest question and as many of the latest exchanges as fit stay; the image
+    moves to the first question kept."""
+    import chat
+    model, _, _ = saved
+    turns = [{"from": "human", "value": "<image>\nq0 What color is the square?"}, {"from": "gpt", "value": "a0 red"}]
+    for k in range(1, 6):
+        turns += [{"from": "human", "value": f"q{k} How many circles are there?"}, {"from": "gpt", "value": f"a{k} two"}]
+    turns.append({"from": "human", "value": "q6 And now?"})
+    full = model.prepare(turns, image())[0].shape[1]
+    last_two = model.prepare([dict(turns[-3], value="<image>\n" + turns[-3]["value"])] + turns[-2:], image())[0].shape[1]
+    config = model.language_model.config
+    limit = config.max_position_embeddings
+    try:
+        config.max_position_embeddings = last_two + 8 + 5  # room for the last two questions and 8 new tokens
+        conversation = [dict(t) for t in turns]
+        assert chat.fit_context(model, conversation, image(), max_new_tokens=8) == 5
+    finally:
+        config.max_position_embeddings = limit
+    assert full > last_two + 13
+    assert [t["value"] for t in conversation] == ["<image>\nq5 How many circles are there?", "a5 two", "q6 And now?"]
