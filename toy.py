@@ -312,8 +312,9 @@ def mc_sample(objects, category, rng, image_first=False):
             "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
 
 
-def make_world(out, n_images=2000, n_eval=500, mc_per_image=2, seed=0):
+def make_world(out, n_images=2000, n_eval=500, seed=0, mc_train=1, mc_eval=2):
     """Write out/images/*.png and the LLaVA JSON files; returns {file name: number of samples}.
+    Each training image gets mc_train multiple-choice questions, each held-out image mc_eval.
 
     stage1.json      brief instruction + caption pairs (stage 1, like CC-595K's chat.json)
     conversation.json, detail.json, reasoning.json: the three response types (like LLaVA-Instruct)
@@ -331,8 +332,8 @@ def make_world(out, n_images=2000, n_eval=500, mc_per_image=2, seed=0):
         is_eval = i >= n_images
         # Held-out questions are balanced over the categories. A scene of the wrong split, or one
         # that cannot ask the questions (no shape appears just once, say), is drawn again.
-        categories = [CATEGORIES[(i * mc_per_image + j) % len(CATEGORIES)] if is_eval else rng.choice(CATEGORIES)
-                      for j in range(mc_per_image)]
+        categories = [CATEGORIES[(i * mc_eval + j) % len(CATEGORIES)] for j in range(mc_eval)] if is_eval else \
+            [rng.choice(CATEGORIES) for _ in range(mc_train)]
         while True:
             objects = scene(rng)
             if held_out(objects) != is_eval:
@@ -479,10 +480,10 @@ def scene_words(objects):
 
 
 # What the LM stand-in reads: multiple-choice questions, the teacher's conversations, and the brief
-# caption that stage 1 aligns W with. Its questions ask for a color 3 times in 8 and a count 2 in 8:
-# finding an object by its shape and reading its color is the lookup a small LM learns last.
+# caption that stage 1 aligns W with. Its questions dwell on the lookups a small LM learns last:
+# finding an object by its shape to read its color, and whether a color goes with a shape.
 LM_READING = ["mc"] * 4 + ["conversation"] * 2 + ["brief"]
-LM_QUESTIONS = ["color"] * 3 + ["count"] * 2 + ["shape", "position", "existence"]
+LM_QUESTIONS = ["color"] * 3 + ["existence"] * 3 + ["count"] * 2 + ["shape", "position"]
 
 
 def lm_reading(seed, kinds=LM_READING, min_objects=2):
@@ -565,7 +566,7 @@ def pretrain(out=STAND_INS, lm_steps=16000, clip_steps=150, seed=0, images=2000)
     """Make stand_ins/clip and stand_ins/vicuna from a world of their own (seed 1000 + seed)."""
     start = time.time()
     world = os.path.join(out, "world.tmp")
-    make_world(world, images, 0, seed=1000 + seed)
+    make_world(world, images, 0, seed=1000 + seed, mc_train=2)
     samples = [s for f in ("instruct", "stage1") for s in data.load_json(os.path.join(world, f"{f}.json"))]
     # The system message comes with every sample: weighted so that BPE gives it few tokens.
     texts = [t.system for t in data.TEMPLATES.values()] * 200 + [turn["value"] for s in samples for turn in s["conversations"]]
@@ -602,10 +603,10 @@ def demo(args):
     if not args.no_stage1:
         print("[2/5] stage 1: pre-training for feature alignment (W only)")
         # The paper's lr. W learns only through the frozen LM, and on 2,000 captions it needs many
-        # small steps: batch 8 for 6 epochs.
+        # small steps (columns come last): batch 8 for 9 epochs.
         train.train(train.get_args(["--stage", "1", "--data", os.path.join(world, "stage1.json"), "--out",
                                     os.path.join(out, "stage1"), "--lr", "2e-3", "--global-batch", "8",
-                                    "--batch-size", "8", "--epochs", "6"] + common))
+                                    "--batch-size", "8", "--epochs", "9"] + common))
     else:
         print("[2/5] stage 1 skipped (--no-stage1): W starts random")
     print("[3/5] stage 2: fine-tuning end to end (W and the LLM)")
