@@ -12,12 +12,14 @@ Many GPUs, one node or several (FSDP2, BF16):
 Resume an interrupted run exactly where it stopped: add --resume.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import resource
 import shutil
+import signal
 import sys
 import time
 from functools import partial
@@ -212,6 +214,20 @@ def micro_batches(n_samples, global_batch, batch_size, world_size, rank, start_s
 # Checkpoints: sharded with torch.distributed.checkpoint, made visible only when complete
 # ----------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def ctrl_c_waits():
+    """A Ctrl-C while files are written waits for the writing to end, then stops the run: a checkpoint
+    or an export is never left half written (torch's writer would turn the interrupt into its own error)."""
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=False):
     """out/checkpoints/step_N: each rank writes its shards of the trainable weights and of Adam's
     state, and its RNG state; rank 0 then renames step_N.tmp to step_N and points `latest` at it.
@@ -398,12 +414,14 @@ def train(args):
                 "stage": args.stage, "step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": samples_per_s, "skipped": skipped})
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < total_steps:
-            save_checkpoint(args.out, step + 1, model, optimizer, scheduler, rank, args.keep,
-                            kill=args.kill_in_save == step + 1)
+            with ctrl_c_waits():
+                save_checkpoint(args.out, step + 1, model, optimizer, scheduler, rank, args.keep,
+                                kill=args.kill_in_save == step + 1)
         if args.kill_after_step == step + 1:
             os._exit(3)  # tests: a crash right after this step
 
-    export(model, args, rank, torch.bfloat16 if bf16 and args.stage == 2 else torch.float32)  # W alone: FP32
+    with ctrl_c_waits():
+        export(model, args, rank, torch.bfloat16 if bf16 and args.stage == 2 else torch.float32)  # W alone: FP32
     if master and skipped:
         print(f"stage {args.stage}: skipped {skipped} bad samples (see the messages above)")
     print(f"rank {rank}: peak host memory {peak_host_memory():.0f} MiB ({loaded_peak:.0f} MiB once the model was "
