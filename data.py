@@ -277,10 +277,12 @@ def write_json(path, obj):
 
 
 def append_jsonl(path, row):
-    """Add one row to a JSONL file (answers, reviews, metrics: kept as they come)."""
+    """Add one row to a JSONL file (answers, reviews, metrics: kept as they come). A last line cut short
+    by a crash is ended first, so that the new row stays a line of its own."""
     try:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        with open(path, "a+b") as f:
+            cut = f.tell() > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+            f.write(("\n" if cut else "").encode() + json.dumps(row).encode() + b"\n")
     except OSError as e:
         raise OSError(e.errno, e.strerror, path) from None
 

@@ -1491,13 +1491,16 @@ class SqaTeacher(Teacher):
     in the question: agrees with LLaVA (1, 6, 8), disagrees (2, 3, 7, 9), names no option (5, with
     null content), answers where LLaVA has none (4); as a judge, keeps its answer (2, 7, 9) or names
     none (3). fail_once: (kind, pid) that get one HTTP 500 first; fail_after: after that many
-    replies, every request fails."""
+    replies, every request fails; hold_after: after that many replies, the next request waits
+    (`holding` is set) until `release` is."""
     COMPLEMENT = {"1": "A", "2": "B", "3": "D", "4": "B", "5": None, "6": "D", "7": "A", "8": "A", "9": "B"}
     JUDGE = {"2": "B", "3": None, "7": "A", "9": "B"}
 
-    def __init__(self, fail_once=(("complement", "6"), ("judge", "9")), fail_after=None):
+    def __init__(self, fail_once=(("complement", "6"), ("judge", "9")), fail_after=None, hold_after=None):
+        import threading
         super().__init__(faults=False)
         self.fail_once, self.fail_after, self.answered = set(fail_once), fail_after, []
+        self.hold_after, self.holding, self.release = hold_after, threading.Event(), threading.Event()
         teacher = self
 
         def reply(handler):
@@ -1508,6 +1511,9 @@ class SqaTeacher(Teacher):
             question = body["messages"][-1]["content"]
             kind = "judge" if "[Assistant 1]" in question else "complement"
             pid = re.search(r"item (\d+)\?", question).group(1)
+            if len(teacher.answered) == teacher.hold_after:
+                teacher.holding.set()
+                teacher.release.wait(60)
             if (kind, pid) in teacher.fail_once or len(teacher.answered) == teacher.fail_after:
                 teacher.fail_once.discard((kind, pid))
                 handler.send_error(500)
@@ -1589,6 +1595,40 @@ def test_scienceqa_teacher_run_stopped_part_way_resumes(tmp_path):
         assert run(up) == {method: table7_by_hand(method) for method in SQA_TABLE7}
         assert up.answered == SQA_ASKED[5:]  # only what was missing
         assert [(r["kind"], r["id"]) for r in data.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED
+    finally:
+        up.close()
+
+
+def test_scienceqa_teacher_run_killed_part_way_resumes(saved, tmp_path):
+    """`eval.py scienceqa` with a judge, killed (SIGKILL) while it waits for the teacher's 6th reply:
+    the 5 replies it had are kept, and the same command asks only what is missing."""
+    _, path, _ = saved
+    root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
+    write_llava_answers(out, evaluation.model_fingerprint(path))
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENAI_API_KEY="sk-secret")
+
+    def command(teacher):
+        return [sys.executable, "eval.py", "scienceqa", "--model", path, "--root", str(root), "--split", "test",
+                "--out", str(out), "--judge-url", teacher.url, "--judge-model", "teacher-1"]
+    slow = SqaTeacher(fail_once=(), hold_after=5)
+    try:
+        child = subprocess.Popen(command(slow), cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert slow.holding.wait(120), child.communicate()
+        child.kill()
+        child.communicate()
+    finally:
+        slow.release.set()
+        slow.close()
+    assert [(r["kind"], r["id"]) for r in data.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED[:5]
+    with open(out / "teacher.jsonl", "a") as f:
+        f.write('{"kind": "complement", "id": "4", "rep')  # a line cut short, as a kill while writing leaves it
+    up = SqaTeacher()
+    try:
+        result = subprocess.run(command(up), cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert up.answered == SQA_ASKED[5:]  # only what was missing
+        assert [(r["kind"], r["id"]) for r in data.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED
+        assert result.stdout.splitlines()[3].split()[-1] == "88.89"  # the judge's average, as in one run
     finally:
         up.close()
 
