@@ -2497,13 +2497,13 @@ def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it():
     """CI once pressed Ctrl-C inside dcp.save: torch's writer turned it into a CheckpointException and
     a traceback. A Ctrl-C during writing now lets the writing end, then stops the run."""
     import signal
-    written = []
+    before, written = signal.getsignal(signal.SIGINT), []
     with pytest.raises(KeyboardInterrupt):
         with train.ctrl_c_waits():
             os.kill(os.getpid(), signal.SIGINT)
             written.append("the rest of the checkpoint")
     assert written == ["the rest of the checkpoint"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C stops at once again
+    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C does what it did before again
 
 
 def test_ctrl_c_while_training_says_where_it_stopped_and_how_to_go_on(user, tmp_path):
@@ -2511,8 +2511,11 @@ def test_ctrl_c_while_training_says_where_it_stopped_and_how_to_go_on(user, tmp_
     import time
     argv = expand(user, tmp_path, "{train} --max-steps 100000 --checkpoint-every 2")
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # A shell that starts pytest in the background ignores SIGINT, and children inherit that: the
+    # child gets the default back, as a program started from a terminal has it.
     child = subprocess.Popen([sys.executable, *argv], cwd=HERE, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         while not (tmp_path / "run" / "checkpoints" / "latest").exists():
