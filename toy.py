@@ -579,6 +579,37 @@ def pretrain(out=STAND_INS, lm_steps=16000, clip_steps=150, seed=0, images=2000)
     return clip_loss, lm_loss
 
 
+@torch.no_grad()
+def probe(lm_dir, n=60, seed=12345):
+    """What the LM stand-in knows before it sees an image: held-out scenes written in words at the
+    image positions (as it read them, without the noise), n multiple-choice questions a category,
+    the scene after the question and before it, greedy. Returns {order: {category: right answers}}."""
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
+    rng, results = random.Random(seed), {}
+    for order in ("image last", "image first"):
+        results[order] = {}
+        for category in CATEGORIES:
+            right = asked = 0
+            while asked < n:
+                objects = scene(rng)
+                mc = mc_sample(objects, category, rng, image_first=order == "image first") if held_out(objects) else None
+                if mc is None:  # a training scene, or one that cannot ask this
+                    continue
+                ids, labels = data.render(mc["conversations"][:1], tokenizer, "paper", tokenizer.unk_token_id,
+                                          GRID ** 2, for_generation=True)
+                row = (torch.tensor(ids), torch.tensor(labels), [cell_ids(tokenizer, c) for c in scene_words(objects)])
+                inputs = scene_inputs(lm, tokenizer, [row])
+                del inputs["labels"]
+                out = lm.generate(**inputs, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.unk_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, stop_strings="###", tokenizer=tokenizer)
+                answer = tokenizer.decode(out[0], skip_special_tokens=True).split("###")[0]
+                right += evaluation.extract_answer(answer) == mc["letter"]
+                asked += 1
+            results[order][category] = right
+    return results
+
+
 # ----------------------------------------------------------------------------------------------
 # The demo: §3 to §5 on the stand-ins
 # ----------------------------------------------------------------------------------------------
@@ -721,8 +752,9 @@ def picture(path, images, chat_rows, out, shown=4):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="demo", choices=["demo", "pretrain"],
-                   help="demo (the default) or pretrain (remake the stand-ins)")
+    p.add_argument("command", nargs="?", default="demo", choices=["demo", "pretrain", "probe"],
+                   help="demo (the default), pretrain (remake the stand-ins), or probe (the LM stand-in alone, "
+                        "scenes in words)")
     p.add_argument("--seed", type=int, default=0, help="the world's seed and train.py's")
     p.add_argument("--out", default=None, help="output folder (demo: out/toy; pretrain: stand_ins)")
     p.add_argument("--vision", default=os.path.join(STAND_INS, "clip"), help="the CLIP stand-in")
@@ -734,9 +766,15 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=2000, help="training images (a smaller world runs faster)")
     p.add_argument("--held-out", type=int, default=500, help="demo: held-out images (2 questions each)")
     p.add_argument("--lm-steps", type=int, default=16000, help="pretrain: the LM stand-in's steps of 16 scenes")
+    p.add_argument("--n", type=int, default=60, help="probe: questions per category and order")
     p.add_argument("--clip-steps", type=int, default=150, help="pretrain: the CLIP stand-in's steps of 128 pairs")
     args = p.parse_args(argv)
-    if args.command == "pretrain":
+    if args.command == "probe":
+        results = probe(args.llm, args.n)
+        print(f"{'':12}" + "".join(f"{c:>11}" for c in CATEGORIES) + f"   (right of {args.n} each)")
+        for order, right in results.items():
+            print(f"{order:12}" + "".join(f"{right[c]:>11}" for c in CATEGORIES))
+    elif args.command == "pretrain":
         pretrain(args.out or STAND_INS, args.lm_steps, args.clip_steps, args.seed, args.images)
     else:
         args.out = args.out or "out/toy"
