@@ -8,7 +8,6 @@ Same weights, same inputs, one run; ours and the reference alternate after a war
     python bench.py --memory        # stage 2's memory per GPU for Vicuna-7B and -13B, from parameter counts
 """
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ from PIL import Image
 import data
 import llava
 import toy
+import utils
 
 SIZES = {  # vision: image, patch, width, layers; LM: width, layers; batch, text tokens per sample (of
     # them, the answer: the trained ones)
@@ -215,7 +215,7 @@ def bench_data(ours, root, workers, n=256):
         samples.append({"id": str(i), "image": f"{i}.jpg", "conversations": [
             {"from": "human", "value": "<image>\nWhat is shown in the image?"},
             {"from": "gpt", "value": "A scene with many colors and shapes, " * 8}]})
-    data.write_json(os.path.join(root, "samples.json"), samples)
+    utils.write_json(os.path.join(root, "samples.json"), samples)
     for px in (224, 336):
         ours.image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": px},
                                                                crop_size={"height": px, "width": px})

@@ -16,6 +16,7 @@ import torch
 
 import data
 import llava
+import utils
 
 DEFAULT_MODELS = ["out/stage2/model", "out/toy/stage2/model"]  # the last training run, the toy demo
 COMMANDS = "/image PATH: another image   /reset: start over   /quit: leave   /help: this"
@@ -121,10 +122,10 @@ def main(argv=None):
     p.add_argument("image", nargs="?", help="the image to talk about (optional)")
     p.add_argument("--model", default=None, help="model directory or hub id (ours or llava-hf)")
     p.add_argument("-p", "--prompt", default=None, help="one question: print the answer and exit")
-    p.add_argument("--temperature", type=data.number(float, 0), default=0.2, help="0 is greedy")
-    p.add_argument("--top-p", type=data.number(float, 0, 1, above=True), default=1.0,
+    p.add_argument("--temperature", type=utils.number(float, 0), default=0.2, help="0 is greedy")
+    p.add_argument("--top-p", type=utils.number(float, 0, 1, above=True), default=1.0,
                    help="nucleus sampling: keep this much probability")
-    p.add_argument("--max-new-tokens", type=data.number(int, 1), default=512, help="the longest answer")
+    p.add_argument("--max-new-tokens", type=utils.number(int, 1), default=512, help="the longest answer")
     p.add_argument("--device", choices=["cuda", "cpu"], help="cuda or cpu (default: cuda when there is one)")
     args = p.parse_args(argv)
     if args.prompt is not None and problem(args.prompt):
@@ -139,7 +140,7 @@ def main(argv=None):
     try:
         model = llava.load(path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device).eval()
     except (OSError, ValueError) as e:
-        sys.exit(f"chat.py: cannot load --model {path}: {data.one_line(e)}")
+        sys.exit(f"chat.py: cannot load --model {path}: {utils.one_line(e)}")
     image = None
     if args.image:
         image, error = open_image(args.image)
@@ -161,4 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.cli(main, "chat.py")
+    utils.cli(main, "chat.py")

@@ -12,20 +12,19 @@ Only the answers X_a and their <STOP> are trained (Eq. 3); every other label is 
     python data.py show FILE.json --index 0 --model DIR   # print a sample, trained tokens marked
 """
 import argparse
-import errno
 import itertools
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
 
+import torch
+
+import utils
+from utils import SampleError
+
 IGNORE = -100  # label of a position that is not trained (PyTorch's cross_entropy ignore_index)
 IMAGE = "<image>"  # where the image stands in the first human turn of LLaVA's JSON
-
-
-class SampleError(ValueError):
-    """A sample that cannot be used; the message names it."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,65 +185,6 @@ def show(input_ids, labels, tokenizer, image_token_id=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# A model directory's tokenizer and settings, for rendering its samples without its weights
-# ----------------------------------------------------------------------------------------------
-
-AUTHORS_IMAGE_TOKEN_ID = -200  # the authors' IMAGE_TOKEN_INDEX: a position id outside the vocabulary
-
-
-def load_tokenizer_and_config(path):
-    """What data.py needs to render samples for a saved model, without loading its weights."""
-    import transformers
-    path = resolve(path)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    if config.get("model_type") == "llava":
-        vc = config["vision_config"]
-        keep_cls = config.get("vision_feature_select_strategy", "default") == "full"
-        return tokenizer, {"template": config.get("llava_template", "llava15"),
-                           "image_token_id": config["image_token_index"],
-                           "num_image_tokens": count_image_tokens(vc["image_size"], vc["patch_size"], keep_cls)}
-    vision = transformers.AutoConfig.from_pretrained(config["mm_vision_tower"])
-    vision = getattr(vision, "vision_config", vision)
-    return tokenizer, {"template": authors_template(config), "image_token_id": AUTHORS_IMAGE_TOKEN_ID,
-                       "num_image_tokens": count_image_tokens(vision.image_size, vision.patch_size)}
-
-
-def count_image_tokens(image_size, patch_size, keep_cls=False):
-    """N_v: one visual token per patch of the grid, and CLS if it is kept."""
-    return (image_size // patch_size) ** 2 + int(keep_cls)
-
-
-def resolve(path):
-    """A local directory as it is; otherwise a hub id, fetched (or found in the local cache): the
-    configs, the tokenizer, and the weights as safetensors, or pytorch_model*.bin where the repo
-    ships only those (the authors' LLaVA releases)."""
-    if os.path.isdir(path):
-        return path
-    import huggingface_hub
-    try:
-        files = huggingface_hub.list_repo_files(path)
-    except Exception:  # offline: whatever the local cache holds
-        files = None
-    try:
-        return huggingface_hub.snapshot_download(path, allow_patterns=["*.json", "*.model", "*.txt"] + weight_patterns(files))
-    except Exception as e:
-        raise FileNotFoundError(f"{path}: not a directory, and the hub cannot give it ({type(e).__name__})")
-
-
-def weight_patterns(files):
-    """Which weight files to fetch from a repo listing `files` (None: unknown)."""
-    if files is not None and not any(f.endswith(".safetensors") for f in files):
-        return ["pytorch_model*.bin"]
-    return ["*.safetensors"] if files is not None else ["*.safetensors", "pytorch_model*.bin"]
-
-
-def authors_template(config):
-    return "llava15" if config.get("mm_projector_type", "linear") != "linear" else "paper"
-
-
-# ----------------------------------------------------------------------------------------------
 # §3: the paper's instruction lists
 # ----------------------------------------------------------------------------------------------
 
@@ -264,32 +204,10 @@ DETAILED = [  # detailed-description instructions, as in the paper's list
 LETTERS = "ABCDE"  # multiple-choice options, as ScienceQA letters them
 
 
-def write_json(path, obj):
-    """Write atomically: a crash or a full disk leaves the old file or the new one, never half of one."""
-    tmp = path + ".tmp"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    except OSError as e:  # a full disk fails at a write: name the file
-        raise OSError(e.errno, e.strerror, path) from None
-    os.replace(tmp, path)
-
-
-def append_jsonl(path, row):
-    """Add one row to a JSONL file (answers, reviews, metrics: kept as they come). A last line cut short
-    by a crash is ended first, so that the new row stays a line of its own."""
-    try:
-        with open(path, "a+b") as f:
-            cut = f.tell() > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
-            f.write(("\n" if cut else "").encode() + json.dumps(row).encode() + b"\n")
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, path) from None
-
-
 # ----------------------------------------------------------------------------------------------
 # §3 with a real teacher: GPT-assisted generation from COCO-style annotations
 # ----------------------------------------------------------------------------------------------
+
 # The teacher sees only text: the captions and the boxes of one image (the query), after a system
 # message and a few hand-written seed examples, as in-context pairs of (context, response).
 
@@ -335,23 +253,6 @@ SEED_EXAMPLES = {  # (captions, boxes) -> the response a good teacher gives; wri
 }
 
 
-def read_jsonl(path, required=False):
-    """The rows of a JSONL file. What a program wrote (answers, reviews): none if it does not exist, and
-    a line cut short by a crash is ignored (asked again). An input (required): a line that is not JSON
-    stops with its number."""
-    if not required and not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                rows += [json.loads(line)] if line.strip() else []
-            except ValueError as e:  # not JSON, or not UTF-8
-                if required:
-                    raise SystemExit(f"{path}, line {number}: not JSON ({e}); fix or remove it") from None
-    return rows
-
-
 def symbolic_context(captions, boxes):
     """The teacher's view of one image: §3's captions, then boxes."""
     return "\n".join(captions) + "\n\n" + "\n".join(boxes)
@@ -369,7 +270,7 @@ def teacher_messages(captions, boxes, kind):
 def coco_annotations(captions_file, instances_file):
     """COCO's captions_*.json and instances_*.json -> {image id: (file name, captions, boxes)} with
     boxes as `category: [x1, y1, x2, y2]` normalized by the image size."""
-    captions, instances = load_json_object(captions_file), load_json_object(instances_file)
+    captions, instances = utils.load_json_object(captions_file), utils.load_json_object(instances_file)
     for path, obj, keys in [(captions_file, captions, ["annotations"]),
                             (instances_file, instances, ["images", "categories", "annotations"])]:
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), list) for k in keys):
@@ -387,45 +288,6 @@ def coco_annotations(captions_file, instances_file):
         box = [x / W, y / H, (x + w) / W, (y + h) / H]
         out[a["image_id"]][2].append(f"{names[a['category_id']]}: [{', '.join(f'{v:.3f}' for v in box)}]")
     return out
-
-
-def chat_completion(messages, base_url, model, api_key, timeout=60, retries=5, backoff=1.0, temperature=0.7):
-    """One call to an OpenAI-compatible /chat/completions endpoint with the standard library.
-    Timeouts, refused connections, 429 and 5xx are retried with exponential backoff, each retry said
-    on stderr; other HTTP errors and a reply that is not a chat completion raise RuntimeError. The key
-    goes in the Authorization header only, never in a message, and never follows a redirect."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, request, fp, code, msg, headers, new_url):
-            raise RuntimeError(f"{base_url}: redirects to {new_url}; not followed, so that the API key stays "
-                               f"with {base_url} (pass the new URL if you trust it)")
-    body = json.dumps({"model": model, "messages": messages, "temperature": temperature}).encode()
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    for attempt in range(retries + 1):
-        request = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", body, headers)
-        try:
-            with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
-                text = response.read()
-            try:
-                return json.loads(text)["choices"][0]["message"]["content"]
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise RuntimeError(f"{base_url}: the reply is not a chat completion ({text[:60]!r})") from None
-        except urllib.error.HTTPError as e:
-            if e.code != 429 and e.code < 500:
-                raise RuntimeError(f"{base_url}: HTTP {e.code} {e.reason}") from None
-            error = f"HTTP {e.code}"
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            error = str(getattr(e, "reason", e)) or type(e).__name__  # "timed out", "[Errno 111] Connection refused"
-        if attempt == retries:
-            raise RuntimeError(f"{base_url}: gave up after {retries + 1} tries ({error})")
-        print(f"{base_url}: {error}; try {attempt + 2} of {retries + 1} in {backoff * 2 ** attempt:g} s",
-              file=sys.stderr)
-        time.sleep(backoff * 2 ** attempt)
 
 
 def parse_teacher_reply(text, kind, rng):
@@ -464,7 +326,7 @@ def generate_with_teacher(annotations, kind, out_jsonl, base_url, model, api_key
     Returns (new samples, skipped)."""
     import random
     rng = random.Random(seed)
-    done = {row.get("id") for row in read_jsonl(out_jsonl)}  # a line cut short by a crash: done again
+    done = {row.get("id") for row in utils.read_jsonl(out_jsonl)}  # a line cut short by a crash: done again
     new = skipped = 0
     todo = [(str(i), a) for i, a in sorted(annotations.items())][:limit]
     with open(out_jsonl, "a") as out:
@@ -472,7 +334,7 @@ def generate_with_teacher(annotations, kind, out_jsonl, base_url, model, api_key
             sample_id = f"{image_id}_{kind}"
             if sample_id in done:
                 continue
-            reply = chat_completion(teacher_messages(captions, boxes, kind), base_url, model, api_key, **kwargs)
+            reply = utils.chat_completion(teacher_messages(captions, boxes, kind), base_url, model, api_key, **kwargs)
             try:
                 conversations = parse_teacher_reply(reply, kind, rng)
             except ValueError as e:
@@ -495,8 +357,8 @@ SQA_TEXTS = ["question", "hint", "lecture", "solution"]  # the fields that must 
 
 def scienceqa_problems(root, split):
     """{pid: problem} of one split of ScienceQA's release, in pid_splits.json's order."""
-    problems = load_json_object(os.path.join(root, "problems.json"))
-    splits = load_json_object(os.path.join(root, "pid_splits.json"))
+    problems = utils.load_json_object(os.path.join(root, "problems.json"))
+    splits = utils.load_json_object(os.path.join(root, "pid_splits.json"))
     if split not in splits:
         raise SystemExit(f"{os.path.join(root, 'pid_splits.json')}: no split {split!r}; choose one of {sorted(splits)}")
     return {pid: problems.get(pid) for pid in splits[split]}
@@ -589,7 +451,7 @@ class LazyDataset:
     def __init__(self, json_path, image_folder, model, max_length=2048, pad_to_square=False, strict=False,
                  samples=None):
         self.path, self.image_folder, self.max_length = json_path, image_folder, max_length
-        self.samples = load_json(json_path) if samples is None else samples  # samples: the file, read already
+        self.samples = utils.load_json(json_path) if samples is None else samples  # samples: the file, read already
         self.tokenizer, self.template = model.tokenizer, model.template
         self.image_processor, self.image_token_id = model.image_processor, model.image_token_id
         self.num_image_tokens, self.pad_to_square, self.strict = model.num_image_tokens, pad_to_square, strict
@@ -616,7 +478,6 @@ class LazyDataset:
             return None
 
     def load(self, index):
-        import torch
         sample = self.samples[index]
         sample_id = f"{sample.get('id', index)!s} ({self.path}[{index}])" if isinstance(sample, dict) else index
         if not isinstance(sample, dict) or "conversations" not in sample:
@@ -651,7 +512,6 @@ def collate(samples, pad_id):
     """Pad a list of samples on the right into one batch; None (skipped) samples are counted.
     A micro-batch whose samples were all skipped becomes one padding token with nothing to train:
     under torchrun every rank must still run its forward and backward, in step with the others."""
-    import torch
     kept = [s for s in samples if s is not None] or [
         {"input_ids": torch.tensor([pad_id]), "labels": torch.tensor([IGNORE]), "pixel_values": None}]
     T = max((len(s["input_ids"]) for s in kept), default=1)
@@ -671,42 +531,6 @@ def collate(samples, pad_id):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def cli(main, program):
-    """Run a program's main(): a message that ends it, a file that cannot be read or written (missing,
-    a folder, read-only, a full disk) and a bad sample each become one line, "program: ...", exit 1."""
-    try:
-        main()
-    except SystemExit as e:
-        if isinstance(e.code, str) and not e.code.startswith(program):
-            raise SystemExit(f"{program}: {e.code}") from None
-        raise
-    except (OSError, SampleError) as e:
-        raise SystemExit(f"{program}: {one_line(e)}") from None
-    except KeyboardInterrupt:
-        print(f"{program}: stopped by Ctrl-C", file=sys.stderr)
-        sys.exit(130)
-
-
-def one_line(e):
-    """An error as one line; an OSError names its file, and a full disk says so."""
-    if isinstance(e, OSError) and e.strerror:
-        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-        return text + (" (the disk is full)" if e.errno == errno.ENOSPC else "")
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def number(kind, low, high=math.inf, above=False):
-    """An argparse type: a finite int or float from `low` (or above it) to `high`."""
-    def parse(text):
-        value = kind(text)
-        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
-            most = f" and at most {high}" if high < math.inf else ""
-            raise argparse.ArgumentTypeError(f"{text}: must be {'above' if above else 'at least'} {low}{most}")
-        return value
-    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
-    return parse
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -722,7 +546,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="JSONL file, appended to; a rerun skips the ids in it")
     p.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     p.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4"), help="the teacher model")
-    p.add_argument("--limit", type=number(int, 1), default=None, help="at most this many images")
+    p.add_argument("--limit", type=utils.number(int, 1), default=None, help="at most this many images")
     p = sub.add_parser("scienceqa", help="§5.2: one split of ScienceQA's release as LLaVA JSON")
     p.add_argument("--root", required=True, help="the folder of problems.json, pid_splits.json and images/")
     p.add_argument("--split", default="train", help="train, val, test, minival or minitest")
@@ -732,7 +556,7 @@ def main(argv=None):
 
     if args.command == "scienceqa":
         samples = scienceqa(scienceqa_problems(args.root, args.split), args.root, args.split, args.answer_first)
-        write_json(args.out, samples)
+        utils.write_json(args.out, samples)
         print(f"{args.out}: {len(samples)} samples, {sum('image' in s for s in samples)} with an image "
               f"(--image-folder {os.path.join(args.root, 'images')})")
     elif args.command == "teacher":
@@ -742,17 +566,17 @@ def main(argv=None):
             new, skipped = generate_with_teacher(annotations, args.kind, args.out, args.base_url, args.model, key,
                                                  limit=args.limit)
         except RuntimeError as e:  # the endpoint gave up: every sample so far is saved
-            sys.exit(f"the teacher failed ({e}); {len(read_jsonl(args.out))} samples are saved in {args.out}: "
+            sys.exit(f"the teacher failed ({e}); {len(utils.read_jsonl(args.out))} samples are saved in {args.out}: "
                      f"run the same command again to continue")
         print(f"{args.out}: {new} new samples, {skipped} malformed replies skipped")
     elif args.command == "show":
-        samples = load_json(args.file)
+        samples = utils.load_json(args.file)
         if not 0 <= args.index < len(samples):
             sys.exit(f"{args.file}: --index {args.index} is out of range (0..{len(samples) - 1})")
         sample = samples[args.index]
         if not isinstance(sample, dict) or "conversations" not in sample:
             raise SampleError(f"sample {args.index} of {args.file}: no 'conversations'")
-        tokenizer, config = load_tokenizer_and_config(args.model)
+        tokenizer, config = utils.load_tokenizer_and_config(args.model)
         has_image = "image" in sample
         ids, labels = render(sample["conversations"], tokenizer, args.template or config["template"],
                              image_token_id=config["image_token_id"] if has_image else None,
@@ -761,21 +585,5 @@ def main(argv=None):
         print(show(ids, labels, tokenizer, config["image_token_id"]))
 
 
-def load_json_object(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:  # missing, a folder, not JSON, not UTF-8
-        raise SystemExit(f"{path}: cannot read JSON: {e}") from None
-
-
-def load_json(path):
-    """A LLaVA JSON file: a list of samples."""
-    samples = load_json_object(path)
-    if not isinstance(samples, list):
-        raise SystemExit(f"{path}: expected a JSON list of samples")
-    return samples
-
-
 if __name__ == "__main__":
-    cli(main, "data.py")
+    utils.cli(main, "data.py")

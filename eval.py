@@ -30,6 +30,7 @@ import torch
 
 import data
 import llava
+import utils
 
 
 def extract_answer(text, n_options=5):
@@ -126,7 +127,7 @@ def parse_scores(review):
     return (float(numbers[0]), float(numbers[1])) if len(numbers) == 2 else None
 
 
-append_jsonl = data.append_jsonl
+append_jsonl = utils.append_jsonl
 
 
 def evaluate_bench(model, questions, contexts, references, image_folder, out, judge_url, judge_model,
@@ -151,7 +152,7 @@ def evaluate_bench(model, questions, contexts, references, image_folder, out, ju
         messages = judge_messages(contexts[q["image"]], q["text"], references[q["question_id"]],
                                   answers[q["question_id"]])
         try:
-            review = data.chat_completion(messages, judge_url, judge_model, api_key, **client_options) or ""
+            review = utils.chat_completion(messages, judge_url, judge_model, api_key, **client_options) or ""
         except RuntimeError as e:  # the judge gave up or answered nonsense: what came before is saved
             raise SystemExit(f"question {q['question_id']}: the judge failed ({e}); {len(reviews)} reviews are saved "
                              f"in {reviews_path}: run the same command again to continue") from None
@@ -224,7 +225,7 @@ def table7(runs):
 def saved_rows(path, **made_by):
     """The rows of a JSONL output so far. Rows another model (or teacher) made are refused, so
     that one output folder never mixes two models' answers."""
-    rows = data.read_jsonl(path)
+    rows = utils.read_jsonl(path)
     for row in rows:
         for key, value in made_by.items():
             if row.get(key) != value:
@@ -237,9 +238,9 @@ def model_fingerprint(path):
     """Who answers: the model's directory, and its files' names, sizes and times (a model trained
     again in the same place is another model)."""
     import hashlib
-    path = os.path.abspath(data.resolve(path))
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in os.scandir(path) if f.is_file())
-    return f"{path}@{hashlib.sha1(repr(files).encode()).hexdigest()[:12]}"
+    path = os.path.abspath(utils.resolve(path))
+    listing = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in os.scandir(path) if f.is_file())
+    return f"{path}@{hashlib.sha1(repr(listing).encode()).hexdigest()[:12]}"
 
 
 def load_on_device(path):
@@ -292,7 +293,7 @@ def sqa_ensembles(samples, problems, answers, path, url, teacher, api_key, model
     def ask(kind, pid, messages):
         if (kind, pid) not in rows:
             try:
-                reply = data.chat_completion(messages, url, teacher, api_key, **client_options) or ""  # null: none
+                reply = utils.chat_completion(messages, url, teacher, api_key, **client_options) or ""  # null: none
             except RuntimeError as e:  # the endpoint gave up: what came before is saved
                 raise SystemExit(f"problem {pid}: the teacher failed ({e}); {len(rows)} replies are saved in "
                                  f"{path}: run the same command again to continue")
@@ -333,7 +334,7 @@ def evaluate_scienceqa(root, split, out, model_id, load_model, teacher=None, url
                                           teacher, api_key, model_id, **client_options)
         runs[f"LLaVA+{teacher} (complement)"] = score_table7(problems, complement)
         runs[f"LLaVA+{teacher} (judge)"] = score_table7(problems, judge)
-    data.write_json(os.path.join(out, "results.json"), {"model": model_id, "split": split, "results": runs})
+    utils.write_json(os.path.join(out, "results.json"), {"model": model_id, "split": split, "results": runs})
     return runs
 
 
@@ -355,15 +356,15 @@ def main(argv=None):
     bench.add_argument("--out", default="out/bench", help="answers.jsonl, reviews.jsonl, results.json")
     bench.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     bench.add_argument("--judge-model", default="gpt-4")
-    bench.add_argument("--timeout", type=data.number(float, 0, above=True), default=60, help="seconds per try")
-    bench.add_argument("--retries", type=data.number(int, 0), default=5, help="tries after the first, then stop")
+    bench.add_argument("--timeout", type=utils.number(float, 0, above=True), default=60, help="seconds per try")
+    bench.add_argument("--retries", type=utils.number(int, 0), default=5, help="tries after the first, then stop")
     sqa = sub.add_parser("scienceqa", help="§5.2: ScienceQA in Table 7's columns, alone and with a teacher")
     sqa.add_argument("--model", required=True, help="model directory or hub id")
     sqa.add_argument("--root", required=True, help="the folder of problems.json, pid_splits.json and images/")
     sqa.add_argument("--split", default="test")
     sqa.add_argument("--out", default="out/sqa", help="answers.jsonl, teacher.jsonl, results.json; a rerun resumes")
-    sqa.add_argument("--batch-size", type=data.number(int, 1), default=32, help="questions answered at once")
-    sqa.add_argument("--max-new-tokens", type=data.number(int, 1), default=1024,
+    sqa.add_argument("--batch-size", type=utils.number(int, 1), default=32, help="questions answered at once")
+    sqa.add_argument("--max-new-tokens", type=utils.number(int, 1), default=1024,
                      help="the reasoning comes before the answer")
     sqa.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     sqa.add_argument("--judge-model", default=None, help="the text-only teacher (e.g. gpt-4); none: LLaVA alone")
@@ -400,10 +401,10 @@ def main(argv=None):
         if missing:  # the judge gave no two scores for some: results.json waits for all of them
             sys.exit(f"{missing} of {len(questions)} questions have no review yet (see above); run the same "
                      f"command again to ask the judge again")
-        data.write_json(os.path.join(args.out, "results.json"), dict(results, model=model_id, judge=args.judge_model))
+        utils.write_json(os.path.join(args.out, "results.json"), dict(results, model=model_id, judge=args.judge_model))
         return
 
-    questions = data.load_json(args.questions)
+    questions = utils.load_json(args.questions)
     for i, q in enumerate(questions):  # every question is checked before the model loads
         turn = q.get("conversations", [None])[0] if isinstance(q, dict) else None
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
@@ -414,7 +415,7 @@ def main(argv=None):
         if q.get("image"):
             check_image(args.questions, q.get("id", i), args.image_folder, q["image"])
     if args.out and os.path.exists(args.out):  # only the same model's results are replaced
-        made_by = data.load_json_object(args.out)
+        made_by = utils.load_json_object(args.out)
         made_by = made_by.get("model") if isinstance(made_by, dict) else None
         if made_by != model_id:
             sys.exit(f"--out {args.out}: made by model {made_by!r}, not {model_id!r}; pass another --out, "
@@ -424,12 +425,12 @@ def main(argv=None):
     blind = None if args.no_blind else evaluate_mc(model, questions, args.image_folder, blank=True, progress=True)[0]
     print(table(results, blind))
     if args.out:
-        data.write_json(args.out, {"model": model_id, "results": results, "blind": blind, "outputs": rows})
+        utils.write_json(args.out, {"model": model_id, "results": results, "blind": blind, "outputs": rows})
 
 
 def read_rows(path, *keys):
     """An input JSONL file: each line an object with `keys`; a line that is not is named."""
-    rows = data.read_jsonl(path, required=True)
+    rows = utils.read_jsonl(path, required=True)
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not all(k in row for k in keys):
             sys.exit(f"{path}: row {i + 1} needs {', '.join(keys)}")
@@ -448,8 +449,8 @@ def loaded(path, load=llava.load):
     try:
         return load(path)
     except (OSError, ValueError) as e:
-        sys.exit(f"cannot load --model {path}: {data.one_line(e)}")
+        sys.exit(f"cannot load --model {path}: {utils.one_line(e)}")
 
 
 if __name__ == "__main__":
-    data.cli(main, "eval.py")
+    utils.cli(main, "eval.py")

@@ -22,15 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from transformers.initialization import no_init_weights
 from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
                           AutoTokenizer, LlavaConfig)
 
 import data
-
-AUTHORS_IMAGE_TOKEN_ID = data.AUTHORS_IMAGE_TOKEN_ID
+import utils
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,7 +66,7 @@ class LLaVA(nn.Module):
         self.projector_kind, self.feature_layer, self.keep_cls = projector, feature_layer, keep_cls
         self.image_token_id = image_token_id
         self.template = data.get_template(template)
-        self.num_image_tokens = data.count_image_tokens(vision_tower.config.image_size, vision_tower.config.patch_size,
+        self.num_image_tokens = utils.count_image_tokens(vision_tower.config.image_size, vision_tower.config.patch_size,
                                                    keep_cls)  # N_v: how many positions the image takes
 
     def train(self, mode=True):
@@ -276,7 +273,7 @@ def load_vision_tower(name_or_path, dtype=torch.float32, empty=False):
                          f"(--vision and --llm swapped?)")
     if empty:
         return AutoModel.from_config(vision_config, dtype=dtype)
-    with quiet_transformers():  # a CLIP checkpoint also holds the text tower we leave out
+    with utils.quiet_transformers():  # a CLIP checkpoint also holds the text tower we leave out
         return AutoModel.from_pretrained(name_or_path, config=vision_config, dtype=dtype)
 
 
@@ -285,14 +282,14 @@ def build(vision, llm, projector="mlp2x_gelu", feature_layer=-2, keep_cls=False,
     """A new LLaVA: g and f_phi from pretrained models (hub ids or directories), W random (FP32).
     dtype: f_phi's; vision_dtype: g's (default: the same). Checkpoints are converted as read (Vicuna
     ships float16). empty: the same model without reading any weights (for the meta device)."""
-    vision_tower = named(vision, lambda: load_vision_tower(vision, vision_dtype or dtype, empty))
-    config = named(llm, lambda: AutoConfig.from_pretrained(llm))
+    vision_tower = utils.named(vision, lambda: load_vision_tower(vision, vision_dtype or dtype, empty))
+    config = utils.named(llm, lambda: AutoConfig.from_pretrained(llm))
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"{llm}: a {config.model_type} model, not a language model (--vision and --llm swapped?)")
     if empty:
         language_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        language_model = named(llm, lambda: AutoModelForCausalLM.from_pretrained(llm, dtype=dtype))
+        language_model = utils.named(llm, lambda: AutoModelForCausalLM.from_pretrained(llm, dtype=dtype))
     tokenizer = AutoTokenizer.from_pretrained(llm)
     # An <image> token in the vocabulary, so that transformers' Llava can read what we save.
     image_token_id = data.image_placeholder(tokenizer)
@@ -304,46 +301,9 @@ def build(vision, llm, projector="mlp2x_gelu", feature_layer=-2, keep_cls=False,
                  projector, feature_layer, keep_cls, image_token_id, template)
 
 
-def named(path, read):
-    """read() from `path`; an error that does not say where names it (a corrupt weight file)."""
-    try:
-        return read()
-    except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path}: {data.one_line(e)}") from None
-
-
 # ----------------------------------------------------------------------------------------------
 # Saving and loading: the llava-hf layout, and the authors' layout
 # ----------------------------------------------------------------------------------------------
-
-# Our parameter names -> the names transformers' LlavaForConditionalGeneration writes and reads.
-TO_HF = [(r"^projector\.0\.", "multi_modal_projector.linear_1."),
-         (r"^projector\.2\.", "multi_modal_projector.linear_2.")]
-# Names in checkpoints -> ours. llava-hf on the hub, transformers 5, the authors' code.
-FROM_CHECKPOINT = [
-    (r"^multi_modal_projector\.linear_1\.", "projector.0."),
-    (r"^multi_modal_projector\.linear_2\.", "projector.2."),
-    (r"^model\.multi_modal_projector\.linear_1\.", "projector.0."),
-    (r"^model\.multi_modal_projector\.linear_2\.", "projector.2."),
-    (r"^(model\.)?vision_tower\.vision_model\.", "vision_tower."),  # transformers 4 nests CLIP
-    (r"^model\.vision_tower\.", "vision_tower."),
-    (r"^model\.language_model\.", "language_model.model."),
-    (r"^lm_head\.", "language_model.lm_head."),
-]
-# Names in the authors' LlavaLlamaForCausalLM checkpoints -> ours.
-FROM_AUTHORS = [(r"^model\.mm_projector\.", "projector."),
-                (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
-                (r"^model\.", "language_model.model."),
-                (r"^lm_head\.", "language_model.lm_head.")]
-
-
-def rename(key, rules):
-    for pattern, replacement in rules:
-        new_key, n = re.subn(pattern, replacement, key)
-        if n:
-            return new_key
-    return key
-
 
 def save(model, path, state_dict=None, max_shard_size="5GB"):
     """Write `path` in the llava-hf layout, atomically: a crash leaves the old directory intact.
@@ -352,7 +312,7 @@ def save(model, path, state_dict=None, max_shard_size="5GB"):
     """
     from huggingface_hub import save_torch_state_dict
     state_dict = model.state_dict() if state_dict is None else state_dict
-    weights = {rename(k, TO_HF): own_storage(v) for k, v in state_dict.items()}
+    weights = {utils.rename(k, utils.TO_HF): utils.own_storage(v) for k, v in state_dict.items()}
     lm = model.language_model.config
     if lm.tie_word_embeddings:
         weights.pop("language_model.lm_head.weight", None)
@@ -376,7 +336,7 @@ def save(model, path, state_dict=None, max_shard_size="5GB"):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_torch_state_dict(weights, tmp, max_shard_size=max_shard_size)
-    usual_mode(*[os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".safetensors")])
+    utils.usual_mode(*[os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".safetensors")])
     config.save_pretrained(tmp)
     model.tokenizer.save_pretrained(tmp)
     model.image_processor.save_pretrained(tmp)
@@ -387,54 +347,6 @@ def save(model, path, state_dict=None, max_shard_size="5GB"):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def usual_mode(*paths):
-    """safetensors writes its files readable by their owner alone; give them what the user's umask
-    gives any new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in paths:
-        os.chmod(path, 0o666 & ~umask)
-
-
-def own_storage(tensor):
-    """A tensor that safetensors can write: a copy if it is a view into a larger storage (as the
-    full state dict gathered from FSDP shards can hold)."""
-    tensor = tensor.detach().contiguous()
-    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-        tensor = tensor.clone()
-    return tensor
-
-
-def checkpoint_files(path):
-    """A checkpoint directory's weight files: model*.safetensors (one or shards), else the authors'
-    pytorch_model*.bin."""
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f.startswith("model"))
-    files = files or sorted(f for f in os.listdir(path) if re.fullmatch(r"pytorch_model.*\.bin", f))
-    if not files:
-        raise FileNotFoundError(f"{path}: no model*.safetensors or pytorch_model*.bin")
-    return [os.path.join(path, f) for f in files]
-
-
-def read_file(file, device="cpu"):
-    """One weight file's tensors: safetensors straight onto `device`; a .bin read with
-    weights_only=True (no code from the file is run) and memory-mapped."""
-    if file.endswith(".safetensors"):
-        return named(file, lambda: load_file(file, device=str(device)))
-    return torch.load(file, map_location=device, weights_only=True, mmap=True)
-
-
-def stored_shapes(files):
-    """{name: shape} of every tensor in the files, read from their headers, not their data."""
-    shapes = {}
-    for file in files:
-        if file.endswith(".safetensors"):
-            with named(file, lambda: safe_open(file, "pt")) as f:
-                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-        else:
-            shapes.update({k: tuple(v.shape) for k, v in read_file(file).items()})
-    return shapes
-
-
 def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
     """A saved LLaVA: ours or llava-hf (model_type "llava"), or the authors' ("llava_llama").
 
@@ -443,11 +355,11 @@ def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
     Strict: a missing, unexpected or mis-shaped weight is an error that names it.
     vision: for the authors' layout, where to find the vision tower if not `mm_vision_tower`.
     """
-    path = data.resolve(path)
+    path = utils.resolve(path)
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    files = checkpoint_files(path)
+    weight_files = utils.checkpoint_files(path)
     if config.get("model_type") == "llava":  # llava-hf, or ours
         llava_config = LlavaConfig.from_dict(config)
         projector = config.get("llava_projector", "mlp2x_gelu")
@@ -460,7 +372,7 @@ def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
                           projector, llava_config.vision_feature_layer,
                           llava_config.vision_feature_select_strategy == "full",
                           llava_config.image_token_index, template or config.get("llava_template", "llava15"))
-        rules = FROM_CHECKPOINT
+        rules = utils.FROM_CHECKPOINT
     elif "mm_vision_tower" in config:  # the authors' LlavaLlamaForCausalLM
         text_config = AutoConfig.for_model("llama", **{k: v for k, v in config.items() if k != "model_type"})
         vision = vision or config["mm_vision_tower"]
@@ -470,21 +382,21 @@ def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
             model = LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision, backend="pil"),
                           config.get("mm_projector_type", "linear"), config.get("mm_vision_select_layer", -2),
                           config.get("mm_vision_select_feature", "patch") == "cls_patch",
-                          AUTHORS_IMAGE_TOKEN_ID, template or data.authors_template(config))
-        rules = FROM_AUTHORS
+                          utils.AUTHORS_IMAGE_TOKEN_ID, template or utils.authors_template(config))
+        rules = utils.FROM_AUTHORS
     else:
         raise ValueError(f"{path}/config.json: neither a LLaVA (model_type 'llava') nor the authors' "
                          f"layout (mm_vision_tower); got model_type {config.get('model_type')!r}")
-    linear = model.projector_kind == "linear" and rules is FROM_CHECKPOINT  # save() wrote W as Linear, I, Linear
-    shapes = {rename(k, rules): v for k, v in stored_shapes(files).items()}
+    linear = model.projector_kind == "linear" and rules is utils.FROM_CHECKPOINT  # save() wrote W as Linear, I, Linear
+    shapes = {utils.rename(k, rules): v for k, v in utils.stored_shapes(weight_files).items()}
     if linear:
         shapes = {k: v for k, v in shapes.items() if not k.startswith("projector.2.")}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if rules is FROM_AUTHORS and not any(k.startswith("vision_tower.") for k in shapes):
+    if rules is utils.FROM_AUTHORS and not any(k.startswith("vision_tower.") for k in shapes):
         expected = {k: v for k, v in expected.items() if not k.startswith("vision_tower.")}  # from mm_vision_tower
-    check_weights(expected, shapes, model.language_model.config.tie_word_embeddings, path)
-    for file in files:  # one file in memory at a time
-        weights = {rename(k, rules): v for k, v in read_file(file, device).items()}
+    utils.check_weights(expected, shapes, model.language_model.config.tie_word_embeddings, path)
+    for file in weight_files:  # one file in memory at a time
+        weights = {utils.rename(k, rules): v for k, v in utils.read_file(file, device).items()}
         if linear:
             eye, bias = weights.pop("projector.2.weight", None), weights.pop("projector.2.bias", None)
             if eye is not None and not torch.equal(eye, torch.eye(eye.shape[0], dtype=eye.dtype, device=eye.device)) \
@@ -503,7 +415,7 @@ def save_projector(model, path, state_dict=None):
     state_dict = model.projector.state_dict() if state_dict is None else state_dict
     save_file({k: v.contiguous() for k, v in state_dict.items()}, path + ".tmp",
               metadata={"projector": model.projector_kind})
-    usual_mode(path + ".tmp")
+    utils.usual_mode(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -514,7 +426,7 @@ def load_projector(model, path):
         path = os.path.join(path, "projector.safetensors")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no stage-1 projector here; run stage 1 or pass --projector")
-    weights = read_file(path)
+    weights = utils.read_file(path)
     weights = {re.sub(r"^(model\.)?mm_projector\.", "", k): v for k, v in weights.items()}
     expected = model.projector.state_dict()
     problems = sorted(set(expected) ^ set(weights)) or [k for k in expected if weights[k].shape != expected[k].shape]
@@ -524,25 +436,3 @@ def load_projector(model, path):
     model.projector.load_state_dict(weights)
 
 
-def check_weights(expected, found, tied, source):
-    """Raise an error naming the first missing, unexpected or mis-shaped weight ({name: shape} each)."""
-    if tied:  # a tied head is the embedding matrix: never stored separately
-        expected.pop("language_model.lm_head.weight", None)
-        found.pop("language_model.lm_head.weight", None)
-    for problem, names in (("missing", sorted(set(expected) - set(found))), ("unexpected", sorted(set(found) - set(expected)))):
-        if names:
-            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-            raise ValueError(f"{source}: {problem} weight {names[0]}{more}")
-    for k, shape in found.items():
-        if shape != expected[k]:
-            raise ValueError(f"{source}: weight {k} has shape {shape}, the model expects {expected[k]}")
-
-
-class quiet_transformers:
-    """Silence transformers' load reports inside a `with` block."""
-    def __enter__(self):
-        self.level = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-
-    def __exit__(self, *exc):
-        transformers.logging.set_verbosity(self.level)

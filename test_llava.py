@@ -17,6 +17,7 @@ import data
 import llava
 import toy
 import train
+import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONVERSATION = [  # multi-turn, image as a prefix of the first human turn
@@ -217,7 +218,7 @@ def test_authors_layout_loads(parts, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     model.tokenizer.save_pretrained(tmp_path)
     authors = llava.load(str(tmp_path)).eval()
-    assert authors.image_token_id == llava.AUTHORS_IMAGE_TOKEN_ID
+    assert authors.image_token_id == utils.AUTHORS_IMAGE_TOKEN_ID
     ids_ours, pixel_values = model.prepare(CONVERSATION[:1], image())
     ids_authors, _ = authors.prepare(CONVERSATION[:1], image())
     assert (ids_authors == -200).sum() == 16
@@ -825,11 +826,11 @@ def test_teacher_client_gives_up_with_a_clear_error():
     teacher = Teacher(faults=False)
     try:
         with pytest.raises(RuntimeError, match=r"HTTP 404"):
-            data.chat_completion([], teacher.url + "/missing", "m", None, retries=0)
+            utils.chat_completion([], teacher.url + "/missing", "m", None, retries=0)
     finally:
         teacher.close()
     with pytest.raises(RuntimeError, match="gave up after 2 tries"):
-        data.chat_completion([], "http://127.0.0.1:9/v1", "m", None, timeout=1, retries=1, backoff=0.01)
+        utils.chat_completion([], "http://127.0.0.1:9/v1", "m", None, timeout=1, retries=1, backoff=0.01)
 
 
 @pytest.mark.parametrize("reply,kind,turns", [
@@ -1321,7 +1322,7 @@ def test_llava_bench_relative_score_with_a_judge_and_resume(saved, tmp_path, cap
         calls = len(judge.requests)
         second = run()  # resumes: only question 2 goes to the judge again; no answer is regenerated
         assert len(judge.requests) == calls + 1
-        assert len(data.read_jsonl(tmp_path / "bench" / "answers.jsonl")) == 3
+        assert len(utils.read_jsonl(tmp_path / "bench" / "answers.jsonl")) == 3
         assert second["overall"]["relative"] == pytest.approx(75.0) and second["overall"]["n"] == 3
         assert second["detail"]["model"] == 6 and second["detail"]["reference"] == 8
         prompt = judge.requests[-1]["messages"][1]["content"]
@@ -1549,7 +1550,7 @@ def test_scienceqa_complement_and_judge_with_a_text_only_teacher(tmp_path, capfd
         err = capfd.readouterr().err
         assert "problem 5: the teacher's complement reply names no option; LLaVA's answer stands" in err
         assert "problem 3: the teacher's judge reply names no option; LLaVA's answer stands" in err
-        rows = data.read_jsonl(out / "teacher.jsonl")
+        rows = utils.read_jsonl(out / "teacher.jsonl")
         assert [(r["kind"], r["id"]) for r in rows] == SQA_ASKED
         assert [r["letter"] for r in rows[:5]] == ["A", "B", "B", "D", None]
         assert (rows[4]["reply"], rows[6]["reply"]) == ("I need to see the image.", "")  # kept, never asked again
@@ -1589,12 +1590,12 @@ def test_scienceqa_teacher_run_stopped_part_way_resumes(tmp_path):
             run(down)
     finally:
         down.close()
-    assert [(r["kind"], r["id"]) for r in data.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED[:5]
+    assert [(r["kind"], r["id"]) for r in utils.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED[:5]
     up = SqaTeacher()
     try:
         assert run(up) == {method: table7_by_hand(method) for method in SQA_TABLE7}
         assert up.answered == SQA_ASKED[5:]  # only what was missing
-        assert [(r["kind"], r["id"]) for r in data.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED
+        assert [(r["kind"], r["id"]) for r in utils.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED
     finally:
         up.close()
 
@@ -1619,7 +1620,7 @@ def test_scienceqa_teacher_run_killed_part_way_resumes(saved, tmp_path):
     finally:
         slow.release.set()
         slow.close()
-    assert [(r["kind"], r["id"]) for r in data.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED[:5]
+    assert [(r["kind"], r["id"]) for r in utils.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED[:5]
     with open(out / "teacher.jsonl", "a") as f:
         f.write('{"kind": "complement", "id": "4", "rep')  # a line cut short, as a kill while writing leaves it
     up = SqaTeacher()
@@ -1627,7 +1628,7 @@ def test_scienceqa_teacher_run_killed_part_way_resumes(saved, tmp_path):
         result = subprocess.run(command(up), cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         assert up.answered == SQA_ASKED[5:]  # only what was missing
-        assert [(r["kind"], r["id"]) for r in data.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED
+        assert [(r["kind"], r["id"]) for r in utils.read_jsonl(out / "teacher.jsonl")] == SQA_ASKED
         assert result.stdout.splitlines()[3].split()[-1] == "88.89"  # the judge's average, as in one run
     finally:
         up.close()
@@ -1880,9 +1881,9 @@ def test_a_llava_hf_checkpoint_reads_and_answers_as_transformers_does(llava_hf, 
 
 
 def test_hub_repos_with_only_bin_weights_are_fetched():
-    assert data.weight_patterns(["config.json", "model-00001-of-00002.safetensors", "pytorch_model.bin"]) == ["*.safetensors"]
-    assert data.weight_patterns(["config.json", "pytorch_model-00001-of-00002.bin"]) == ["pytorch_model*.bin"]
-    assert set(data.weight_patterns(None)) == {"*.safetensors", "pytorch_model*.bin"}  # offline: the cache decides
+    assert utils.weight_patterns(["config.json", "model-00001-of-00002.safetensors", "pytorch_model.bin"]) == ["*.safetensors"]
+    assert utils.weight_patterns(["config.json", "pytorch_model-00001-of-00002.bin"]) == ["pytorch_model*.bin"]
+    assert set(utils.weight_patterns(None)) == {"*.safetensors", "pytorch_model*.bin"}  # offline: the cache decides
 
 
 def test_same_optimizer_step_however_the_global_batch_is_split(train_setup, parts, toy_world, tmp_path):
@@ -2005,6 +2006,35 @@ def test_each_epoch_is_a_new_permutation_whatever_the_world_size():
     for world_size in (2, 3):
         assert per_step(world_size) == one
         assert per_step(world_size, start_step=4) == one[4:]
+
+
+def project_imports():
+    """{module: the project's modules it imports, at any depth of its code}."""
+    import ast
+    modules = [f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")]
+    graph = {}
+    for module in modules:
+        tree = ast.parse(open(os.path.join(HERE, module + ".py")).read())
+        names = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        graph[module] = names & set(modules) - {module}
+    return graph
+
+
+def test_no_file_imports_another_that_imports_it_and_only_the_toy_world_imports_toy():
+    graph = project_imports()
+    assert {"data", "llava", "train", "chat", "eval", "utils", "toy"} <= set(graph)
+
+    def reaches(start):
+        seen, todo = set(), [start]
+        while todo:
+            for m in graph[todo.pop()] - seen:
+                seen.add(m)
+                todo.append(m)
+        return seen
+    assert [m for m in graph if m in reaches(m)] == []  # no circle, however long
+    assert [m for m in graph if "toy" in graph[m] and m not in ("bench",)] == []  # the paper's files never need it
+    assert graph["utils"] == set()  # the plumbing sits under everything
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2571,7 +2601,7 @@ def test_evaluation_outputs_remember_their_model(user, tmp_path):
     assert "overall" in out
     results = read(tmp_path / "results.json")
     assert results["model"] == first["model"] and results["judge"] == "gpt-4" and results["overall"]["relative"] == 75
-    assert [r["model"] for r in data.read_jsonl(tmp_path / "answers.jsonl")] == [first["model"]]
+    assert [r["model"] for r in utils.read_jsonl(tmp_path / "answers.jsonl")] == [first["model"]]
     slow = tmp_path / "slow"
     bench_answers(user, slow)
     code, _, err = user["programs"].run(expand(user, slow, "{bench} --judge-url {judge}/slow/v1 --timeout 0.3 "

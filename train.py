@@ -37,6 +37,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 import data
 import llava
+import utils
 
 # ----------------------------------------------------------------------------------------------
 # Settings. Defaults are the paper's (Appendix C); a stage's defaults fill what is not given.
@@ -52,7 +53,7 @@ STAGE_DEFAULTS = {
 
 
 def get_args(argv=None):
-    count, natural, positive = data.number(int, 1), data.number(int, 0), data.number(float, 0, above=True)
+    count, natural, positive = utils.number(int, 1), utils.number(int, 0), utils.number(float, 0, above=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: align W; 2: fine-tune W and the LLM")
     p.add_argument("--vision", default="openai/clip-vit-large-patch14", help="vision encoder g (hub id or dir)")
@@ -71,9 +72,9 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=count, help="samples per GPU per forward pass")
     p.add_argument("--epochs", type=positive, help="passes over the data (1 / 3)")
     p.add_argument("--max-steps", type=count, default=None, help="stop after this many steps (default: epochs)")
-    p.add_argument("--warmup-ratio", type=data.number(float, 0, 1), default=0.03,
+    p.add_argument("--warmup-ratio", type=utils.number(float, 0, 1), default=0.03,
                    help="linear warm-up share of the cosine schedule")
-    p.add_argument("--grad-clip", type=data.number(float, 0), default=1.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--grad-clip", type=utils.number(float, 0), default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--max-length", type=count, default=2048, help="tokens per sample at most")
     p.add_argument("--pad-to-square", action="store_true", help="LLaVA-1.5's padding of images to squares")
     p.add_argument("--group-by-length", action="store_true", help="sort each global batch by length: less padding")
@@ -246,7 +247,7 @@ def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=Fal
     if kill:
         os._exit(3)  # tests: die with the new checkpoint half done
     if rank == 0:
-        data.write_json(os.path.join(tmp, "meta.json"), {"step": step, "scheduler": scheduler.state_dict()})
+        utils.write_json(os.path.join(tmp, "meta.json"), {"step": step, "scheduler": scheduler.state_dict()})
         os.replace(tmp, final)
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
@@ -336,7 +337,7 @@ def train(args):
     for path, flag in [(args.data, "--data"), (args.image_folder, "--image-folder")]:
         if not os.path.exists(path):
             fail(f"{flag} {path} not found; pass {flag} (or try the offline demo: python toy.py)")
-    samples = data.load_json(args.data)  # what can be checked is checked before the model loads
+    samples = utils.load_json(args.data)  # what can be checked is checked before the model loads
     data.check_images(samples, args.image_folder, args.data)
     if len(samples) < args.global_batch:
         fail(f"{args.data} has {len(samples)} samples, fewer than --global-batch {args.global_batch}")
@@ -349,7 +350,7 @@ def train(args):
     try:
         model = load_model(args, rank, device, bf16)
     except (OSError, ValueError, SafetensorError) as e:  # missing, corrupt, swapped, made for other models
-        fail(f"cannot build the model (--vision, --llm, --projector): {data.one_line(e)}")
+        fail(f"cannot build the model (--vision, --llm, --projector): {utils.one_line(e)}")
     loaded_peak = peak_host_memory()
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Adam without weight decay; cosine schedule with 3% warm-up (Appendix C). fused: one kernel for
@@ -366,9 +367,9 @@ def train(args):
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     start_step = load_checkpoint(args.out, model, optimizer, scheduler, rank) if args.resume else 0
     if master and not args.resume:
-        data.write_json(os.path.join(args.out, "run.json"), settings)  # the run starts: its settings stay
+        utils.write_json(os.path.join(args.out, "run.json"), settings)  # the run starts: its settings stay
     if master and args.resume:  # the metrics of steps after the checkpoint are written again
-        rows = [r for r in data.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r["step"] <= start_step]
+        rows = [r for r in utils.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r["step"] <= start_step]
         with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -410,7 +411,7 @@ def train(args):
             samples_per_s = (step + 1 - start_step) * args.global_batch / (time.time() - t0)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                  samples_s=f"{samples_per_s:.1f}")
-            data.append_jsonl(os.path.join(args.out, "metrics.jsonl"), {
+            utils.append_jsonl(os.path.join(args.out, "metrics.jsonl"), {
                 "stage": args.stage, "step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": samples_per_s, "skipped": skipped})
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < total_steps:
@@ -482,7 +483,7 @@ def main():
     except KeyboardInterrupt:  # Ctrl-C: say where the run stopped and how to go on
         if not os.path.exists(os.path.join(args.out, "run.json")):
             fail("stopped by Ctrl-C before the first step; nothing was saved")
-        steps = [r["step"] for r in data.read_jsonl(os.path.join(args.out, "metrics.jsonl"))]
+        steps = [r["step"] for r in utils.read_jsonl(os.path.join(args.out, "metrics.jsonl"))]
         latest = os.path.join(args.out, "checkpoints", "latest")
         saved = f"its checkpoint {open(latest).read()}" if os.path.exists(latest) else "step 0 (no checkpoint yet)"
         fail(f"stopped by Ctrl-C after step {max(steps, default=0)}; the same command with --resume continues "
@@ -498,4 +499,4 @@ def main():
 
 
 if __name__ == "__main__":
-    data.cli(main, "train.py")
+    utils.cli(main, "train.py")

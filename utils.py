@@ -1,0 +1,340 @@
+"""The plumbing every program shares, and no section of the paper is about.
+
+Each program's errors as one line ("train.py: ...") instead of a traceback; JSON and JSONL files
+written so that a crash never leaves half of one; model directories by hub id or path, in the
+llava-hf layout or the authors'; weight files read one at a time, never a pickle run; and a client
+for an OpenAI-compatible chat endpoint (the §3 teacher, the §5 judge).
+"""
+import argparse
+import errno
+import json
+import math
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import huggingface_hub
+import torch
+import transformers
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: one line for each mistake
+# ----------------------------------------------------------------------------------------------
+
+def cli(main, program):
+    """Run a program's main(): a message that ends it, a file that cannot be read or written (missing,
+    a folder, read-only, a full disk) and a bad sample each become one line, "program: ...", exit 1."""
+    try:
+        main()
+    except SystemExit as e:
+        if isinstance(e.code, str) and not e.code.startswith(program):
+            raise SystemExit(f"{program}: {e.code}") from None
+        raise
+    except (OSError, SampleError) as e:
+        raise SystemExit(f"{program}: {one_line(e)}") from None
+    except KeyboardInterrupt:
+        print(f"{program}: stopped by Ctrl-C", file=sys.stderr)
+        sys.exit(130)
+
+
+def one_line(e):
+    """An error as one line; an OSError names its file, and a full disk says so."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+        return text + (" (the disk is full)" if e.errno == errno.ENOSPC else "")
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def number(kind, low, high=math.inf, above=False):
+    """An argparse type: a finite int or float from `low` (or above it) to `high`."""
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            most = f" and at most {high}" if high < math.inf else ""
+            raise argparse.ArgumentTypeError(f"{text}: must be {'above' if above else 'at least'} {low}{most}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON and JSONL files
+# ----------------------------------------------------------------------------------------------
+
+def write_json(path, obj):
+    """Write atomically: a crash or a full disk leaves the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    except OSError as e:  # a full disk fails at a write: name the file
+        raise OSError(e.errno, e.strerror, path) from None
+    os.replace(tmp, path)
+
+
+def append_jsonl(path, row):
+    """Add one row to a JSONL file (answers, reviews, metrics: kept as they come). A last line cut short
+    by a crash is ended first, so that the new row stays a line of its own."""
+    try:
+        with open(path, "a+b") as f:
+            cut = f.tell() > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+            f.write(("\n" if cut else "").encode() + json.dumps(row).encode() + b"\n")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+
+
+def read_jsonl(path, required=False):
+    """The rows of a JSONL file. What a program wrote (answers, reviews): none if it does not exist, and
+    a line cut short by a crash is ignored (asked again). An input (required): a line that is not JSON
+    stops with its number."""
+    if not required and not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                rows += [json.loads(line)] if line.strip() else []
+            except ValueError as e:  # not JSON, or not UTF-8
+                if required:
+                    raise SystemExit(f"{path}, line {number}: not JSON ({e}); fix or remove it") from None
+    return rows
+
+
+def load_json_object(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # missing, a folder, not JSON, not UTF-8
+        raise SystemExit(f"{path}: cannot read JSON: {e}") from None
+
+
+def load_json(path):
+    """A LLaVA JSON file: a list of samples."""
+    samples = load_json_object(path)
+    if not isinstance(samples, list):
+        raise SystemExit(f"{path}: expected a JSON list of samples")
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------
+# Model directories: a hub id or a path; the llava-hf layout or the authors'
+# ----------------------------------------------------------------------------------------------
+
+AUTHORS_IMAGE_TOKEN_ID = -200  # the authors' IMAGE_TOKEN_INDEX: a position id outside the vocabulary
+
+
+def load_tokenizer_and_config(path):
+    """What data.py needs to render samples for a saved model, without loading its weights."""
+    path = resolve(path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if config.get("model_type") == "llava":
+        vc = config["vision_config"]
+        keep_cls = config.get("vision_feature_select_strategy", "default") == "full"
+        return tokenizer, {"template": config.get("llava_template", "llava15"),
+                           "image_token_id": config["image_token_index"],
+                           "num_image_tokens": count_image_tokens(vc["image_size"], vc["patch_size"], keep_cls)}
+    vision = transformers.AutoConfig.from_pretrained(config["mm_vision_tower"])
+    vision = getattr(vision, "vision_config", vision)
+    return tokenizer, {"template": authors_template(config), "image_token_id": AUTHORS_IMAGE_TOKEN_ID,
+                       "num_image_tokens": count_image_tokens(vision.image_size, vision.patch_size)}
+
+
+def count_image_tokens(image_size, patch_size, keep_cls=False):
+    """N_v: one visual token per patch of the grid, and CLS if it is kept."""
+    return (image_size // patch_size) ** 2 + int(keep_cls)
+
+
+def resolve(path):
+    """A local directory as it is; otherwise a hub id, fetched (or found in the local cache): the
+    configs, the tokenizer, and the weights as safetensors, or pytorch_model*.bin where the repo
+    ships only those (the authors' LLaVA releases)."""
+    if os.path.isdir(path):
+        return path
+    try:
+        files = huggingface_hub.list_repo_files(path)
+    except Exception:  # offline: whatever the local cache holds
+        files = None
+    try:
+        return huggingface_hub.snapshot_download(path, allow_patterns=["*.json", "*.model", "*.txt"] + weight_patterns(files))
+    except Exception as e:
+        raise FileNotFoundError(f"{path}: not a directory, and the hub cannot give it ({type(e).__name__})")
+
+
+def weight_patterns(files):
+    """Which weight files to fetch from a repo listing `files` (None: unknown)."""
+    if files is not None and not any(f.endswith(".safetensors") for f in files):
+        return ["pytorch_model*.bin"]
+    return ["*.safetensors"] if files is not None else ["*.safetensors", "pytorch_model*.bin"]
+
+
+def authors_template(config):
+    return "llava15" if config.get("mm_projector_type", "linear") != "linear" else "paper"
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight files: names in each layout, read one file at a time
+# ----------------------------------------------------------------------------------------------
+
+def named(path, read):
+    """read() from `path`; an error that does not say where names it (a corrupt weight file)."""
+    try:
+        return read()
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: {one_line(e)}") from None
+
+
+# Our parameter names -> the names transformers' LlavaForConditionalGeneration writes and reads.
+TO_HF = [(r"^projector\.0\.", "multi_modal_projector.linear_1."),
+         (r"^projector\.2\.", "multi_modal_projector.linear_2.")]
+
+
+# Names in checkpoints -> ours. llava-hf on the hub, transformers 5, the authors' code.
+FROM_CHECKPOINT = [
+    (r"^multi_modal_projector\.linear_1\.", "projector.0."),
+    (r"^multi_modal_projector\.linear_2\.", "projector.2."),
+    (r"^model\.multi_modal_projector\.linear_1\.", "projector.0."),
+    (r"^model\.multi_modal_projector\.linear_2\.", "projector.2."),
+    (r"^(model\.)?vision_tower\.vision_model\.", "vision_tower."),  # transformers 4 nests CLIP
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+]
+
+
+# Names in the authors' LlavaLlamaForCausalLM checkpoints -> ours.
+FROM_AUTHORS = [(r"^model\.mm_projector\.", "projector."),
+                (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
+                (r"^model\.", "language_model.model."),
+                (r"^lm_head\.", "language_model.lm_head.")]
+
+
+def rename(key, rules):
+    for pattern, replacement in rules:
+        new_key, n = re.subn(pattern, replacement, key)
+        if n:
+            return new_key
+    return key
+
+
+def usual_mode(*paths):
+    """safetensors writes its files readable by their owner alone; give them what the user's umask
+    gives any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
+
+
+def own_storage(tensor):
+    """A tensor that safetensors can write: a copy if it is a view into a larger storage (as the
+    full state dict gathered from FSDP shards can hold)."""
+    tensor = tensor.detach().contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    return tensor
+
+
+def checkpoint_files(path):
+    """A checkpoint directory's weight files: model*.safetensors (one or shards), else the authors'
+    pytorch_model*.bin."""
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f.startswith("model"))
+    files = files or sorted(f for f in os.listdir(path) if re.fullmatch(r"pytorch_model.*\.bin", f))
+    if not files:
+        raise FileNotFoundError(f"{path}: no model*.safetensors or pytorch_model*.bin")
+    return [os.path.join(path, f) for f in files]
+
+
+def read_file(file, device="cpu"):
+    """One weight file's tensors: safetensors straight onto `device`; a .bin read with
+    weights_only=True (no code from the file is run) and memory-mapped."""
+    if file.endswith(".safetensors"):
+        return named(file, lambda: load_file(file, device=str(device)))
+    return torch.load(file, map_location=device, weights_only=True, mmap=True)
+
+
+def stored_shapes(files):
+    """{name: shape} of every tensor in the files, read from their headers, not their data."""
+    shapes = {}
+    for file in files:
+        if file.endswith(".safetensors"):
+            with named(file, lambda: safe_open(file, "pt")) as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        else:
+            shapes.update({k: tuple(v.shape) for k, v in read_file(file).items()})
+    return shapes
+
+
+def check_weights(expected, found, tied, source):
+    """Raise an error naming the first missing, unexpected or mis-shaped weight ({name: shape} each)."""
+    if tied:  # a tied head is the embedding matrix: never stored separately
+        expected.pop("language_model.lm_head.weight", None)
+        found.pop("language_model.lm_head.weight", None)
+    for problem, names in (("missing", sorted(set(expected) - set(found))), ("unexpected", sorted(set(found) - set(expected)))):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise ValueError(f"{source}: {problem} weight {names[0]}{more}")
+    for k, shape in found.items():
+        if shape != expected[k]:
+            raise ValueError(f"{source}: weight {k} has shape {shape}, the model expects {expected[k]}")
+
+
+class quiet_transformers:
+    """Silence transformers' load reports inside a `with` block."""
+    def __enter__(self):
+        self.level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        transformers.logging.set_verbosity(self.level)
+
+
+# ----------------------------------------------------------------------------------------------
+# An OpenAI-compatible chat endpoint
+# ----------------------------------------------------------------------------------------------
+
+def chat_completion(messages, base_url, model, api_key, timeout=60, retries=5, backoff=1.0, temperature=0.7):
+    """One call to an OpenAI-compatible /chat/completions endpoint with the standard library.
+    Timeouts, refused connections, 429 and 5xx are retried with exponential backoff, each retry said
+    on stderr; other HTTP errors and a reply that is not a chat completion raise RuntimeError. The key
+    goes in the Authorization header only, never in a message, and never follows a redirect."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, request, fp, code, msg, headers, new_url):
+            raise RuntimeError(f"{base_url}: redirects to {new_url}; not followed, so that the API key stays "
+                               f"with {base_url} (pass the new URL if you trust it)")
+    body = json.dumps({"model": model, "messages": messages, "temperature": temperature}).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    for attempt in range(retries + 1):
+        request = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", body, headers)
+        try:
+            with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
+                text = response.read()
+            try:
+                return json.loads(text)["choices"][0]["message"]["content"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise RuntimeError(f"{base_url}: the reply is not a chat completion ({text[:60]!r})") from None
+        except urllib.error.HTTPError as e:
+            if e.code != 429 and e.code < 500:
+                raise RuntimeError(f"{base_url}: HTTP {e.code} {e.reason}") from None
+            error = f"HTTP {e.code}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            error = str(getattr(e, "reason", e)) or type(e).__name__  # "timed out", "[Errno 111] Connection refused"
+        if attempt == retries:
+            raise RuntimeError(f"{base_url}: gave up after {retries + 1} tries ({error})")
+        print(f"{base_url}: {error}; try {attempt + 2} of {retries + 1} in {backoff * 2 ** attempt:g} s",
+              file=sys.stderr)
+        time.sleep(backoff * 2 ** attempt)
