@@ -2087,6 +2087,11 @@ def test_the_committed_lm_stand_in_reads_scenes_in_words():
         assert line.startswith(order)
         right = dict(zip(toy.CATEGORIES, map(int, line[len(order):].split())))
         assert right["color"] == right["shape"] == right["position"] == 4, line
+        # existence by the teacher's answer: the same questions, counted again by kind
+        kinds = next(l for l in result.stdout.splitlines() if l.startswith(f"existence, {order}: ")).split(": ", 1)[1]
+        counts = [tuple(map(int, part.rsplit(" ", 1)[1].split("/"))) for part in kinds.split("; ")]
+        assert len(counts) == len(toy.EXISTENCE_KINDS) and sum(a for _, a in counts) == 4
+        assert sum(r for r, _ in counts) == right["existence"], (kinds, line)
 
 
 def test_the_demo_runs_end_to_end_on_a_small_world(tmp_path):

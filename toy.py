@@ -580,16 +580,22 @@ def pretrain(out=STAND_INS, lm_steps=16000, clip_steps=150, seed=0, images=2000)
     return clip_loss, lm_loss
 
 
+EXISTENCE_KINDS = ["yes", "no: nothing of that color", "no: that color in other shapes"]
+
+
 @torch.no_grad()
 def probe(lm_dir, n=60, seed=12345):
     """What the LM stand-in knows before it sees an image: held-out scenes written in words at the
     image positions (as it read them, without the noise), n multiple-choice questions a category,
-    the scene after the question and before it, greedy. Returns {order: {category: right answers}}."""
+    the scene after the question and before it, greedy. Returns {order: {category: right answers}}
+    and, for existence, {order: {the teacher's answer: [right, asked]}} (EXISTENCE_KINDS; the last is
+    the compositional trap: "I see a red square, so no, there is no red circle")."""
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
-    rng, results = random.Random(seed), {}
+    rng, results, existence = random.Random(seed), {}, {}
     for order in ("image last", "image first"):
         results[order] = {}
+        existence[order] = {kind: [0, 0] for kind in EXISTENCE_KINDS}
         for category in CATEGORIES:
             right = asked = 0
             while asked < n:
@@ -607,8 +613,12 @@ def probe(lm_dir, n=60, seed=12345):
                 answer = tokenizer.decode(out[0], skip_special_tokens=True).split("###")[0]
                 right += evaluation.extract_answer(answer) == mc["letter"]
                 asked += 1
+                if category == "existence":
+                    kind = EXISTENCE_KINDS[0 if mc["letter"] == "A" else 1 if "I see nothing" in mc["answer"] else 2]
+                    existence[order][kind][0] += evaluation.extract_answer(answer) == mc["letter"]
+                    existence[order][kind][1] += 1
             results[order][category] = right
-    return results
+    return results, existence
 
 
 # ----------------------------------------------------------------------------------------------
@@ -771,7 +781,9 @@ def main(argv=None):
     p.add_argument("--clip-steps", type=int, default=150, help="pretrain: the CLIP stand-in's steps of 128 pairs")
     args = p.parse_args(argv)
     if args.command == "probe":
-        results = probe(args.llm, args.n)
+        results, existence = probe(args.llm, args.n)
+        for order, kinds in existence.items():
+            print(f"existence, {order}: " + "; ".join(f"{kind} {right}/{asked}" for kind, (right, asked) in kinds.items()))
         print(f"{'':12}" + "".join(f"{c:>11}" for c in CATEGORIES) + f"   (right of {args.n} each)")
         for order, right in results.items():
             print(f"{order:12}" + "".join(f"{right[c]:>11}" for c in CATEGORIES))
