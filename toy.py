@@ -611,11 +611,12 @@ def probe(lm_dir, n=60, seed=12345):
                 out = lm.generate(**inputs, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.unk_token_id,
                                   eos_token_id=tokenizer.eos_token_id, stop_strings="###", tokenizer=tokenizer)
                 answer = tokenizer.decode(out[0], skip_special_tokens=True).split("###")[0]
-                right += evaluation.extract_answer(answer) == mc["letter"]
+                is_right = evaluation.extract_answer(answer) == mc["letter"]
+                right += is_right
                 asked += 1
                 if category == "existence":
                     kind = EXISTENCE_KINDS[0 if mc["letter"] == "A" else 1 if "I see nothing" in mc["answer"] else 2]
-                    existence[order][kind][0] += evaluation.extract_answer(answer) == mc["letter"]
+                    existence[order][kind][0] += is_right
                     existence[order][kind][1] += 1
             results[order][category] = right
     return results, existence
