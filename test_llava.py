@@ -1918,7 +1918,8 @@ batch = data.collate([dataset[i] for i in range(2 * rank, 2 * rank + 2)], model.
 train.accumulate(model, [batch], 100, world_size, device, torch.autocast("cpu", enabled=False))
 for name, p in model.named_parameters():  # after one micro-batch of an accumulation: each rank its shard
     assert not p.requires_grad or p.grad.to_local().shape[0] <= -(-p.shape[0] // world_size), name
-print("sharded gradients on rank", rank)
+sys.stdout.write(f"sharded gradients on rank {rank}\\n")  # one write: the two ranks share the pipe
+sys.stdout.flush()
 """
 
 
