@@ -155,11 +155,19 @@ def absent_pair(objects, rng):
     return rng.choice(pairs) if pairs else None
 
 
-def exists_question(objects, rng):
+def exists_question(objects, rng, hard=False):
     """'Is there a ...?' with yes and no equally likely; half the no's are compositional traps.
+    hard: every no names a color that is in the image, so that "I see a red ..." goes on to yes and
+    to no equally often and only the shape decides (the LM stand-in's reading).
     Returns (the thing asked about, "yes" or "no", whether it is a trap)."""
     if rng.random() < 0.5:
         return name(rng.choice(objects)), "yes", False
+    if hard:
+        color = rng.choice(sorted({o["color"] for o in objects}))
+        absent = [s for s in SHAPES if not any(o["color"] == color and o["shape"] == s for o in objects)]
+        if absent:
+            shape = rng.choice(absent)
+            return f"{color} {shape}", "no", any(o["shape"] == shape for o in objects)
     trap = absent_pair(objects, rng) if rng.random() < 0.5 else None
     if trap is None:
         present = {name(o) for o in objects}
@@ -202,8 +210,8 @@ def ask_position(objects, rng):
     return o and (f"Where is the {name(o)}?", f"The {name(o)} is {where(o)} of the image.", where(o))
 
 
-def ask_existence(objects, rng):
-    thing, answer, _ = exists_question(objects, rng)
+def ask_existence(objects, rng, hard=False):
+    thing, answer, _ = exists_question(objects, rng, hard)
     color = thing.split()[0]
     same_color = [o for o in objects if o["color"] == color]  # a trap has these, in other shapes
     seen = f"I see {listed(same_color)}" if same_color else f"I see nothing {color}"
@@ -282,7 +290,7 @@ OPTIONS = {"color": list(COLORS), "shape": SHAPES, "count": ["0", "1", "2", "3"]
            "row": ROWS, "column": COLS}
 
 
-def mc_sample(objects, category, rng, image_first=False):
+def mc_sample(objects, category, rng, image_first=False, hard=False):
     """A question of `category` in ScienceQA form, or None if the image cannot ask it.
 
     As in the paper's best ScienceQA variant, the answer reasons first: the fact, then "The answer
@@ -300,7 +308,7 @@ def mc_sample(objects, category, rng, image_first=False):
         fact = f"The {name(o)} is {where(o)}, so it is in the {right} {axis}."  # the place, then the axis
         options = OPTIONS[axis]
     else:
-        asked = ASK[category](objects, rng)
+        asked = ask_existence(objects, rng, hard) if category == "existence" else ASK[category](objects, rng)
         if asked is None:
             return None
         question, fact, right = asked
@@ -443,10 +451,11 @@ def make_vicuna(path, tokenizer, width=64, layers=2, heads=4, seed=0, vocab_size
 # Pretraining the stand-ins: CLIP on image-caption pairs, the LM on the world in words
 # ----------------------------------------------------------------------------------------------
 
-def pretrain_clip(path, world, tokenizer, steps=150, batch=128, lr=1e-3):
+def pretrain_clip(path, world, tokenizer, steps=800, batch=128, lr=1e-3):
     """The CLIP stand-in: contrastive image-caption training (CLIP's own loss) on a world's images.
-    Kept brief: in-batch captions differ mostly in colors, and long training can wipe shape out of
-    the patch features."""
+    Captions in a batch differ mostly in colors, so colors are learned first; trained until shapes
+    and places also tell captions apart, the patch features carry them strongly enough for stage 1
+    to align W with them quickly."""
     end = len(tokenizer)  # the text tower's own end-of-text id: CLIP pools its features there
     model = make_clip(path, GRID * CELL, CELL, width=128, layers=3, heads=4, vocab_size=end + 1, eos_token_id=end)
     processor = CLIPImageProcessor.from_pretrained(path)
@@ -484,7 +493,7 @@ def scene_words(objects):
 # caption that stage 1 aligns W with. Its questions dwell on the lookups a small LM learns last:
 # finding an object by its shape to read its color, and whether a color goes with a shape.
 LM_READING = ["mc"] * 4 + ["conversation"] * 2 + ["brief"]
-LM_QUESTIONS = ["color"] * 3 + ["existence"] * 3 + ["count"] * 2 + ["shape", "position"]
+LM_QUESTIONS = ["color"] * 3 + ["existence"] * 4 + ["count"] * 2 + ["shape", "position"]
 
 
 def lm_reading(seed, kinds=LM_READING, min_objects=2):
@@ -499,7 +508,7 @@ def lm_reading(seed, kinds=LM_READING, min_objects=2):
         if held_out(objects) or (kind == "mc" and len(objects) < min_objects):
             continue
         if kind == "mc":
-            mc = mc_sample(objects, rng.choice(LM_QUESTIONS), rng, image_first=rng.random() < 0.5)
+            mc = mc_sample(objects, rng.choice(LM_QUESTIONS), rng, image_first=rng.random() < 0.5, hard=True)
             if mc is None:  # this scene cannot ask that question
                 continue
             yield mc["conversations"], scene_words(objects)
@@ -563,7 +572,7 @@ def pretrain_lm(path, tokenizer, reading, steps=1000, batch=16, lr=1e-3, noise=0
     return loss.item()
 
 
-def pretrain(out=STAND_INS, lm_steps=16000, clip_steps=150, seed=0, images=2000):
+def pretrain(out=STAND_INS, lm_steps=16000, clip_steps=800, seed=0, images=2000):
     """Make stand_ins/clip and stand_ins/vicuna from a world of their own (seed 1000 + seed)."""
     start = time.time()
     world = os.path.join(out, "world.tmp")
@@ -646,10 +655,10 @@ def demo(args):
     if not args.no_stage1:
         print("[2/5] stage 1: pre-training for feature alignment (W only)")
         # The paper's lr. W learns only through the frozen LM, and on 2,000 captions it needs many
-        # small steps (columns come last): batch 8 for 9 epochs.
+        # small steps: batch 8 for 4 epochs.
         train.train(train.get_args(["--stage", "1", "--data", os.path.join(world, "stage1.json"), "--out",
                                     os.path.join(out, "stage1"), "--lr", "2e-3", "--global-batch", "8",
-                                    "--batch-size", "8", "--epochs", "9"] + common))
+                                    "--batch-size", "8", "--epochs", "4"] + common))
     else:
         print("[2/5] stage 1 skipped (--no-stage1): W starts random")
     print("[3/5] stage 2: fine-tuning end to end (W and the LLM)")
@@ -779,7 +788,7 @@ def main(argv=None):
     p.add_argument("--held-out", type=int, default=500, help="demo: held-out images (2 questions each)")
     p.add_argument("--lm-steps", type=int, default=16000, help="pretrain: the LM stand-in's steps of 16 scenes")
     p.add_argument("--n", type=int, default=60, help="probe: questions per category and order")
-    p.add_argument("--clip-steps", type=int, default=150, help="pretrain: the CLIP stand-in's steps of 128 pairs")
+    p.add_argument("--clip-steps", type=int, default=800, help="pretrain: the CLIP stand-in's steps of 128 pairs")
     args = p.parse_args(argv)
     if args.command == "probe":
         results, existence = probe(args.llm, args.n)
