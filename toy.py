@@ -157,8 +157,9 @@ def absent_pair(objects, rng):
 
 def exists_question(objects, rng, hard=False):
     """'Is there a ...?' with yes and no equally likely; half the no's are compositional traps.
-    hard: every no names a color that is in the image, so that "I see a red ..." goes on to yes and
-    to no equally often and only the shape decides (the LM stand-in's reading).
+    hard: a no names a color that is in the image with a shape that color lacks there (whenever it
+    lacks one), so that "I see a red ..." goes on to yes and to no alike and only the shape decides
+    (the LM stand-in's reading).
     Returns (the thing asked about, "yes" or "no", whether it is a trap)."""
     if rng.random() < 0.5:
         return name(rng.choice(objects)), "yes", False
