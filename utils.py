@@ -7,6 +7,7 @@ for an OpenAI-compatible chat endpoint (the §3 teacher, the §5 judge).
 """
 import argparse
 import errno
+import fcntl
 import json
 import math
 import os
@@ -125,6 +126,28 @@ def load_json(path):
     if not isinstance(samples, list):
         raise SystemExit(f"{path}: expected a JSON list of samples")
     return samples
+
+
+_held = []  # open lock files: a lock lasts as long as the process holds its file open
+
+
+def hold_lock(folder, program):
+    """Take `folder`/.lock for the life of this process, or stop with one line: two runs or evaluations
+    writing one folder would mix their files. The kernel drops the lock when the process ends, however
+    it ends (a crash, SIGKILL), so a stale lock never blocks the next run."""
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"{program}: {folder} is in use by {holder}; wait for it to end, or pass another folder")
+    f.truncate(0)
+    f.write(f"{program} (pid {os.getpid()})\n")
+    f.flush()
+    _held.append(f)
 
 
 # ----------------------------------------------------------------------------------------------
