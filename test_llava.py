@@ -470,6 +470,7 @@ def test_bad_conversations_are_named(saved, conversation, image_given, message):
                     model.num_image_tokens, sample_id=42)
 
 
+@pytest.mark.slow
 def test_show_cli_marks_trained_tokens(saved, tmp_path):
     _, path, _ = saved
     sample_file = tmp_path / "samples.json"
@@ -708,6 +709,7 @@ def test_lm_reading_is_right_about_its_scene_and_skips_held_out_scenes():
     assert any(sum(not c.startswith("nothing") for c in cells) == 1 for _, cells in reading)  # the others: any scene
 
 
+@pytest.mark.slow
 def test_lm_stand_in_pretraining_reads_the_scene(toy_world, tmp_path):
     """pretrain_toy_lm puts each cell's summed word embeddings at the image positions; after a few
     steps the saved LM's answer loss is lower with the right scene than with another image's."""
@@ -1038,6 +1040,7 @@ def stage2_args(train_setup, out, *extra):
                      "--max-steps", "4", "--checkpoint-every", "0", *extra]
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_under_fsdp_runs(train_setup, tmp_path):
     """The GPU recipe (BF16 compute, FP32 weights and reduction) exercised on CPU with gloo; the model
     is exported in BF16 (half of FP32) and loads in transformers."""
@@ -1048,6 +1051,7 @@ def test_bf16_mixed_precision_under_fsdp_runs(train_setup, tmp_path):
     assert transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "model").dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_killed_run_resumes_to_the_same_weights(train_setup, tmp_path, nproc):
     run_train(stage2_args(train_setup, tmp_path / "straight", "--max-steps", "5"), nproc=nproc)
@@ -1062,6 +1066,7 @@ def test_killed_run_resumes_to_the_same_weights(train_setup, tmp_path, nproc):
     assert [m["step"] for m in metrics(tmp_path / "killed")] == [1, 2, 3, 4, 5]  # step 3 redone, logged once
 
 
+@pytest.mark.slow
 def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(train_setup, tmp_path):
     run_train(stage2_args(train_setup, tmp_path / "straight", "--max-steps", "5"))
     crashed = run_train(stage2_args(train_setup, tmp_path / "crash", "--max-steps", "5", "--checkpoint-every", "2",
@@ -1074,6 +1079,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(train_se
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+@pytest.mark.slow
 def test_stage1_trains_only_the_projector_and_stage2_never_the_vision_encoder(train_setup, tmp_path):
     common, world = train_setup
     stage1 = train.train(train.get_args(common + [
@@ -1111,6 +1117,7 @@ def test_training_reads_every_epoch_in_its_own_order(train_setup, tmp_path, monk
     assert sorted(first) == sorted(second) == list(range(16)) and first != second
 
 
+@pytest.mark.slow
 def test_missing_data_file_gets_one_line(train_setup, tmp_path):
     common, _ = train_setup
     result = run_train(common + ["--stage", "1", "--data", str(tmp_path / "chat.json"), "--out", str(tmp_path)],
@@ -1128,6 +1135,7 @@ def chat(args, stdin=""):
                           text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_one_shot_answer_equals_llava_generation(saved, tmp_path):
     model, path, _ = saved
     image().save(tmp_path / "red.png")
@@ -1139,6 +1147,7 @@ def test_one_shot_answer_equals_llava_generation(saved, tmp_path):
     assert result.stdout == expected + "\n"  # the answer alone
 
 
+@pytest.mark.slow
 def test_repl_as_a_user_drives_it(saved, tmp_path):
     _, path, _ = saved
     image().save(tmp_path / "red.png")
@@ -1164,6 +1173,7 @@ def repl_answers(stdout):
     return [chunk.split("\nUSER: ")[0].strip() for chunk in stdout.split("ASSISTANT: ")[1:]]
 
 
+@pytest.mark.slow
 def test_what_reaches_the_model_in_the_repl(saved, tmp_path):
     """A question in the REPL reaches the model after the conversation so far, the REPL's own answers
     in it; after /reset, and after /image, it reaches the model alone: its answer is the one a fresh
@@ -1190,6 +1200,7 @@ def test_what_reaches_the_model_in_the_repl(saved, tmp_path):
     assert after_new_image == fresh_blue
 
 
+@pytest.mark.slow
 def test_repl_drops_the_oldest_turns_when_the_context_is_full(saved, tmp_path):
     model, path, _ = saved
     image().save(tmp_path / "red.png")
@@ -1202,6 +1213,7 @@ def test_repl_drops_the_oldest_turns_when_the_context_is_full(saved, tmp_path):
     assert "oldest exchanges dropped" in result.stdout and result.stdout.count("ASSISTANT: ") == 2
 
 
+@pytest.mark.slow
 def test_chat_without_a_model_says_what_to_do(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(HERE, "chat.py"), "x.png"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
@@ -1618,6 +1630,7 @@ def test_scienceqa_teacher_run_stopped_part_way_resumes(tmp_path):
         up.close()
 
 
+@pytest.mark.slow
 def test_scienceqa_teacher_run_killed_part_way_resumes(saved, tmp_path):
     """`eval.py scienceqa` with a judge, killed (SIGKILL) while it waits for the teacher's 6th reply:
     the 5 replies it had are kept, and the same command asks only what is missing."""
@@ -1677,6 +1690,7 @@ def test_scienceqa_cli_prints_table7(saved, tmp_path, capsys, monkeypatch):
         teacher.close()
 
 
+@pytest.mark.slow
 def test_huge_images_in_the_repl(saved, tmp_path):
     """A decompression bomb is refused with a message; a large photo is used."""
     _, path, _ = saved
@@ -1689,6 +1703,7 @@ def test_huge_images_in_the_repl(saved, tmp_path):
     assert "large.jpg loaded" in result.stdout and result.stdout.count("ASSISTANT: ") == 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
     """In a pseudo-terminal: Ctrl-C at the prompt gives a fresh prompt, Ctrl-C during an answer
     stops it and keeps the chat, Ctrl-D leaves."""
@@ -1789,6 +1804,7 @@ def llava15_mix(world, folder):
     return folder / "mix.json", samples
 
 
+@pytest.mark.slow
 def test_the_papers_gpu_commands_on_the_real_formats(parts, toy_world, tmp_path):
     """Stage 1 (BF16, gradient checkpointing, accumulation 2) then stage 2 from its W on a LLaVA-1.5-like
     mix, on 2 processes; stage 2 killed and resumed on 3 processes reaches the same weights; chat.py,
@@ -1904,6 +1920,7 @@ def test_hub_repos_with_only_bin_weights_are_fetched():
     assert set(utils.weight_patterns(None)) == {"*.safetensors", "pytorch_model*.bin"}  # offline: the cache decides
 
 
+@pytest.mark.slow
 def test_same_optimizer_step_however_the_global_batch_is_split(train_setup, parts, toy_world, tmp_path):
     """A global batch of 8 samples of different lengths (text-only ones among them) as 1 x 8, 1 x 4 x 2
     (accumulation), 2 processes x 4 and 2 x 2 x 2: the same weights after two steps. Every trained
@@ -1942,6 +1959,7 @@ os._exit(0)  # as train.py leaves under torchrun: gloo's threads torn down at ex
 """
 
 
+@pytest.mark.slow
 def test_gradients_stay_sharded_while_they_accumulate(train_setup, tmp_path):
     """FSDP with gradient sync turned off during accumulation keeps full unsharded FP32 gradients on
     every GPU (52 GB at 13B); ours reduce-scatter each micro-batch, so a rank holds only its shard."""
@@ -1970,6 +1988,7 @@ def peak_memory(stderr):
     return {int(r): float(m) for r, m in re.findall(r"rank (\d+): peak host memory \d+ MiB \((\d+) MiB once", stderr)}
 
 
+@pytest.mark.slow
 def test_only_rank_0_reads_the_weights(parts, vicuna_sized_vocabulary, toy_world, tmp_path):
     """Under torchrun the other ranks build the model on the meta device and receive their shards. Once
     the model is loaded, rank 1's peak host memory is below rank 0's, which read the whole model (when
@@ -1987,6 +2006,7 @@ def test_only_rank_0_reads_the_weights(parts, vicuna_sized_vocabulary, toy_world
     assert peak[1] < peak[0] - 0.3 * model_mib
 
 
+@pytest.mark.slow
 def test_loading_holds_one_weight_file_at_a_time(parts, vicuna_sized_vocabulary, tmp_path):
     """llava.load builds the model and fills it file by file: its memory grows by the model and the
     largest file, not by a second copy of the weights (reading every file first grew it by twice the
@@ -2082,6 +2102,7 @@ def check_stand_ins(root):
     return model
 
 
+@pytest.mark.slow
 def test_the_stand_ins_are_made_by_a_command_in_the_real_formats(tmp_path):
     result = subprocess.run([sys.executable, "toy.py", "pretrain", "--out", str(tmp_path), "--lm-steps", "4",
                              "--clip-steps", "2", "--images", "64"], cwd=HERE, capture_output=True, text=True, timeout=300)
@@ -2095,6 +2116,7 @@ def test_the_committed_stand_ins_are_the_real_formats():
     assert sum(p.numel() for p in model.language_model.parameters()) < 3e6  # a few MB in the repository
 
 
+@pytest.mark.slow
 def test_the_committed_lm_stand_in_reads_scenes_in_words():
     """`python toy.py probe`: the LM stand-in alone, held-out scenes in words where the image goes.
     It has learned to read them: colors, shapes and places right."""
@@ -2114,6 +2136,7 @@ def test_the_committed_lm_stand_in_reads_scenes_in_words():
         assert sum(r for r, _ in counts) == right["existence"], (kinds, line)
 
 
+@pytest.mark.slow
 def test_the_demo_runs_end_to_end_on_a_small_world(tmp_path):
     """`python toy.py` with a small world: both stages on the committed stand-ins, the evaluations
     (image last and first, blind, the chat's open-ended answers), results.json and the picture."""
@@ -2575,6 +2598,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it():
     assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C does what it did before again
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_training_says_where_it_stopped_and_how_to_go_on(user, tmp_path):
     import signal
     import time
@@ -2614,6 +2638,7 @@ def test_data_show_finds_the_demos_model(user, tmp_path):
     assert "[[" in out and "trained (in [[ ]])" in out
 
 
+@pytest.mark.slow
 def test_evaluation_outputs_remember_their_model(user, tmp_path):
     """mc --out and bench --out name the model that made them; the same model may run again, and the judge's
     retries are said as they happen."""
