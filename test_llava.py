@@ -295,6 +295,30 @@ def test_sampling_that_keeps_only_the_likeliest_token_is_greedy(saved):
     assert sample(temperature=1e-6) == greedy
 
 
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 0.6), (2.0, 0.6)])
+def test_sampling_draws_what_transformers_draws_with_the_same_seed(saved, temperature, top_p):
+    """Temperature, then top-p, then one draw per token: under one seed our sampled answer is transformers'
+    token for token. The settings are ones where the order matters: top-p taken before the temperature
+    keeps other tokens, and the same seed then draws another answer."""
+    model, _, hf = saved
+    input_ids, pixel_values = model.prepare(CONVERSATION[:1], image())
+    torch.manual_seed(0)
+    ours = list(model.generate(input_ids, pixel_values, max_new_tokens=24, stop="", temperature=temperature,
+                               top_p=top_p))
+
+    def hf_sample(processors):
+        torch.manual_seed(0)
+        out = hf.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=24, do_sample=True,
+                          top_k=0, temperature=1.0, top_p=1.0, logits_processor=processors,
+                          eos_token_id=model.tokenizer.eos_token_id, pad_token_id=model.tokenizer.pad_token_id)
+        return out[0, input_ids.shape[1]:].tolist()
+
+    temper, nucleus = transformers.TemperatureLogitsWarper(temperature), transformers.TopPLogitsWarper(top_p)
+    assert ours == hf_sample([temper, nucleus])
+    if top_p < 1:
+        assert hf_sample([nucleus, temper]) != ours
+
+
 def test_generation_stops_at_the_stop_string_and_at_eos(saved):
     """The untrained model writes 12 arbitrary tokens; made EOS, any one of them ends generation
     there, and a stop string taken from its text across two tokens (as "###" can come as "#", "##")
