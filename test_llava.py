@@ -990,13 +990,28 @@ BAD_SAMPLES = [
                                                        {"from": "gpt", "value": ""}]}, "sample b6 .*turn 1 is empty"),
     ({"id": "b7", "image": "good.jpg", "conversations": [{"from": "human", "value": "<image>\nA?"},
                                                        {"from": "system", "value": "B"}]}, "sample b7 .*unknown role"),
+    ({"id": "b8", "image": "bomb.png", "conversations": PUBLIC_SHAPES["llava_instruct_150k.json"]["conversations"]},
+     "sample b8 .*cannot read image .*bomb.png: DecompressionBombError"),
 ]
+
+
+def write_bomb(path, width=20000, height=10000):
+    """A PNG whose header claims 200M pixels (a decompression bomb): PIL refuses it before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
 
 
 def test_bad_samples_are_named_skipped_and_counted_or_fatal(saved, tmp_path, capfd):
     model, _, _ = saved
     write_images(tmp_path, ["good.jpg"])
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    write_bomb(tmp_path / "bomb.png")
     samples = [s for s, _ in BAD_SAMPLES] + [PUBLIC_SHAPES["text-only"]]
     (tmp_path / "bad.json").write_text(json.dumps(samples))
     dataset = data.LazyDataset(str(tmp_path / "bad.json"), str(tmp_path), model)
