@@ -1350,6 +1350,118 @@ def test_llava_bench_relative_score_with_a_judge_and_resume(saved, tmp_path, cap
         judge.close()
 
 
+class Awkward(Teacher):
+    """A chat-completions server on 127.0.0.1 that is awkward by path: /trickle (the reply a byte every 0.03 s),
+    /trickle-headers (the headers so), /busy (429 with Retry-After: the number after it, then a reply),
+    /huge (a 12 MB reply with its length), /endless (12 MB without one), /echo (the Authorization header back)."""
+
+    def __init__(self):
+        super().__init__(faults=False)
+        awkward = self
+        self.seen, self.busy_done = [], set()
+
+        def reply(handler):
+            import time
+            handler.rfile.read(int(handler.headers["Content-Length"]))
+            kind = handler.path.split("/")[1]
+            awkward.seen.append((kind, handler.headers.get("Authorization")))
+            content = handler.headers.get("Authorization", "") if kind == "echo" else "8 6\nFine."
+            out = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+            if kind.startswith("busy") and kind not in awkward.busy_done:
+                awkward.busy_done.add(kind)
+                handler.send_response(429)
+                handler.send_header("Retry-After", kind[len("busy"):])
+                handler.send_header("Content-Length", "0")
+                return handler.end_headers()
+            if kind == "trickle-headers":
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"x" * 100:
+                    handler.wfile.write(bytes([byte]))
+                    handler.wfile.flush()
+                    time.sleep(0.03)
+            handler.send_response(200)
+            if kind != "endless":
+                handler.send_header("Content-Length", str(12 * 2 ** 20 if kind == "huge" else len(out)))
+            handler.end_headers()
+            if kind in ("huge", "endless"):
+                for _ in range(12):
+                    handler.wfile.write(b" " * 2 ** 20)
+            for byte in out if kind == "trickle" else [out]:
+                handler.wfile.write(bytes([byte]) if kind == "trickle" else byte)
+                handler.wfile.flush()
+                time.sleep(0.03 if kind == "trickle" else 0)
+        self.server.RequestHandlerClass.do_POST = reply
+        self.server.handle_error = lambda *args: None  # writes after the client hung up
+
+
+def test_the_judge_client_bounds_each_try_caps_its_waits_and_refuses_huge_replies(capfd):
+    """A server that trickles its reply or its headers (each read well within the socket timeout) ends the try
+    at --timeout; a 429's Retry-After is waited for, within the cap; a reply over 10 MB is an error, not a review."""
+    import time
+    server = Awkward()
+    ask = lambda path, **kw: utils.chat_completion([], server.url.replace("/v1", path), "m", None, **kw)  # noqa
+    try:
+        for path in ("/trickle/v1", "/trickle-headers/v1"):
+            start = time.monotonic()
+            with pytest.raises(RuntimeError, match=rf"{path}: gave up after 2 tries \(timed out\)$"):
+                ask(path, timeout=0.5, retries=1, backoff=0.01)
+            assert time.monotonic() - start < 2.5  # two tries of 0.5 s, not the reply's 2 s or 3.4 s
+        assert ask("/trickle/v1", timeout=20, retries=0) == "8 6\nFine."  # a slow reply within the time is read
+        capfd.readouterr()
+        start = time.monotonic()
+        assert ask("/busy1/v1", retries=1, backoff=0.01) == "8 6\nFine."
+        assert time.monotonic() - start >= 1  # the server's 1 s, not the backoff's 0.01 s
+        assert re.search(r"/busy1/v1: HTTP 429 \(Retry-After 1 s\); try 2 of 2 in 1 s\n", capfd.readouterr().err)
+        start = time.monotonic()
+        assert ask("/busy3600/v1", retries=1, backoff=0.01, max_wait=0.2) == "8 6\nFine."
+        assert time.monotonic() - start < 5  # not an hour: the cap
+        assert "HTTP 429 (Retry-After 3600 s); try 2 of 2 in 0.2 s" in capfd.readouterr().err
+        assert utils.MAX_WAIT == 30 and utils.MAX_REPLY == 10 * 2 ** 20
+        with pytest.raises(RuntimeError, match=r"/huge/v1: the reply is 12582912 bytes, over 10485760 \(a chat "
+                                               r"completion is a few KB\); not read"):
+            ask("/huge/v1", retries=3, backoff=0.01)
+        with pytest.raises(RuntimeError, match=r"/endless/v1: the reply is over 10485760 bytes"):
+            ask("/endless/v1", retries=3, backoff=0.01)
+        assert [kind for kind, _ in server.seen].count("huge") == 1  # refused, not retried
+        # The backoff doubles up to the cap: 1 2 4 8 16 30 30 ... s between tries.
+        with pytest.raises(RuntimeError, match="gave up after 4 tries"):
+            utils.chat_completion([], "http://127.0.0.1:9/v1", "m", None, timeout=1, retries=3, backoff=0.01,
+                                  max_wait=0.02)
+        assert re.findall(r"in ([\d.]+) s", capfd.readouterr().err) == ["0.01", "0.02", "0.02"]
+    finally:
+        server.close()
+
+
+def test_credentials_in_a_judge_url_are_never_shown(capfd):
+    """user:password@ in a judge or teacher URL is sent as HTTP Basic authentication, and every message that
+    shows the URL (retries, giving up, HTTP errors, a redirect's target) shows ***@ instead."""
+    import base64
+    server = Awkward()
+    judges = Judges(server.url.replace("127.0.0.1", "u2:pw2@localhost"))
+    with_password = lambda url, path: url.replace("://", "://alice:s3cret@").replace("/v1", path)  # noqa: E731
+    try:
+        assert utils.chat_completion([], with_password(server.url, "/echo/v1"), "m", None) == (
+            "Basic " + base64.b64encode(b"alice:s3cret").decode())
+        failures = [(with_password("http://127.0.0.1:9/v1", "/v1"), r"http://\*\*\*@127.0.0.1:9/v1: gave up after 2 "
+                                                                     r"tries \(.*Connection refused\)"),
+                    (with_password(judges.url, "/unauthorized/v1"), r"http://\*\*\*@127.0.0.1:\d+/unauthorized/v1: "
+                                                                    r"HTTP 401"),
+                    (with_password(judges.url, "/redirect/v1"), r"\*\*\*@127.0.0.1:\d+/redirect/v1: redirects to "
+                                                                r"http://\*\*\*@localhost:\d+/v1/chat/completions"),
+                    (with_password(judges.url, "/html/v1"), r"\*\*\*@127.0.0.1:\d+/html/v1: the reply is not a chat")]
+        for url, message in failures:
+            with pytest.raises(RuntimeError, match=message) as e:
+                utils.chat_completion([], url, "m", None, timeout=1, retries=1, backoff=0.01)
+            assert "s3cret" not in str(e.value) and "alice" not in str(e.value)
+        with pytest.raises(RuntimeError, match=r"\*\*\*@127.0.0.1:\d+/v1: a user:password in the URL and an API "
+                                               r"key; pass one of them"):
+            utils.chat_completion([], with_password(server.url, "/v1"), "m", "sk-x")
+        err = capfd.readouterr().err
+        assert "try 2 of 2" in err and "s3cret" not in err and "alice" not in err and "pw2" not in err
+    finally:
+        judges.close()
+        server.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # §5.2: ScienceQA, its release converted, Table 7, the complement and judge ensembles
 # ----------------------------------------------------------------------------------------------
