@@ -130,7 +130,7 @@ def load_json(path):
     return samples
 
 
-_held = []  # open lock files: a lock lasts as long as the process holds its file open
+_held = {}  # lock file path -> its open file: a lock lasts as long as the process holds its file open
 
 
 def hold_lock(folder, program):
@@ -138,18 +138,28 @@ def hold_lock(folder, program):
     writing one folder would mix their files. The kernel drops the lock when the process ends, however
     it ends (a crash, SIGKILL), so a stale lock never blocks the next run."""
     os.makedirs(folder, exist_ok=True)
-    f = open(os.path.join(folder, ".lock"), "a+")
+    hold_lock_file(os.path.join(folder, ".lock"), program, folder, "folder")
+
+
+def hold_lock_file(lock, program, name, what):
+    """hold_lock's mechanism for any lock file (e.g. OUT.lock next to an output file OUT): `name` is
+    what the one line says is in use, `what` the kind of thing to pass instead. Taking a lock this
+    process already holds is a no-op."""
+    lock = os.path.abspath(lock)
+    if lock in _held:
+        return
+    f = open(lock, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise SystemExit(f"{program}: {folder} is in use by {holder}; wait for it to end, or pass another folder")
+        raise SystemExit(f"{program}: {name} is in use by {holder}; wait for it to end, or pass another {what}")
     f.truncate(0)
     f.write(f"{program} (pid {os.getpid()})\n")
     f.flush()
-    _held.append(f)
+    _held[lock] = f
 
 
 # ----------------------------------------------------------------------------------------------
