@@ -1462,6 +1462,85 @@ def test_credentials_in_a_judge_url_are_never_shown(capfd):
         server.close()
 
 
+@pytest.mark.parametrize("review,scores", [
+    ("8 6\nThe first is more detailed.", (8, 6)), ("8,6\nWhy.", (8, 6)), ("8, 6", (8, 6)), ("7.5 8\n", (7.5, 8)),
+    ("10 1", (10, 1)), ("  9   7 \nBoth fine.", (9, 7)), ("1.0,10.0", (1, 10)),
+    # The authors' scripts fail these too: the two scores are the whole first line, each from 1 to 10.
+    ("Assistant 1: 8\nAssistant 2: 6", None), ("11 -3", None), ("11 3", None), ("0 5", None), ("8 10.5", None),
+    ("8", None), ("8 6 7", None), ("8/10 6/10", None), ("Scores: 8 6", None), ("nan 5", None), ("1e1 5", None),
+    ("Both are fine.\n8 6", None), ("", None), (None, None), ("8 6.", None), ("-8 6", None)])
+def test_judge_scores_are_the_first_line_two_numbers_from_1_to_10(review, scores):
+    assert evaluation.parse_scores(review) == scores
+
+
+class Answering:
+    """The model, counting the questions it answers."""
+
+    def __init__(self, model):
+        self.model, self.asked = model, []
+
+    def answer(self, conversation, image, **kwargs):
+        self.asked.append(conversation[0]["value"].split("\n")[-1])
+        return self.model.answer(conversation, image, max_new_tokens=4, **kwargs)
+
+
+def test_llava_bench_redoes_what_changed_under_the_same_names(saved, tmp_path, capfd):
+    """A rerun after a question, an image, a caption or a reference was corrected answers or reviews again
+    those questions only, and says so; a judge's review whose first line is no two scores is a failed review."""
+    model, _, _ = saved
+    for name, color in [("a.png", (200, 30, 30)), ("b.png", (30, 200, 30)), ("c.png", (30, 30, 200))]:
+        image(color).save(tmp_path / name)
+    questions = [{"question_id": i, "image": name, "text": f"q{i}", "category": "conv"}
+                 for i, name in [(1, "a.png"), (2, "b.png"), (3, "c.png")]]
+    contexts = {"a.png": "A red square.", "b.png": "A green square.", "c.png": "A blue square."}
+    references = {1: "r1", 2: "r2", 3: "r3"}
+    judge, counting = Judge(), Answering(model)
+    judge.bad_done = True  # no failed review here but the one asked for below
+    out = tmp_path / "bench"
+
+    def rerun():
+        before = len(judge.requests)
+        results = evaluation.evaluate_bench(counting, questions, contexts, references, str(tmp_path), str(out),
+                                            judge.url, "judge", None, "m", timeout=5)
+        asked, counting.asked = counting.asked, []
+        reviewed = [re.search(r"\[Question\]\n(q\d)", r["messages"][1]["content"]).group(1)
+                    for r in judge.requests[before:]]
+        return asked, reviewed, results["overall"]["n"], capfd.readouterr().err
+
+    try:
+        assert rerun()[:3] == (["q1", "q2", "q3"], ["q1", "q2", "q3"], 3)
+        assert rerun()[:3] == ([], [], 3)  # nothing changed: nothing asked
+        questions[1] = dict(questions[1], text="q2 corrected")
+        asked, reviewed, n, err = rerun()
+        assert (asked, reviewed, n) == (["q2 corrected"], ["q2"], 3)
+        assert "question 2: its text or image changed since it was answered; answered again" in err
+        assert "question 2: its question, image, caption, reference or answer changed since its review" in err
+        references[3] = "r3 corrected"
+        contexts["a.png"] = "A red square on white."
+        asked, reviewed, n, err = rerun()
+        assert (asked, reviewed, n) == ([], ["q1", "q3"], 3) and "question 3: its question, image, caption" in err
+        image((0, 0, 0)).save(tmp_path / "b.png")  # the same name, another image
+        assert rerun()[:3] == (["q2 corrected"], ["q2"], 3)
+        # An answer saved without what it was made from (an older eval.py) is made again.
+        rows = utils.read_jsonl(out / "answers.jsonl")
+        (out / "answers.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "inputs"}) + "\n"
+                                                   for r in rows))
+        # The same greedy answers again: the judge's requests are the same, and their reviews stand.
+        assert rerun()[:3] == (["q1", "q2 corrected", "q3"], [], 3)
+        assert rerun()[:3] == ([], [], 3)
+        # Scores the authors' parser fails are a failed review: named, not counted, asked again next time.
+        questions.append({"question_id": 4, "image": "a.png", "text": "q4", "category": "conv"})
+        references[4] = "r4"
+        judge.bad_done = False
+        questions[3]["text"] = "q2"  # the judge's failing question ("[Question]\nq2"), under id 4
+        asked, reviewed, n, err = rerun()
+        assert (asked, reviewed, n) == (["q2"], ["q2"], 3)
+        assert "question 4: the judge gave no two scores from 1 to 10 on its first line ('Both are fine.'); " \
+               "asked again on the next run" in err
+    finally:
+        judge.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # §5.2: ScienceQA, its release converted, Table 7, the complement and judge ensembles
 # ----------------------------------------------------------------------------------------------
@@ -1508,10 +1587,17 @@ def write_scienceqa(root):
     return root
 
 
-def write_llava_answers(out, model_id, texts=SQA_LLAVA):
+def write_llava_answers(out, model_id, texts=SQA_LLAVA, root=None):
+    """LLaVA's answers to the problems of write_scienceqa(root) (by default the "sqa" folder beside out), saved
+    as eval.py saves them, with what each was made from."""
+    root = str(root or os.path.join(os.path.dirname(out), "sqa"))
+    samples = {s["id"]: s for s in data.scienceqa(data.scienceqa_problems(root, "test"), root, "test")}
     os.makedirs(out, exist_ok=True)
     for pid, text in texts.items():
-        evaluation.append_jsonl(os.path.join(out, "answers.jsonl"), {"id": pid, "model": model_id, "text": text})
+        image = [os.path.join(root, "images", samples[pid]["image"])] if "image" in samples[pid] else []
+        made = evaluation.inputs(samples[pid]["conversations"][0]["value"], *image)
+        evaluation.append_jsonl(os.path.join(out, "answers.jsonl"), {"id": pid, "model": model_id, "inputs": made,
+                                                                     "text": text})
 
 
 def no_model():
@@ -1785,6 +1871,42 @@ def test_scienceqa_cli_prints_table7(saved, tmp_path, capsys, monkeypatch):
         assert "sk-secret" not in printed.out + printed.err
         with pytest.raises(SystemExit, match="eval.py scienceqa: --model .*missing: not a directory"):
             evaluation.main(["scienceqa", "--model", str(tmp_path / "missing"), "--root", str(root)])
+    finally:
+        teacher.close()
+
+
+def test_scienceqa_redoes_what_changed_under_the_same_names(saved, tmp_path, capfd):
+    """problems.json corrected after a run: the rerun answers again the problems whose question or image
+    changed (and asks the teacher again about them), only those, and says so; the rest stands."""
+    model = saved[0]
+    root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
+    write_llava_answers(out, "m1")
+    teacher = SqaTeacher(fail_once=())
+    loads = []
+    run = lambda: evaluation.evaluate_scienceqa(  # noqa: E731
+        str(root), "test", str(out), "m1", lambda: loads.append(1) or model, "teacher-1", teacher.url, None,
+        max_new_tokens=3, timeout=5, retries=0)
+    try:
+        assert run() == {method: table7_by_hand(method) for method in SQA_TABLE7} and not loads
+        asked, answered = len(teacher.answered), len(utils.read_jsonl(out / "answers.jsonl"))
+        capfd.readouterr()
+        problems = read(root / "problems.json")
+        problems["2"]["hint"] = "Magnets pull iron."  # the same pid, another question
+        (root / "problems.json").write_text(json.dumps(problems))
+        image((1, 2, 3)).save(root / "images" / "test" / "4" / "image.png")  # the same name, another image
+        runs = run()
+        rows = utils.read_jsonl(out / "answers.jsonl")
+        assert loads == [1] and [r["id"] for r in rows[answered:]] == ["2", "4"]
+        assert teacher.answered[asked:] == [("complement", "2")]  # it reads no image: 4's request is the same
+        err = capfd.readouterr().err
+        assert "problem 2: its question or image changed since it was answered; answered again" in err
+        assert "problem 4: its question or image changed since it was answered; answered again" in err
+        assert "problem 2: its question or the answers it weighs changed since the teacher's complement reply" in err
+        assert "problem 3:" not in err
+        new = {r["id"]: r["text"] for r in rows}
+        letters = {pid: evaluation.extract_answer(new[pid], len(problems[pid]["choices"])) for pid in SQA_LLAVA}
+        assert runs["LLaVA"] == evaluation.score_table7({pid: problems[pid] for pid in SQA_LLAVA}, letters)
+        assert run() == runs and loads == [1] and len(teacher.answered) == asked + 1  # nothing more to redo
     finally:
         teacher.close()
 
@@ -2406,7 +2528,8 @@ def user(parts, toy_world, saved, tmp_path_factory):
 def bench_answers(u, o, model="model"):
     """A bench --out whose answer was saved by `model` (so that the judge is asked next)."""
     o.mkdir(exist_ok=True)
-    row = {"question_id": 1, "model": evaluation.model_fingerprint(str(u["root"] / model)), "text": "Red."}
+    row = {"question_id": 1, "model": evaluation.model_fingerprint(str(u["root"] / model)), "text": "Red.",
+           "inputs": evaluation.inputs("What color is the square?", u["root"] / "bench_images" / "bench.png")}
     (o / "answers.jsonl").write_text(json.dumps(row) + "\n")
 
 
