@@ -1541,6 +1541,71 @@ def test_llava_bench_redoes_what_changed_under_the_same_names(saved, tmp_path, c
         judge.close()
 
 
+class HoldingJudge(Teacher):
+    """A judge on 127.0.0.1 that, asked, sets `holding` and answers "8 6" only once `release` is set."""
+
+    def __init__(self):
+        import threading
+        super().__init__(faults=False)
+        self.holding, self.release = threading.Event(), threading.Event()
+        judge = self
+
+        def reply(handler):
+            handler.rfile.read(int(handler.headers["Content-Length"]))
+            judge.holding.set()
+            judge.release.wait(120)
+            out = json.dumps({"choices": [{"message": {"content": "8 6\nFine."}}]}).encode()
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(out)))
+            handler.end_headers()
+            handler.wfile.write(out)
+        self.server.RequestHandlerClass.do_POST = reply
+
+
+@pytest.mark.slow
+def test_two_evaluations_on_one_out_the_second_gets_one_line(user, tmp_path):
+    """While `eval.py bench` waits for its judge, a second evaluation into its --out is refused in one line that
+    names the first, and changes nothing; it goes on when the first ends. mc (--out FILE: FILE.lock beside it)
+    and scienceqa take the same lock before their model loads."""
+    import fcntl
+    o = tmp_path / "bench"
+    bench_answers(user, o)
+    judge = HoldingJudge()
+    command = expand(user, o, "{bench} --judge-url " + judge.url)
+    try:
+        first = subprocess.Popen([sys.executable, *command], cwd=HERE, env=user["programs"].env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert judge.holding.wait(120), first.communicate()
+        before = snapshot(tmp_path)
+        code, out, err = user["programs"].run(command)
+        assert code != 0 and "Traceback" not in err and err.strip().splitlines()[-1] == (
+            f"eval.py bench: --out {o} is in use by eval.py bench (pid {first.pid}); wait for it to end, or pass "
+            f"another --out")
+        assert snapshot(tmp_path) == before
+    finally:
+        judge.release.set()
+        _, err = first.communicate(timeout=120)
+        judge.close()
+    assert first.returncode == 0, err[-3000:]
+    assert read(o / "results.json")["overall"]["relative"] == 75
+    for name, flags in [("mc.json", "eval.py mc --model {root}/corrupt_model --questions {root}/mc.json "
+                                    "--image-folder {images} --out {o}/mc.json"),
+                        ("sqa/.lock", "eval.py scienceqa --model {root}/corrupt_model --root {root}/sqa "
+                                      "--out {o}/sqa")]:
+        lock = tmp_path / (name if name.endswith(".lock") else name + ".lock")
+        lock.parent.mkdir(exist_ok=True)
+        with open(lock, "w") as held:  # held as a running evaluation holds it
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.write("eval.py (pid 4242)\n")
+            held.flush()
+            code, _, err = user["programs"].run(expand(user, tmp_path, flags))
+        out = str(tmp_path / name.replace("/.lock", ""))
+        assert code != 0 and err.strip().splitlines()[-1].endswith(
+            f": --out {out} is in use by eval.py (pid 4242); wait for it to end, or pass another --out"), err
+        code, _, err = user["programs"].run(expand(user, tmp_path, flags))  # let go: the corrupt model is next
+        assert code != 0 and "cannot load --model" in err.strip().splitlines()[-1], err
+
+
 # ----------------------------------------------------------------------------------------------
 # §5.2: ScienceQA, its release converted, Table 7, the complement and judge ensembles
 # ----------------------------------------------------------------------------------------------
@@ -2582,6 +2647,51 @@ def expand(u, o, command):
     return shlex.split(command.format(**u, o=o, judge=u["judges"].url.rsplit("/v1", 1)[0]))
 
 
+def rows_file(name, *rows):
+    """A setup: o/NAME, a JSONL file of the rows (LLaVA-Bench's questions, references or captions)."""
+    def setup(u, o):
+        o.mkdir()
+        (o / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return setup
+
+
+BENCH_QUESTION = {"question_id": 1, "image": "bench.png", "text": "What color is the square?", "category": "conv"}
+
+
+def truncated(u, o, path):
+    """o/PATH: the bench image cut in half, as a copy that stopped part way leaves it."""
+    whole = (u["root"] / "bench_images" / "bench.png").read_bytes()
+    os.makedirs((o / path).parent, exist_ok=True)
+    (o / path).write_bytes(whole[:len(whole) // 2])
+
+
+def mc_truncated(u, o):
+    o.mkdir()
+    truncated(u, o, "cut.png")
+    (o / "mc.json").write_text(json.dumps([dict(read(u["root"] / "mc.json")[0], id="q7", image="cut.png")]))
+
+
+def bench_truncated(u, o):
+    rows_file("questions.jsonl", dict(BENCH_QUESTION, image="cut.png"))(u, o)
+    truncated(u, o, "cut.png")
+    (o / "context.jsonl").write_text(json.dumps({"image": "cut.png", "caption": "A red square."}) + "\n")
+
+
+def sqa_copy(change=None, image=None):
+    """A setup: o/sqa, the miniature ScienceQA release with change(problems) applied, and `image` (a path
+    under images/) cut in half."""
+    def setup(u, o):
+        import shutil
+        shutil.copytree(u["root"] / "sqa", o / "sqa")
+        if change:
+            problems = read(o / "sqa" / "problems.json")
+            change(problems)
+            (o / "sqa" / "problems.json").write_text(json.dumps(problems))
+        if image:
+            truncated(u, o / "sqa" / "images", image)
+    return setup
+
+
 # case: (command, what the last line of stderr says after "PROGRAM: ", setup(user, case folder) or None)
 MISTAKES = {
     # train.py: flags
@@ -2712,6 +2822,56 @@ MISTAKES = {
                          r"argument --batch-size: 0: must be at least 1"),
     "sqa-root-missing": ("eval.py scienceqa --model {model} --root {o}/sqa --out {o}/out",
                          r"sqa/problems.json: cannot read JSON: \[Errno 2\]"),
+    "sqa-every-problem-bad": ("eval.py scienceqa --model {model} --root {o}/sqa --out {o}/out",
+                              r"problems.json: none of the 10 problems of split 'test' can be asked \(each is named "
+                              r"above\); nothing to score", sqa_copy(lambda ps: [p.pop("hint") for p in ps.values()])),
+    "sqa-split-empty": ("eval.py scienceqa --model {model} --root {root}/sqa --split minitest --out {o}/out",
+                        r"pid_splits.json: split 'minitest' has no problems"),
+    "mc-no-questions": ("eval.py mc --model {model} --questions {o}/none.json --image-folder {images}",
+                        r"none.json: no questions", lambda u, o: o.mkdir() or (o / "none.json").write_text("[]")),
+    # eval.py: one id per question, reference and image (issue 24)
+    "bench-question-twice": ("{bench} --questions {o}/questions.jsonl", r"questions.jsonl: rows 1 and 3 have the "
+                                                                         r"same question_id 1; each needs its own",
+                             rows_file("questions.jsonl", BENCH_QUESTION, dict(BENCH_QUESTION, question_id=2),
+                                       dict(BENCH_QUESTION, text="And the circle?"))),
+    "bench-reference-twice": ("{bench} --references {o}/references.jsonl", r"references.jsonl: rows 1 and 2 have the "
+                                                                           r"same question_id 1",
+                              rows_file("references.jsonl", {"question_id": 1, "text": "Red."},
+                                        {"question_id": 1, "text": "Blue."})),
+    "bench-caption-twice": ("{bench} --context {o}/context.jsonl", r"context.jsonl: rows 1 and 2 have the same image "
+                                                                   r"'bench.png'",
+                            rows_file("context.jsonl", {"image": "bench.png", "caption": "A red square."},
+                                      {"image": "bench.png", "caption": "A square."})),
+    "bench-question-id-a-list": ("{bench} --questions {o}/questions.jsonl", r"questions.jsonl: row 1: question_id "
+                                                                            r"must be a number or text, not \[1\]",
+                                 rows_file("questions.jsonl", dict(BENCH_QUESTION, question_id=[1]))),
+    "bench-image-not-text": ("{bench} --questions {o}/questions.jsonl", r"row 1: image must be text, not 7",
+                             rows_file("questions.jsonl", dict(BENCH_QUESTION, image=7))),
+    # eval.py: --out is checked before the model loads (a corrupt model would be said first otherwise)
+    "mc-out-read-only": ("eval.py mc --model {root}/corrupt_model --questions {root}/mc.json --image-folder {images} "
+                         "--out {o}/results.json", r"eval.py mc: --out .*results.json: cannot write there \(.*"
+                                                   r"Operation not permitted\); pass another --out", readonly),
+    "mc-out-a-folder": ("eval.py mc --model {root}/corrupt_model --questions {root}/mc.json --image-folder {images} "
+                        "--out {root}/empty_dir", r"--out .*empty_dir is a folder; pass the JSON file to write"),
+    "bench-out-read-only": ("{bench} --model {root}/corrupt_model --out {o}/out", r"eval.py bench: --out .*out: cannot "
+                                                                                 r"write there \(.*Operation not "
+                                                                                 r"permitted\)", readonly),
+    "bench-out-a-file": ("{bench} --model {root}/corrupt_model --out {root}/few.json",
+                         r"--out .*few.json: cannot write there \(.*few.json: File exists\); pass another --out"),
+    "sqa-out-read-only": ("eval.py scienceqa --model {root}/corrupt_model --root {root}/sqa --out {o}/out",
+                          r"eval.py scienceqa: --out .*out: cannot write there \(.*Operation not permitted", readonly),
+    # eval.py: an image that cannot be read mid-evaluation is named with its question
+    "mc-image-truncated": ("eval.py mc --model {model} --questions {o}/mc.json --image-folder {o} --no-blind",
+                           r"question q7: cannot read its image .*case/cut.png \(image file is truncated.*\): replace "
+                           r"the file or remove the question$", mc_truncated),
+    "bench-image-truncated": ("{bench} --questions {o}/questions.jsonl --context {o}/context.jsonl --image-folder {o} "
+                              "--out {o}/out", r"question 1: cannot read its image .*case/cut.png \(image file is "
+                                               r"truncated.*\): replace the file or remove the question$",
+                              bench_truncated),
+    "sqa-image-truncated": ("eval.py scienceqa --model {model} --root {o}/sqa --out {o}/out --max-new-tokens 2",
+                            r"problem 1: cannot read its image .*sqa/images/test/1/image.png \(image file is "
+                            r"truncated.*\): replace the file or remove the problem$",
+                            sqa_copy(image="test/1/image.png")),
     # data.py
     "show-file-missing": ("data.py show {o}/chat.json --model {model}", r"chat.json: cannot read JSON: \[Errno 2\]"),
     "show-index": ("data.py show {root}/few.json --index 5 --model {model}", r"--index 5 is out of range \(0..2\)"),
