@@ -8,14 +8,18 @@ category and overall, next to a blind baseline (the same questions, a blank imag
 
 LLaVA-Bench (§5.1): a text-only judge LLM scores a reference answer and the model's answer from 1
 to 10, seeing the question and the image's captions; relative score = mean(model) / mean(reference)
-x 100, per category and overall. Answers and reviews are appended as they come: a rerun resumes.
+x 100, per category and overall. Answers and reviews are appended as they come: a rerun resumes, and
+makes again the rows whose question, image, caption or reference changed since (it says which).
 
     python eval.py bench --model DIR --questions questions.jsonl --context context.jsonl \\
         --references answers_gpt4.jsonl --image-folder images/ --out out/bench \\
         --judge-url https://HOST/v1 --judge-model gpt-4    # the key from OPENAI_API_KEY
 
 ScienceQA (§5.2, Table 7): accuracy by subject, context and grade, LLaVA alone and, with a judge
-model, in the paper's two ensembles with a text-only GPT-4 (complement and judge). Resumable.
+model, in the paper's two ensembles with a text-only GPT-4 (complement and judge). Resumable, as bench is.
+
+One evaluation writes an --out at a time (OUT/.lock; for mc's --out FILE, FILE.lock beside it), taken, with
+--out checked writable, before the model loads.
 
     python eval.py scienceqa --model DIR --root ScienceQA/data/scienceqa --split test --out out/sqa \\
         [--judge-url https://HOST/v1 --judge-model gpt-4]

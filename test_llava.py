@@ -2822,6 +2822,9 @@ MISTAKES = {
                          r"argument --batch-size: 0: must be at least 1"),
     "sqa-root-missing": ("eval.py scienceqa --model {model} --root {o}/sqa --out {o}/out",
                          r"sqa/problems.json: cannot read JSON: \[Errno 2\]"),
+    "bench-judge-password": ("{bench} --judge-url http://alice:s3cret@127.0.0.1:9/v1",
+                             r"the judge failed \(http://\*\*\*@127.0.0.1:9/v1: a user:password in the URL and an "
+                             r"API key; pass one of them\)", bench_answers),  # the key: sk-never-shown
     "sqa-every-problem-bad": ("eval.py scienceqa --model {model} --root {o}/sqa --out {o}/out",
                               r"problems.json: none of the 10 problems of split 'test' can be asked \(each is named "
                               r"above\); nothing to score", sqa_copy(lambda ps: [p.pop("hint") for p in ps.values()])),
