@@ -460,9 +460,9 @@ def chat_completion(messages, base_url, model, api_key, timeout=60, retries=5, b
         deadline, wait = _Deadline(timeout), None
         try:
             with _opener(deadline, NoRedirect()).open(request, timeout=timeout) as response:
-                if int(response.headers.get("Content-Length") or 0) > max_reply:
-                    raise RuntimeError(f"{shown}: the reply is {response.headers['Content-Length']} bytes, over "
-                                       f"{max_reply} (a chat completion is a few KB); not read")
+                if (response.length or 0) > max_reply:  # its Content-Length, if it has a valid one
+                    raise RuntimeError(f"{shown}: the reply is {response.length} bytes, over {max_reply} (a chat "
+                                       f"completion is a few KB); not read")
                 text = b""
                 while chunk := response.read(65536):
                     text += chunk
