@@ -304,8 +304,8 @@ def llava_answers(samples, image_folder, path, model_id, load_model, batch_size=
     rerun answers only what is missing, or what was asked with another question or image since, and loads the
     model only then. Returns {id: text}."""
     from tqdm import tqdm
-    made = {s["id"]: inputs(s["conversations"][0]["value"], *([os.path.join(image_folder, s["image"])] if "image" in s else []))
-            for s in samples}
+    made = {s["id"]: inputs(s["conversations"][0]["value"],
+                            *([os.path.join(image_folder, s["image"])] if "image" in s else [])) for s in samples}
     answers = fresh_rows(saved_rows(path, model=model_id), "id", made, "problem",
                          "its question or image changed since it was answered; answered again")
     answers = {k: r["text"] for k, r in answers.items()}
@@ -421,7 +421,8 @@ def main(argv=None):
     bench.add_argument("--out", default="out/bench", help="answers.jsonl, reviews.jsonl, results.json")
     bench.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     bench.add_argument("--judge-model", default="gpt-4")
-    bench.add_argument("--timeout", type=utils.number(float, 0, above=True), default=60, help="seconds per try")
+    bench.add_argument("--timeout", type=utils.number(float, 0, above=True), default=60,
+                       help="seconds per try, the whole reply however slowly it comes")
     bench.add_argument("--retries", type=utils.number(int, 0), default=5, help="tries after the first, then stop")
     sqa = sub.add_parser("scienceqa", help="§5.2: ScienceQA in Table 7's columns, alone and with a teacher")
     sqa.add_argument("--model", required=True, help="model directory or hub id")
