@@ -8,19 +8,25 @@ category and overall, next to a blind baseline (the same questions, a blank imag
 
 LLaVA-Bench (§5.1): a text-only judge LLM scores a reference answer and the model's answer from 1
 to 10, seeing the question and the image's captions; relative score = mean(model) / mean(reference)
-x 100, per category and overall. Answers and reviews are appended as they come: a rerun resumes.
+x 100, per category and overall. Answers and reviews are appended as they come: a rerun resumes, and
+makes again the rows whose question, image, caption or reference changed since (it says which).
 
     python eval.py bench --model DIR --questions questions.jsonl --context context.jsonl \\
         --references answers_gpt4.jsonl --image-folder images/ --out out/bench \\
         --judge-url https://HOST/v1 --judge-model gpt-4    # the key from OPENAI_API_KEY
 
 ScienceQA (§5.2, Table 7): accuracy by subject, context and grade, LLaVA alone and, with a judge
-model, in the paper's two ensembles with a text-only GPT-4 (complement and judge). Resumable.
+model, in the paper's two ensembles with a text-only GPT-4 (complement and judge). Resumable, as bench is.
+
+One evaluation writes an --out at a time (OUT/.lock; for mc's --out FILE, FILE.lock beside it), taken, with
+--out checked writable, before the model loads.
 
     python eval.py scienceqa --model DIR --root ScienceQA/data/scienceqa --split test --out out/sqa \\
         [--judge-url https://HOST/v1 --judge-model gpt-4]
 """
 import argparse
+import hashlib
+import json
 import os
 import re
 import sys
@@ -65,7 +71,7 @@ def evaluate_mc(model, questions, image_folder, blank=False, max_new_tokens=48, 
             batch = questions[start:start + batch_size]
             images = []
             for q in batch:
-                image = data.load_image(os.path.join(image_folder, q["image"])) if q.get("image") else None
+                image = question_image(image_folder, q["image"], q.get("id")) if q.get("image") else None
                 images.append(Image.new("RGB", image.size, mean) if blank and image is not None else image)
             texts = model.answer_batch([q["conversations"][:1] for q in batch], images, max_new_tokens)
             for q, text in zip(batch, texts):
@@ -121,52 +127,73 @@ def judge_messages(context, question, reference, answer):
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
 
 
+def first_line(review):
+    return (review or "").strip().split("\n")[0].strip()
+
+
 def parse_scores(review):
-    """(reference score, model score) from the review's first line; None if it has no two numbers."""
-    numbers = re.findall(r"\d+(?:\.\d+)?", review.strip().splitlines()[0] if review.strip() else "")
-    return (float(numbers[0]), float(numbers[1])) if len(numbers) == 2 else None
+    """(reference score, model score) as the authors read them (summarize_gpt_review.py): the review's
+    first line is two numbers, separated by a space or a comma, each from 1 to 10 ("7.5 8" as it is).
+    None for anything else, a failed review: "Assistant 1: 8" (the line holds more than the two),
+    "11 -3" (out of the scale), one score, prose."""
+    fields = first_line(review).replace(",", " ").split()
+    if len(fields) != 2 or not all(re.fullmatch(r"\d+(?:\.\d+)?", f) for f in fields):
+        return None
+    scores = float(fields[0]), float(fields[1])
+    return scores if all(1 <= score <= 10 for score in scores) else None
 
 
 append_jsonl = utils.append_jsonl
 
 
 def evaluate_bench(model, questions, contexts, references, image_folder, out, judge_url, judge_model,
-                   api_key, model_id=None, **client_options):
+                   api_key, model_id=None, load_model=None, **client_options):
     """questions: [{question_id, image, text, category}], contexts: {image: captions text},
     references: {question_id: reference answer}. Returns {category: relative score etc.} over the
     questions reviewed so far. The answers remember model_id and the reviews the judge too: a rerun
-    into the same `out` with another model or judge is refused, never mixed."""
-    os.makedirs(out, exist_ok=True)
+    into the same `out` with another model or judge is refused, never mixed. Each row also remembers
+    what it was made from (the question and image; the judge's whole request): a question, image,
+    caption or reference changed since is answered or reviewed again, and said. model: the model, or
+    None to call load_model() if some question needs an answer."""
+    hold_out(out, "eval.py bench")
     answers_path, reviews_path = os.path.join(out, "answers.jsonl"), os.path.join(out, "reviews.jsonl")
-    answers = {r["question_id"]: r["text"] for r in saved_rows(answers_path, model=model_id)}
-    reviews = {r["question_id"]: r for r in saved_rows(reviews_path, model=model_id, judge=judge_model)}
-    for q in questions:  # 1. the model's answers, saved one by one
-        if q["question_id"] not in answers:
-            image = data.load_image(os.path.join(image_folder, q["image"]))
-            text = model.answer([{"from": "human", "value": f"{data.IMAGE}\n{q['text']}"}], image, temperature=0)
-            answers[q["question_id"]] = text
-            append_jsonl(answers_path, {"question_id": q["question_id"], "model": model_id, "text": text})
+    made = {q["question_id"]: inputs(q["text"], os.path.join(image_folder, q["image"])) for q in questions}
+    answers = fresh_rows(saved_rows(answers_path, model=model_id), "question_id", made, "question",
+                         "its text or image changed since it was answered; answered again")
+    answers = {k: r["text"] for k, r in answers.items()}
+    todo = [q for q in questions if q["question_id"] not in answers]
+    model = model if model is not None or not todo else load_model()
+    for q in todo:  # 1. the model's answers, saved one by one
+        image = question_image(image_folder, q["image"], q["question_id"], saved=answers_path)
+        text = model.answer([{"from": "human", "value": f"{data.IMAGE}\n{q['text']}"}], image, temperature=0)
+        answers[q["question_id"]] = text
+        append_jsonl(answers_path, {"question_id": q["question_id"], "model": model_id,
+                                    "inputs": made[q["question_id"]], "text": text})
+    requests = {q["question_id"]: judge_messages(contexts[q["image"]], q["text"], references[q["question_id"]],
+                                                 answers[q["question_id"]]) for q in questions}
+    asked = {k: inputs(m) for k, m in requests.items()}
+    reviews = fresh_rows(saved_rows(reviews_path, model=model_id, judge=judge_model), "question_id", asked, "question",
+                         "its question, image, caption, reference or answer changed since its review; asked again")
     for q in questions:  # 2. the judge's reviews, saved one by one
         if q["question_id"] in reviews:
             continue
-        messages = judge_messages(contexts[q["image"]], q["text"], references[q["question_id"]],
-                                  answers[q["question_id"]])
         try:
-            review = utils.chat_completion(messages, judge_url, judge_model, api_key, **client_options) or ""
+            review = utils.chat_completion(requests[q["question_id"]], judge_url, judge_model, api_key,
+                                           **client_options) or ""
         except RuntimeError as e:  # the judge gave up or answered nonsense: what came before is saved
             raise SystemExit(f"question {q['question_id']}: the judge failed ({e}); {len(reviews)} reviews are saved "
                              f"in {reviews_path}: run the same command again to continue") from None
         scores = parse_scores(review)
         if scores is None:
-            print(f"question {q['question_id']}: the judge gave no two scores; asked again on the next run",
-                  file=sys.stderr)
+            print(f"question {q['question_id']}: the judge gave no two scores from 1 to 10 on its first line "
+                  f"({first_line(review)[:80]!r}); asked again on the next run", file=sys.stderr)
             continue
         reviews[q["question_id"]] = {"question_id": q["question_id"], "category": q.get("category", "all"),
-                                     "model": model_id, "judge": judge_model, "scores": scores, "review": review}
+                                     "model": model_id, "judge": judge_model,
+                                     "inputs": asked[q["question_id"]], "scores": scores, "review": review}
         append_jsonl(reviews_path, reviews[q["question_id"]])
     totals = defaultdict(lambda: [0.0, 0.0, 0])  # 3. relative score = mean(model) / mean(reference) x 100
-    asked = {q["question_id"] for q in questions}
-    for r in (r for r in reviews.values() if r["question_id"] in asked):
+    for r in reviews.values():
         for c in (r["category"], "overall"):
             totals[c][0] += r["scores"][0]
             totals[c][1] += r["scores"][1]
@@ -234,6 +261,29 @@ def saved_rows(path, **made_by):
     return rows
 
 
+def inputs(made_from, *files):
+    """A short hash of what a row is made from: `made_from` (texts, a request) as JSON, and the files' bytes."""
+    digest = hashlib.sha1(json.dumps(made_from, sort_keys=True).encode())
+    for path in files:
+        with open(path, "rb") as f:
+            digest.update(hashlib.sha1(f.read()).digest())
+    return digest.hexdigest()[:16]
+
+
+def fresh_rows(rows, key, made, what, changed):
+    """{key: the last saved row} for the keys in `made` ({key: inputs()}) whose row was made from the same
+    inputs. A row made from other inputs (a corrected question, a new image, an older version without
+    "inputs") is left out, to be made again, and said: "{what} KEY: {changed}"."""
+    last = {row[key]: row for row in rows}
+    fresh = {}
+    for k, made_from in made.items():
+        if k in last and last[k].get("inputs") == made_from:
+            fresh[k] = last[k]
+        elif k in last:
+            print(f"{what} {k}: {changed}", file=sys.stderr)
+    return fresh
+
+
 def model_fingerprint(path):
     """Who answers: the model's directory, and its files' names, sizes and times (a model trained
     again in the same place is another model)."""
@@ -251,18 +301,24 @@ def load_on_device(path):
 
 def llava_answers(samples, image_folder, path, model_id, load_model, batch_size=32, max_new_tokens=1024):
     """LLaVA's greedy answer to each sample's question, appended to `path` a batch at a time: a
-    rerun answers only what is missing, and loads the model only then. Returns {id: text}."""
+    rerun answers only what is missing, or what was asked with another question or image since, and loads the
+    model only then. Returns {id: text}."""
     from tqdm import tqdm
-    answers = {r["id"]: r["text"] for r in saved_rows(path, model=model_id)}
+    made = {s["id"]: inputs(s["conversations"][0]["value"],
+                            *([os.path.join(image_folder, s["image"])] if "image" in s else [])) for s in samples}
+    answers = fresh_rows(saved_rows(path, model=model_id), "id", made, "problem",
+                         "its question or image changed since it was answered; answered again")
+    answers = {k: r["text"] for k, r in answers.items()}
     todo = [s for s in samples if s["id"] not in answers]
     model = load_model() if todo else None
     for start in tqdm(range(0, len(todo), batch_size), desc="LLaVA", disable=not todo, leave=False):
         batch = todo[start:start + batch_size]
-        images = [data.load_image(os.path.join(image_folder, s["image"])) if "image" in s else None for s in batch]
+        images = [question_image(image_folder, s["image"], s["id"], "problem", path) if "image" in s else None
+                  for s in batch]
         for s, text in zip(batch, model.answer_batch([s["conversations"][:1] for s in batch], images, max_new_tokens)):
             answers[s["id"]] = text
-            append_jsonl(path, {"id": s["id"], "model": model_id, "text": text})
-    return answers
+            append_jsonl(path, {"id": s["id"], "model": model_id, "inputs": made[s["id"]], "text": text})
+    return {s["id"]: answers[s["id"]] for s in samples}
 
 
 SQA_TEACHER = ("You answer multiple-choice questions on science, society and language. You cannot see the "
@@ -287,10 +343,15 @@ def sqa_ensembles(samples, problems, answers, path, url, teacher, api_key, model
     complement: the teacher answers from the text; where it names no option, LLaVA's answer stands.
     judge: where both name an option and they differ, the teacher sees the question and both answers
     and its final choice stands (LLaVA's, if it names none). Each request and reply is appended to
-    `path` as it comes; a rerun asks nothing twice, and a reply without an option is kept as it is."""
+    `path` as it comes; a rerun asks nothing twice, and a reply without an option is kept as it is. A saved
+    reply to another request (the question changed since, or LLaVA's answer) is asked again, and said."""
     rows = {(r["kind"], r["id"]): r for r in saved_rows(path, model=model_id, teacher=teacher)}
 
     def ask(kind, pid, messages):
+        if (kind, pid) in rows and rows[kind, pid]["messages"] != messages:
+            print(f"problem {pid}: its question or the answers it weighs changed since the teacher's {kind} reply; "
+                  f"asked again", file=sys.stderr)
+            del rows[kind, pid]
         if (kind, pid) not in rows:
             try:
                 reply = utils.chat_completion(messages, url, teacher, api_key, **client_options) or ""  # null: none
@@ -323,8 +384,12 @@ def evaluate_scienceqa(root, split, out, model_id, load_model, teacher=None, url
     out/answers.jsonl holds LLaVA's answers, out/teacher.jsonl the teacher's requests and replies."""
     problems = data.scienceqa_problems(root, split)
     samples = data.scienceqa(problems, root, split)  # the same prompts as in training; bad problems named
+    if not samples:
+        raise SystemExit(f"{os.path.join(root, 'pid_splits.json')}: split {split!r} has no problems" if not problems
+                         else f"{os.path.join(root, 'problems.json')}: none of the {len(problems)} problems of split "
+                              f"{split!r} can be asked (each is named above); nothing to score")
     problems = {s["id"]: problems[s["id"]] for s in samples}
-    os.makedirs(out, exist_ok=True)
+    hold_out(out, "eval.py scienceqa")  # before the model loads
     answers = llava_answers(samples, os.path.join(root, "images"), os.path.join(out, "answers.jsonl"), model_id,
                             load_model, batch_size, max_new_tokens)
     letters = {pid: extract_answer(answers[pid], len(p["choices"])) for pid, p in problems.items()}
@@ -356,7 +421,8 @@ def main(argv=None):
     bench.add_argument("--out", default="out/bench", help="answers.jsonl, reviews.jsonl, results.json")
     bench.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     bench.add_argument("--judge-model", default="gpt-4")
-    bench.add_argument("--timeout", type=utils.number(float, 0, above=True), default=60, help="seconds per try")
+    bench.add_argument("--timeout", type=utils.number(float, 0, above=True), default=60,
+                       help="seconds per try, the whole reply however slowly it comes")
     bench.add_argument("--retries", type=utils.number(int, 0), default=5, help="tries after the first, then stop")
     sqa = sub.add_parser("scienceqa", help="§5.2: ScienceQA in Table 7's columns, alone and with a teacher")
     sqa.add_argument("--model", required=True, help="model directory or hub id")
@@ -381,7 +447,7 @@ def main(argv=None):
         print(table7(runs))
         print(f"(accuracy %; answers and results in {args.out})")
         return
-    if args.command == "bench":  # every input is checked before the model loads
+    if args.command == "bench":  # every input, and --out, is checked before the model loads
         contexts = {r["image"]: r.get("caption", r.get("text", "")) for r in read_rows(args.context, "image")}
         references = {r["question_id"]: r["text"] for r in read_rows(args.references, "question_id", "text")}
         questions = read_rows(args.questions, "question_id", "image", "text")
@@ -389,12 +455,11 @@ def main(argv=None):
             if q["question_id"] not in references or q["image"] not in contexts:
                 sys.exit(f"{args.questions}: question {q['question_id']} has no reference answer or context")
             check_image(args.questions, q["question_id"], args.image_folder, q["image"])
-        answered = {r["question_id"] for r in saved_rows(os.path.join(args.out, "answers.jsonl"), model=model_id)}
+        hold_out(args.out, "eval.py bench")
         saved_rows(os.path.join(args.out, "reviews.jsonl"), model=model_id, judge=args.judge_model)  # or refused now
-        model = loaded(args.model) if any(q["question_id"] not in answered for q in questions) else None  # if needed
-        results = evaluate_bench(model, questions, contexts, references, args.image_folder, args.out,
+        results = evaluate_bench(None, questions, contexts, references, args.image_folder, args.out,
                                  args.judge_url, args.judge_model, os.environ.get("OPENAI_API_KEY"), model_id,
-                                 timeout=args.timeout, retries=args.retries)
+                                 load_model=lambda: loaded(args.model), timeout=args.timeout, retries=args.retries)
         if results:
             print(bench_table(results))
         missing = len(questions) - results.get("overall", {}).get("n", 0)
@@ -405,6 +470,8 @@ def main(argv=None):
         return
 
     questions = utils.load_json(args.questions)
+    if not questions:
+        sys.exit(f"{args.questions}: no questions")
     for i, q in enumerate(questions):  # every question is checked before the model loads
         turn = q.get("conversations", [None])[0] if isinstance(q, dict) else None
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
@@ -414,6 +481,10 @@ def main(argv=None):
                      f"'answer' letter among them")
         if q.get("image"):
             check_image(args.questions, q.get("id", i), args.image_folder, q["image"])
+    if args.out and os.path.isdir(args.out):
+        sys.exit(f"--out {args.out} is a folder; pass the JSON file to write")
+    if args.out:  # one evaluation writes it at a time, and it can be written: known before the model loads
+        hold_out(args.out, "eval.py mc", folder=False)
     if args.out and os.path.exists(args.out):  # only the same model's results are replaced
         made_by = utils.load_json_object(args.out)
         made_by = made_by.get("model") if isinstance(made_by, dict) else None
@@ -429,11 +500,19 @@ def main(argv=None):
 
 
 def read_rows(path, *keys):
-    """An input JSONL file: each line an object with `keys`; a line that is not is named."""
-    rows = utils.read_jsonl(path, required=True)
-    for i, row in enumerate(rows):
+    """An input JSONL file: each line an object with `keys`, text (a question_id may be a number); a
+    line that is not is named. The first key names the row: two rows with the same are refused."""
+    rows, seen = utils.read_jsonl(path, required=True), {}
+    for i, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not all(k in row for k in keys):
-            sys.exit(f"{path}: row {i + 1} needs {', '.join(keys)}")
+            sys.exit(f"{path}: row {i} needs {', '.join(keys)}")
+        for k in keys:
+            if not (isinstance(row[k], str) or k == "question_id" and type(row[k]) is int):
+                sys.exit(f"{path}: row {i}: {k} must be {'a number or ' * (k == 'question_id')}text, not {row[k]!r}")
+        if row[keys[0]] in seen:
+            sys.exit(f"{path}: rows {seen[row[keys[0]]]} and {i} have the same {keys[0]} {row[keys[0]]!r}; "
+                     f"each needs its own")
+        seen[row[keys[0]]] = i
     if not rows:
         sys.exit(f"{path}: empty")
     return rows
@@ -442,6 +521,32 @@ def read_rows(path, *keys):
 def check_image(path, question, folder, image):
     if not os.path.isfile(os.path.join(folder, image)):
         sys.exit(f"{path}: question {question}: image {os.path.join(folder, image)} not found; check --image-folder")
+
+
+def question_image(folder, image, question, what="question", saved=None):
+    """A question's image, or one line naming the file and the question (truncated, not an image)."""
+    path = os.path.join(folder, image)
+    try:
+        return data.load_image(path)
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        kept = f"; the answers so far are kept in {saved}, and the same command goes on from them" \
+            if saved and os.path.exists(saved) else ""
+        raise SystemExit(f"{what} {question}: cannot read its image {path} ({utils.one_line(e)}): replace the "
+                         f"file or remove the {what}{kept}") from None
+
+
+def hold_out(out, program, folder=True):
+    """One evaluation writes `out` (a folder; folder=False: a file, locked by OUT.lock beside it) at a
+    time, for the life of the process; an --out that cannot be written is said now, not at the end."""
+    try:
+        if folder:
+            os.makedirs(out, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        utils.hold_lock_file(os.path.join(out, ".lock") if folder else out + ".lock", program, f"--out {out}", "--out")
+    except OSError as e:
+        raise SystemExit(f"{program}: --out {out}: cannot write there ({utils.one_line(e)}); pass another --out") \
+            from None
 
 
 def loaded(path, load=llava.load):

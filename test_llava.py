@@ -1414,6 +1414,262 @@ def test_llava_bench_relative_score_with_a_judge_and_resume(saved, tmp_path, cap
         judge.close()
 
 
+class Awkward(Teacher):
+    """A chat-completions server on 127.0.0.1 that is awkward by path: /trickle (the reply a byte every 0.03 s),
+    /trickle-headers (the headers so), /busy (429 with Retry-After: the number after it, then a reply),
+    /huge (a 12 MB reply with its length), /endless (12 MB without one), /echo (the Authorization header back)."""
+
+    def __init__(self):
+        super().__init__(faults=False)
+        awkward = self
+        self.seen, self.busy_done = [], set()
+
+        def reply(handler):
+            import time
+            handler.rfile.read(int(handler.headers["Content-Length"]))
+            kind = handler.path.split("/")[1]
+            awkward.seen.append((kind, handler.headers.get("Authorization")))
+            content = handler.headers.get("Authorization", "") if kind == "echo" else "8 6\nFine."
+            out = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+            if kind.startswith("busy") and kind not in awkward.busy_done:
+                awkward.busy_done.add(kind)
+                handler.send_response(429)
+                handler.send_header("Retry-After", kind[len("busy"):])
+                handler.send_header("Content-Length", "0")
+                return handler.end_headers()
+            if kind == "trickle-headers":
+                for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"x" * 100:
+                    handler.wfile.write(bytes([byte]))
+                    handler.wfile.flush()
+                    time.sleep(0.03)
+            handler.send_response(200)
+            if kind != "endless":
+                handler.send_header("Content-Length", str(12 * 2 ** 20 if kind == "huge" else len(out)))
+            handler.end_headers()
+            if kind in ("huge", "endless"):
+                for _ in range(12):
+                    handler.wfile.write(b" " * 2 ** 20)
+            for byte in out if kind == "trickle" else [out]:
+                handler.wfile.write(bytes([byte]) if kind == "trickle" else byte)
+                handler.wfile.flush()
+                time.sleep(0.03 if kind == "trickle" else 0)
+        self.server.RequestHandlerClass.do_POST = reply
+        self.server.handle_error = lambda *args: None  # writes after the client hung up
+
+
+def test_the_judge_client_bounds_each_try_caps_its_waits_and_refuses_huge_replies(capfd):
+    """A server that trickles its reply or its headers (each read well within the socket timeout) ends the try
+    at --timeout; a 429's Retry-After is waited for, within the cap; a reply over 10 MB is an error, not a review."""
+    import time
+    server = Awkward()
+    ask = lambda path, **kw: utils.chat_completion([], server.url.replace("/v1", path), "m", None, **kw)  # noqa
+    try:
+        for path in ("/trickle/v1", "/trickle-headers/v1"):
+            start = time.monotonic()
+            with pytest.raises(RuntimeError, match=rf"{path}: gave up after 2 tries \(timed out\)$"):
+                ask(path, timeout=0.5, retries=1, backoff=0.01)
+            assert time.monotonic() - start < 2.5  # two tries of 0.5 s, not the reply's 2 s or 3.4 s
+        assert ask("/trickle/v1", timeout=20, retries=0) == "8 6\nFine."  # a slow reply within the time is read
+        capfd.readouterr()
+        start = time.monotonic()
+        assert ask("/busy1/v1", retries=1, backoff=0.01) == "8 6\nFine."
+        assert time.monotonic() - start >= 1  # the server's 1 s, not the backoff's 0.01 s
+        assert re.search(r"/busy1/v1: HTTP 429 \(Retry-After 1 s\); try 2 of 2 in 1 s\n", capfd.readouterr().err)
+        start = time.monotonic()
+        assert ask("/busy3600/v1", retries=1, backoff=0.01, max_wait=0.2) == "8 6\nFine."
+        assert time.monotonic() - start < 5  # not an hour: the cap
+        assert "HTTP 429 (Retry-After 3600 s); try 2 of 2 in 0.2 s" in capfd.readouterr().err
+        assert utils.MAX_WAIT == 30 and utils.MAX_REPLY == 10 * 2 ** 20
+        with pytest.raises(RuntimeError, match=r"/huge/v1: the reply is 12582912 bytes, over 10485760 \(a chat "
+                                               r"completion is a few KB\); not read"):
+            ask("/huge/v1", retries=3, backoff=0.01)
+        with pytest.raises(RuntimeError, match=r"/endless/v1: the reply is over 10485760 bytes"):
+            ask("/endless/v1", retries=3, backoff=0.01)
+        assert [kind for kind, _ in server.seen].count("huge") == 1  # refused, not retried
+        # The backoff doubles up to the cap: 1 2 4 8 16 30 30 ... s between tries.
+        with pytest.raises(RuntimeError, match="gave up after 4 tries"):
+            utils.chat_completion([], "http://127.0.0.1:9/v1", "m", None, timeout=1, retries=3, backoff=0.01,
+                                  max_wait=0.02)
+        assert re.findall(r"in ([\d.]+) s", capfd.readouterr().err) == ["0.01", "0.02", "0.02"]
+    finally:
+        server.close()
+
+
+def test_credentials_in_a_judge_url_are_never_shown(capfd):
+    """user:password@ in a judge or teacher URL is sent as HTTP Basic authentication, and every message that
+    shows the URL (retries, giving up, HTTP errors, a redirect's target) shows ***@ instead."""
+    import base64
+    server = Awkward()
+    judges = Judges(server.url.replace("127.0.0.1", "u2:pw2@localhost"))
+    with_password = lambda url, path: url.replace("://", "://alice:s3cret@").replace("/v1", path)  # noqa: E731
+    try:
+        assert utils.chat_completion([], with_password(server.url, "/echo/v1"), "m", None) == (
+            "Basic " + base64.b64encode(b"alice:s3cret").decode())
+        failures = [(with_password("http://127.0.0.1:9/v1", "/v1"), r"http://\*\*\*@127.0.0.1:9/v1: gave up after 2 "
+                                                                     r"tries \(.*Connection refused\)"),
+                    (with_password(judges.url, "/unauthorized/v1"), r"http://\*\*\*@127.0.0.1:\d+/unauthorized/v1: "
+                                                                    r"HTTP 401"),
+                    (with_password(judges.url, "/redirect/v1"), r"\*\*\*@127.0.0.1:\d+/redirect/v1: redirects to "
+                                                                r"http://\*\*\*@localhost:\d+/v1/chat/completions"),
+                    (with_password(judges.url, "/html/v1"), r"\*\*\*@127.0.0.1:\d+/html/v1: the reply is not a chat")]
+        for url, message in failures:
+            with pytest.raises(RuntimeError, match=message) as e:
+                utils.chat_completion([], url, "m", None, timeout=1, retries=1, backoff=0.01)
+            assert "s3cret" not in str(e.value) and "alice" not in str(e.value)
+        with pytest.raises(RuntimeError, match=r"\*\*\*@127.0.0.1:\d+/v1: a user:password in the URL and an API "
+                                               r"key; pass one of them"):
+            utils.chat_completion([], with_password(server.url, "/v1"), "m", "sk-x")
+        err = capfd.readouterr().err
+        assert "try 2 of 2" in err and "s3cret" not in err and "alice" not in err and "pw2" not in err
+    finally:
+        judges.close()
+        server.close()
+
+
+@pytest.mark.parametrize("review,scores", [
+    ("8 6\nThe first is more detailed.", (8, 6)), ("8,6\nWhy.", (8, 6)), ("8, 6", (8, 6)), ("7.5 8\n", (7.5, 8)),
+    ("10 1", (10, 1)), ("  9   7 \nBoth fine.", (9, 7)), ("1.0,10.0", (1, 10)),
+    # The authors' scripts fail these too: the two scores are the whole first line, each from 1 to 10.
+    ("Assistant 1: 8\nAssistant 2: 6", None), ("11 -3", None), ("11 3", None), ("0 5", None), ("8 10.5", None),
+    ("8", None), ("8 6 7", None), ("8/10 6/10", None), ("Scores: 8 6", None), ("nan 5", None), ("1e1 5", None),
+    ("Both are fine.\n8 6", None), ("", None), (None, None), ("8 6.", None), ("-8 6", None)])
+def test_judge_scores_are_the_first_line_two_numbers_from_1_to_10(review, scores):
+    assert evaluation.parse_scores(review) == scores
+
+
+class Answering:
+    """The model, counting the questions it answers."""
+
+    def __init__(self, model):
+        self.model, self.asked = model, []
+
+    def answer(self, conversation, image, **kwargs):
+        self.asked.append(conversation[0]["value"].split("\n")[-1])
+        return self.model.answer(conversation, image, max_new_tokens=4, **kwargs)
+
+
+def test_llava_bench_redoes_what_changed_under_the_same_names(saved, tmp_path, capfd):
+    """A rerun after a question, an image, a caption or a reference was corrected answers or reviews again
+    those questions only, and says so; a judge's review whose first line is no two scores is a failed review."""
+    model, _, _ = saved
+    for name, color in [("a.png", (200, 30, 30)), ("b.png", (30, 200, 30)), ("c.png", (30, 30, 200))]:
+        image(color).save(tmp_path / name)
+    questions = [{"question_id": i, "image": name, "text": f"q{i}", "category": "conv"}
+                 for i, name in [(1, "a.png"), (2, "b.png"), (3, "c.png")]]
+    contexts = {"a.png": "A red square.", "b.png": "A green square.", "c.png": "A blue square."}
+    references = {1: "r1", 2: "r2", 3: "r3"}
+    judge, counting = Judge(), Answering(model)
+    judge.bad_done = True  # no failed review here but the one asked for below
+    out = tmp_path / "bench"
+
+    def rerun():
+        before = len(judge.requests)
+        results = evaluation.evaluate_bench(counting, questions, contexts, references, str(tmp_path), str(out),
+                                            judge.url, "judge", None, "m", timeout=5)
+        asked, counting.asked = counting.asked, []
+        reviewed = [re.search(r"\[Question\]\n(q\d)", r["messages"][1]["content"]).group(1)
+                    for r in judge.requests[before:]]
+        return asked, reviewed, results["overall"]["n"], capfd.readouterr().err
+
+    try:
+        assert rerun()[:3] == (["q1", "q2", "q3"], ["q1", "q2", "q3"], 3)
+        assert rerun()[:3] == ([], [], 3)  # nothing changed: nothing asked
+        questions[1] = dict(questions[1], text="q2 corrected")
+        asked, reviewed, n, err = rerun()
+        assert (asked, reviewed, n) == (["q2 corrected"], ["q2"], 3)
+        assert "question 2: its text or image changed since it was answered; answered again" in err
+        assert "question 2: its question, image, caption, reference or answer changed since its review" in err
+        references[3] = "r3 corrected"
+        contexts["a.png"] = "A red square on white."
+        asked, reviewed, n, err = rerun()
+        assert (asked, reviewed, n) == ([], ["q1", "q3"], 3) and "question 3: its question, image, caption" in err
+        image((0, 0, 0)).save(tmp_path / "b.png")  # the same name, another image
+        assert rerun()[:3] == (["q2 corrected"], ["q2"], 3)
+        # An answer saved without what it was made from (an older eval.py) is made again.
+        rows = utils.read_jsonl(out / "answers.jsonl")
+        (out / "answers.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "inputs"}) + "\n"
+                                                   for r in rows))
+        # The same greedy answers again: the judge's requests are the same, and their reviews stand.
+        assert rerun()[:3] == (["q1", "q2 corrected", "q3"], [], 3)
+        assert rerun()[:3] == ([], [], 3)
+        # Scores the authors' parser fails are a failed review: named, not counted, asked again next time.
+        questions.append({"question_id": 4, "image": "a.png", "text": "q4", "category": "conv"})
+        references[4] = "r4"
+        judge.bad_done = False
+        questions[3]["text"] = "q2"  # the judge's failing question ("[Question]\nq2"), under id 4
+        asked, reviewed, n, err = rerun()
+        assert (asked, reviewed, n) == (["q2"], ["q2"], 3)
+        assert "question 4: the judge gave no two scores from 1 to 10 on its first line ('Both are fine.'); " \
+               "asked again on the next run" in err
+    finally:
+        judge.close()
+
+
+class HoldingJudge(Teacher):
+    """A judge on 127.0.0.1 that, asked, sets `holding` and answers "8 6" only once `release` is set."""
+
+    def __init__(self):
+        import threading
+        super().__init__(faults=False)
+        self.holding, self.release = threading.Event(), threading.Event()
+        judge = self
+
+        def reply(handler):
+            handler.rfile.read(int(handler.headers["Content-Length"]))
+            judge.holding.set()
+            judge.release.wait(120)
+            out = json.dumps({"choices": [{"message": {"content": "8 6\nFine."}}]}).encode()
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(out)))
+            handler.end_headers()
+            handler.wfile.write(out)
+        self.server.RequestHandlerClass.do_POST = reply
+
+
+@pytest.mark.slow
+def test_two_evaluations_on_one_out_the_second_gets_one_line(user, tmp_path):
+    """While `eval.py bench` waits for its judge, a second evaluation into its --out is refused in one line that
+    names the first, and changes nothing; it goes on when the first ends. mc (--out FILE: FILE.lock beside it)
+    and scienceqa take the same lock before their model loads."""
+    import fcntl
+    o = tmp_path / "bench"
+    bench_answers(user, o)
+    judge = HoldingJudge()
+    command = expand(user, o, "{bench} --judge-url " + judge.url)
+    try:
+        first = subprocess.Popen([sys.executable, *command], cwd=HERE, env=user["programs"].env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert judge.holding.wait(120), first.communicate()
+        before = snapshot(tmp_path)
+        code, out, err = user["programs"].run(command)
+        assert code != 0 and "Traceback" not in err and err.strip().splitlines()[-1] == (
+            f"eval.py bench: --out {o} is in use by eval.py bench (pid {first.pid}); wait for it to end, or pass "
+            f"another --out")
+        assert snapshot(tmp_path) == before
+    finally:
+        judge.release.set()
+        _, err = first.communicate(timeout=120)
+        judge.close()
+    assert first.returncode == 0, err[-3000:]
+    assert read(o / "results.json")["overall"]["relative"] == 75
+    for name, flags in [("mc.json", "eval.py mc --model {root}/corrupt_model --questions {root}/mc.json "
+                                    "--image-folder {images} --out {o}/mc.json"),
+                        ("sqa/.lock", "eval.py scienceqa --model {root}/corrupt_model --root {root}/sqa "
+                                      "--out {o}/sqa")]:
+        lock = tmp_path / (name if name.endswith(".lock") else name + ".lock")
+        lock.parent.mkdir(exist_ok=True)
+        with open(lock, "w") as held:  # held as a running evaluation holds it
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.write("eval.py (pid 4242)\n")
+            held.flush()
+            code, _, err = user["programs"].run(expand(user, tmp_path, flags))
+        out = str(tmp_path / name.replace("/.lock", ""))
+        assert code != 0 and err.strip().splitlines()[-1].endswith(
+            f": --out {out} is in use by eval.py (pid 4242); wait for it to end, or pass another --out"), err
+        code, _, err = user["programs"].run(expand(user, tmp_path, flags))  # let go: the corrupt model is next
+        assert code != 0 and "cannot load --model" in err.strip().splitlines()[-1], err
+
+
 # ----------------------------------------------------------------------------------------------
 # §5.2: ScienceQA, its release converted, Table 7, the complement and judge ensembles
 # ----------------------------------------------------------------------------------------------
@@ -1460,10 +1716,17 @@ def write_scienceqa(root):
     return root
 
 
-def write_llava_answers(out, model_id, texts=SQA_LLAVA):
+def write_llava_answers(out, model_id, texts=SQA_LLAVA, root=None):
+    """LLaVA's answers to the problems of write_scienceqa(root) (by default the "sqa" folder beside out), saved
+    as eval.py saves them, with what each was made from."""
+    root = str(root or os.path.join(os.path.dirname(out), "sqa"))
+    samples = {s["id"]: s for s in data.scienceqa(data.scienceqa_problems(root, "test"), root, "test")}
     os.makedirs(out, exist_ok=True)
     for pid, text in texts.items():
-        evaluation.append_jsonl(os.path.join(out, "answers.jsonl"), {"id": pid, "model": model_id, "text": text})
+        image = [os.path.join(root, "images", samples[pid]["image"])] if "image" in samples[pid] else []
+        made = evaluation.inputs(samples[pid]["conversations"][0]["value"], *image)
+        evaluation.append_jsonl(os.path.join(out, "answers.jsonl"), {"id": pid, "model": model_id, "inputs": made,
+                                                                     "text": text})
 
 
 def no_model():
@@ -1738,6 +2001,42 @@ def test_scienceqa_cli_prints_table7(saved, tmp_path, capsys, monkeypatch):
         assert "sk-secret" not in printed.out + printed.err
         with pytest.raises(SystemExit, match="eval.py scienceqa: --model .*missing: not a directory"):
             evaluation.main(["scienceqa", "--model", str(tmp_path / "missing"), "--root", str(root)])
+    finally:
+        teacher.close()
+
+
+def test_scienceqa_redoes_what_changed_under_the_same_names(saved, tmp_path, capfd):
+    """problems.json corrected after a run: the rerun answers again the problems whose question or image
+    changed (and asks the teacher again about them), only those, and says so; the rest stands."""
+    model = saved[0]
+    root, out = write_scienceqa(tmp_path / "sqa"), tmp_path / "out"
+    write_llava_answers(out, "m1")
+    teacher = SqaTeacher(fail_once=())
+    loads = []
+    run = lambda: evaluation.evaluate_scienceqa(  # noqa: E731
+        str(root), "test", str(out), "m1", lambda: loads.append(1) or model, "teacher-1", teacher.url, None,
+        max_new_tokens=3, timeout=5, retries=0)
+    try:
+        assert run() == {method: table7_by_hand(method) for method in SQA_TABLE7} and not loads
+        asked, answered = len(teacher.answered), len(utils.read_jsonl(out / "answers.jsonl"))
+        capfd.readouterr()
+        problems = read(root / "problems.json")
+        problems["2"]["hint"] = "Magnets pull iron."  # the same pid, another question
+        (root / "problems.json").write_text(json.dumps(problems))
+        image((1, 2, 3)).save(root / "images" / "test" / "4" / "image.png")  # the same name, another image
+        runs = run()
+        rows = utils.read_jsonl(out / "answers.jsonl")
+        assert loads == [1] and [r["id"] for r in rows[answered:]] == ["2", "4"]
+        assert teacher.answered[asked:] == [("complement", "2")]  # it reads no image: 4's request is the same
+        err = capfd.readouterr().err
+        assert "problem 2: its question or image changed since it was answered; answered again" in err
+        assert "problem 4: its question or image changed since it was answered; answered again" in err
+        assert "problem 2: its question or the answers it weighs changed since the teacher's complement reply" in err
+        assert "problem 3:" not in err
+        new = {r["id"]: r["text"] for r in rows}
+        letters = {pid: evaluation.extract_answer(new[pid], len(problems[pid]["choices"])) for pid in SQA_LLAVA}
+        assert runs["LLaVA"] == evaluation.score_table7({pid: problems[pid] for pid in SQA_LLAVA}, letters)
+        assert run() == runs and loads == [1] and len(teacher.answered) == asked + 1  # nothing more to redo
     finally:
         teacher.close()
 
@@ -2369,7 +2668,8 @@ def user(parts, toy_world, saved, tmp_path_factory):
 def bench_answers(u, o, model="model"):
     """A bench --out whose answer was saved by `model` (so that the judge is asked next)."""
     o.mkdir(exist_ok=True)
-    row = {"question_id": 1, "model": evaluation.model_fingerprint(str(u["root"] / model)), "text": "Red."}
+    row = {"question_id": 1, "model": evaluation.model_fingerprint(str(u["root"] / model)), "text": "Red.",
+           "inputs": evaluation.inputs("What color is the square?", u["root"] / "bench_images" / "bench.png")}
     (o / "answers.jsonl").write_text(json.dumps(row) + "\n")
 
 
@@ -2420,6 +2720,51 @@ def expand(u, o, command):
              "--timeout 5")
     command = command.replace("{train}", train_args).replace("{bench}", bench)
     return shlex.split(command.format(**u, o=o, judge=u["judges"].url.rsplit("/v1", 1)[0]))
+
+
+def rows_file(name, *rows):
+    """A setup: o/NAME, a JSONL file of the rows (LLaVA-Bench's questions, references or captions)."""
+    def setup(u, o):
+        o.mkdir()
+        (o / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return setup
+
+
+BENCH_QUESTION = {"question_id": 1, "image": "bench.png", "text": "What color is the square?", "category": "conv"}
+
+
+def truncated(u, o, path):
+    """o/PATH: the bench image cut in half, as a copy that stopped part way leaves it."""
+    whole = (u["root"] / "bench_images" / "bench.png").read_bytes()
+    os.makedirs((o / path).parent, exist_ok=True)
+    (o / path).write_bytes(whole[:len(whole) // 2])
+
+
+def mc_truncated(u, o):
+    o.mkdir()
+    truncated(u, o, "cut.png")
+    (o / "mc.json").write_text(json.dumps([dict(read(u["root"] / "mc.json")[0], id="q7", image="cut.png")]))
+
+
+def bench_truncated(u, o):
+    rows_file("questions.jsonl", dict(BENCH_QUESTION, image="cut.png"))(u, o)
+    truncated(u, o, "cut.png")
+    (o / "context.jsonl").write_text(json.dumps({"image": "cut.png", "caption": "A red square."}) + "\n")
+
+
+def sqa_copy(change=None, image=None):
+    """A setup: o/sqa, the miniature ScienceQA release with change(problems) applied, and `image` (a path
+    under images/) cut in half."""
+    def setup(u, o):
+        import shutil
+        shutil.copytree(u["root"] / "sqa", o / "sqa")
+        if change:
+            problems = read(o / "sqa" / "problems.json")
+            change(problems)
+            (o / "sqa" / "problems.json").write_text(json.dumps(problems))
+        if image:
+            truncated(u, o / "sqa" / "images", image)
+    return setup
 
 
 # case: (command, what the last line of stderr says after "PROGRAM: ", setup(user, case folder) or None)
@@ -2552,6 +2897,59 @@ MISTAKES = {
                          r"argument --batch-size: 0: must be at least 1"),
     "sqa-root-missing": ("eval.py scienceqa --model {model} --root {o}/sqa --out {o}/out",
                          r"sqa/problems.json: cannot read JSON: \[Errno 2\]"),
+    "bench-judge-password": ("{bench} --judge-url http://alice:s3cret@127.0.0.1:9/v1",
+                             r"the judge failed \(http://\*\*\*@127.0.0.1:9/v1: a user:password in the URL and an "
+                             r"API key; pass one of them\)", bench_answers),  # the key: sk-never-shown
+    "sqa-every-problem-bad": ("eval.py scienceqa --model {model} --root {o}/sqa --out {o}/out",
+                              r"problems.json: none of the 10 problems of split 'test' can be asked \(each is named "
+                              r"above\); nothing to score", sqa_copy(lambda ps: [p.pop("hint") for p in ps.values()])),
+    "sqa-split-empty": ("eval.py scienceqa --model {model} --root {root}/sqa --split minitest --out {o}/out",
+                        r"pid_splits.json: split 'minitest' has no problems"),
+    "mc-no-questions": ("eval.py mc --model {model} --questions {o}/none.json --image-folder {images}",
+                        r"none.json: no questions", lambda u, o: o.mkdir() or (o / "none.json").write_text("[]")),
+    # eval.py: one id per question, reference and image (issue 24)
+    "bench-question-twice": ("{bench} --questions {o}/questions.jsonl", r"questions.jsonl: rows 1 and 3 have the "
+                                                                         r"same question_id 1; each needs its own",
+                             rows_file("questions.jsonl", BENCH_QUESTION, dict(BENCH_QUESTION, question_id=2),
+                                       dict(BENCH_QUESTION, text="And the circle?"))),
+    "bench-reference-twice": ("{bench} --references {o}/references.jsonl", r"references.jsonl: rows 1 and 2 have the "
+                                                                           r"same question_id 1",
+                              rows_file("references.jsonl", {"question_id": 1, "text": "Red."},
+                                        {"question_id": 1, "text": "Blue."})),
+    "bench-caption-twice": ("{bench} --context {o}/context.jsonl", r"context.jsonl: rows 1 and 2 have the same image "
+                                                                   r"'bench.png'",
+                            rows_file("context.jsonl", {"image": "bench.png", "caption": "A red square."},
+                                      {"image": "bench.png", "caption": "A square."})),
+    "bench-question-id-a-list": ("{bench} --questions {o}/questions.jsonl", r"questions.jsonl: row 1: question_id "
+                                                                            r"must be a number or text, not \[1\]",
+                                 rows_file("questions.jsonl", dict(BENCH_QUESTION, question_id=[1]))),
+    "bench-image-not-text": ("{bench} --questions {o}/questions.jsonl", r"row 1: image must be text, not 7",
+                             rows_file("questions.jsonl", dict(BENCH_QUESTION, image=7))),
+    # eval.py: --out is checked before the model loads (a corrupt model would be said first otherwise)
+    "mc-out-read-only": ("eval.py mc --model {root}/corrupt_model --questions {root}/mc.json --image-folder {images} "
+                         "--out {o}/results.json", r"eval.py mc: --out .*results.json: cannot write there \(.*"
+                                                   r"Operation not permitted\); pass another --out", readonly),
+    "mc-out-a-folder": ("eval.py mc --model {root}/corrupt_model --questions {root}/mc.json --image-folder {images} "
+                        "--out {root}/empty_dir", r"--out .*empty_dir is a folder; pass the JSON file to write"),
+    "bench-out-read-only": ("{bench} --model {root}/corrupt_model --out {o}/out", r"eval.py bench: --out .*out: cannot "
+                                                                                 r"write there \(.*Operation not "
+                                                                                 r"permitted\)", readonly),
+    "bench-out-a-file": ("{bench} --model {root}/corrupt_model --out {root}/few.json",
+                         r"--out .*few.json: cannot write there \(.*few.json: File exists\); pass another --out"),
+    "sqa-out-read-only": ("eval.py scienceqa --model {root}/corrupt_model --root {root}/sqa --out {o}/out",
+                          r"eval.py scienceqa: --out .*out: cannot write there \(.*Operation not permitted", readonly),
+    # eval.py: an image that cannot be read mid-evaluation is named with its question
+    "mc-image-truncated": ("eval.py mc --model {model} --questions {o}/mc.json --image-folder {o} --no-blind",
+                           r"question q7: cannot read its image .*case/cut.png \(image file is truncated.*\): replace "
+                           r"the file or remove the question$", mc_truncated),
+    "bench-image-truncated": ("{bench} --questions {o}/questions.jsonl --context {o}/context.jsonl --image-folder {o} "
+                              "--out {o}/out", r"question 1: cannot read its image .*case/cut.png \(image file is "
+                                               r"truncated.*\): replace the file or remove the question$",
+                              bench_truncated),
+    "sqa-image-truncated": ("eval.py scienceqa --model {model} --root {o}/sqa --out {o}/out --max-new-tokens 2",
+                            r"problem 1: cannot read its image .*sqa/images/test/1/image.png \(image file is "
+                            r"truncated.*\): replace the file or remove the problem$",
+                            sqa_copy(image="test/1/image.png")),
     # data.py
     "show-file-missing": ("data.py show {o}/chat.json --model {model}", r"chat.json: cannot read JSON: \[Errno 2\]"),
     "show-index": ("data.py show {root}/few.json --index 5 --model {model}", r"--index 5 is out of range \(0..2\)"),
