@@ -576,7 +576,10 @@ def main(argv=None):
         sample = samples[args.index]
         if not isinstance(sample, dict) or "conversations" not in sample:
             raise SampleError(f"sample {args.index} of {args.file}: no 'conversations'")
-        tokenizer, config = utils.load_tokenizer_and_config(args.model)
+        try:
+            tokenizer, config = utils.load_tokenizer_and_config(args.model)
+        except (OSError, ValueError) as e:  # missing, not a model, asks to run its own code
+            sys.exit(f"cannot load --model {args.model}: {utils.one_line(e)}")
         has_image = "image" in sample
         ids, labels = render(sample["conversations"], tokenizer, args.template or config["template"],
                              image_token_id=config["image_token_id"] if has_image else None,

@@ -1208,6 +1208,62 @@ def test_chat_without_a_model_says_what_to_do(tmp_path):
     assert result.returncode != 0 and "pass --model DIR or run python toy.py" in result.stderr
 
 
+def remote_code_folder(source, folder):
+    """A copy of a model folder whose preprocessor_config.json asks, by auto_map, for the image processor in
+    its own custom.py; custom.py leaves the file RAN if it is ever run. Returns the path of RAN."""
+    import shutil
+    shutil.copytree(source, folder)
+    (folder / "custom.py").write_text(f"open({str(folder / 'RAN')!r}, 'w').close()\n"
+                                      "from transformers import CLIPImageProcessor\n\n\n"
+                                      "class Custom(CLIPImageProcessor):\n    pass\n")
+    config = read(folder / "preprocessor_config.json")
+    config.update(image_processor_type="Custom", auto_map={"AutoImageProcessor": "custom.Custom"})
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    return folder / "RAN"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [
+    "chat.py --model {o}/m -p Hi", "eval.py mc --model {o}/m --questions {root}/mc.json --image-folder {images}",
+    "data.py show {root}/few.json --model {o}/m", "{train} --vision {o}/m"])
+def test_a_folder_that_asks_to_run_its_own_code_is_refused(user, tmp_path, command):
+    """transformers would ask "run the custom code? [y/N]" on stdin, and a "y" there (or a pipe) would run
+    the folder's Python file. Refused before any of it is read; nothing is asked and nothing runs."""
+    o = tmp_path / "case"
+    o.mkdir()
+    ran = remote_code_folder(user["clip"] if command.startswith("{train}") else user["model"], o / "m")
+    argv = expand(user, o, command)
+    code, out, err = user["programs"].run(argv, stdin=b"y\ny\ny\n")
+    assert code != 0 and "Traceback" not in out + err and "[y/N]" not in out + err, err[-3000:]
+    assert re.search(r"m: its configs ask to run their own code \(auto_map\); this project never runs it "
+                     r"\(see preprocessor_config.json\)$", err.strip().splitlines()[-1]), err[-3000:]
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize("name", utils.REMOTE_CODE_CONFIGS)
+def test_any_config_that_asks_for_remote_code_is_refused(tmp_path, name):
+    (tmp_path / name).write_text(json.dumps({"model_type": "llava", "auto_map": {"AutoConfig": "custom.Config"}}))
+    with pytest.raises(utils.RemoteCodeError) as error:
+        utils.resolve(str(tmp_path))
+    assert utils.one_line(error.value) == (f"{tmp_path}: its configs ask to run their own code (auto_map); this "
+                                           f"project never runs it (see {name})")
+    with pytest.raises(OSError, match="its configs ask to run their own code"):
+        llava.load_vision_tower(str(tmp_path))
+    (tmp_path / name).write_text(json.dumps({"model_type": "llava"}))
+    utils.refuse_remote_code(str(tmp_path))  # without auto_map: fine
+
+
+def test_every_from_pretrained_says_no_remote_code():
+    """Where the project reads a folder with transformers, trust_remote_code=False is said, so that
+    transformers refuses what refuse_remote_code would not see (a hub id it fetches itself)."""
+    calls = 0
+    for name in ["llava.py", "utils.py", "data.py", "train.py", "chat.py", "eval.py", "toy.py", "bench.py"]:
+        for call in re.finditer(r"from_pretrained\((?:[^()]|\([^()]*\))*\)", open(os.path.join(HERE, name)).read()):
+            assert "trust_remote_code=False" in call.group(0), f"{name}: {call.group(0)}"
+            calls += 1
+    assert calls >= 15
+
+
 # ----------------------------------------------------------------------------------------------
 # §5: evaluation
 # ----------------------------------------------------------------------------------------------

@@ -157,19 +157,44 @@ def hold_lock(folder, program):
 AUTHORS_IMAGE_TOKEN_ID = -200  # the authors' IMAGE_TOKEN_INDEX: a position id outside the vocabulary
 
 
+class RemoteCodeError(PermissionError):
+    """A model folder that asks to run Python files of its own: an OSError, so that every program says
+    it in one line naming the folder, as it says a missing one."""
+
+
+REMOTE_CODE_CONFIGS = ["config.json", "preprocessor_config.json", "tokenizer_config.json", "processor_config.json"]
+
+
+def refuse_remote_code(folder):
+    """Stop before transformers reads `folder` if its configs ask to run Python files of their own
+    (auto_map): transformers would ask on stdin, and a "y" (or a pipe) would run them. Every
+    from_pretrained here also says trust_remote_code=False, for hub ids fetched by transformers."""
+    for name in REMOTE_CODE_CONFIGS:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                config = json.loads(f.read())
+        except (OSError, ValueError, RecursionError):  # absent or unreadable: transformers says so itself
+            continue
+        if isinstance(config, dict) and "auto_map" in config:
+            raise RemoteCodeError(errno.EPERM, f"its configs ask to run their own code (auto_map); this project "
+                                               f"never runs it (see {name})", folder)
+
+
 def load_tokenizer_and_config(path):
     """What data.py needs to render samples for a saved model, without loading its weights."""
     path = resolve(path)
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if config.get("model_type") == "llava":
         vc = config["vision_config"]
         keep_cls = config.get("vision_feature_select_strategy", "default") == "full"
         return tokenizer, {"template": config.get("llava_template", "llava15"),
                            "image_token_id": config["image_token_index"],
                            "num_image_tokens": count_image_tokens(vc["image_size"], vc["patch_size"], keep_cls)}
-    vision = transformers.AutoConfig.from_pretrained(config["mm_vision_tower"])
+    if os.path.isdir(config["mm_vision_tower"]):
+        refuse_remote_code(config["mm_vision_tower"])
+    vision = transformers.AutoConfig.from_pretrained(config["mm_vision_tower"], trust_remote_code=False)
     vision = getattr(vision, "vision_config", vision)
     return tokenizer, {"template": authors_template(config), "image_token_id": AUTHORS_IMAGE_TOKEN_ID,
                        "num_image_tokens": count_image_tokens(vision.image_size, vision.patch_size)}
@@ -185,15 +210,18 @@ def resolve(path):
     configs, the tokenizer, and the weights as safetensors, or pytorch_model*.bin where the repo
     ships only those (the authors' LLaVA releases)."""
     if os.path.isdir(path):
+        refuse_remote_code(path)
         return path
     try:
         files = huggingface_hub.list_repo_files(path)
     except Exception:  # offline: whatever the local cache holds
         files = None
     try:
-        return huggingface_hub.snapshot_download(path, allow_patterns=["*.json", "*.model", "*.txt"] + weight_patterns(files))
+        folder = huggingface_hub.snapshot_download(path, allow_patterns=["*.json", "*.model", "*.txt"] + weight_patterns(files))
     except Exception as e:
         raise FileNotFoundError(f"{path}: not a directory, and the hub cannot give it ({type(e).__name__})")
+    refuse_remote_code(folder)
+    return folder
 
 
 def weight_patterns(files):
