@@ -275,18 +275,33 @@ def coco_annotations(captions_file, instances_file):
                             (instances_file, instances, ["images", "categories", "annotations"])]:
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), list) for k in keys):
             raise SystemExit(f"{path}: not a COCO file (needs lists {', '.join(keys)})")
-    images = {im["id"]: im for im in instances["images"]}
-    names = {c["id"]: c["name"] for c in instances["categories"]}
-    out = {i: (im["file_name"], [], []) for i, im in images.items()}
-    for a in captions["annotations"]:
-        if a["image_id"] in out:
-            out[a["image_id"]][1].append(a["caption"].strip())
-    for a in instances["annotations"]:
-        im = images[a["image_id"]]
-        x, y, w, h = a["bbox"]
-        W, H = im["width"], im["height"]
-        box = [x / W, y / H, (x + w) / W, (y + h) / H]
-        out[a["image_id"]][2].append(f"{names[a['category_id']]}: [{', '.join(f'{v:.3f}' for v in box)}]")
+    where = instances_file, "images"
+    try:
+        images = {im["id"]: im for im in instances["images"]}
+        where = instances_file, "categories"
+        names = {c["id"]: c["name"] for c in instances["categories"]}
+        out = {}
+        for i, im in images.items():
+            if not all(isinstance(im.get(k), (int, float)) and im[k] > 0 for k in ("width", "height")):
+                print(f"skipped image {i} ({instances_file}): width {im.get('width')!r}, height "
+                      f"{im.get('height')!r}; its boxes cannot be normalized", file=sys.stderr)
+                continue
+            out[i] = (im["file_name"], [], [])
+        where = captions_file, "annotations"
+        for a in captions["annotations"]:
+            if a["image_id"] in out:
+                out[a["image_id"]][1].append(a["caption"].strip())
+        where = instances_file, "annotations"
+        for a in instances["annotations"]:
+            if a["image_id"] not in out:  # instances of an image that is not listed (or was skipped above)
+                continue
+            W, H = images[a["image_id"]]["width"], images[a["image_id"]]["height"]
+            x, y, w, h = (float(v) for v in a["bbox"])
+            box = [x / W, y / H, (x + w) / W, (y + h) / H]
+            out[a["image_id"]][2].append(f"{names[a['category_id']]}: [{', '.join(f'{v:.3f}' for v in box)}]")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SystemExit(f"{where[0]}: not a COCO file: an entry of its {where[1]} is malformed "
+                         f"({type(e).__name__}: {e})") from None
     return out
 
 
@@ -320,30 +335,71 @@ def parse_teacher_reply(text, kind, rng):
     return conversations
 
 
+TEACHER_FIELDS = ["id", "image", "conversations", "teacher"]  # a row of the teacher's JSONL
+
+
+def teacher_rows(out_jsonl, kind, model):
+    """The rows the teacher wrote in out_jsonl before, made with the same `kind` and `model`; stop with
+    one line if the file is anything else (LLaVA JSON, another program's JSONL, another teacher's)."""
+    made_by = {"model": model, "kind": kind}
+    if out_jsonl.endswith(".json"):
+        raise SystemExit(f"--out {out_jsonl}: the teacher writes JSONL (one sample a line), not a LLaVA JSON "
+                         f"list; name it .jsonl")
+    if not os.path.exists(out_jsonl):
+        return []
+    with open(out_jsonl, "rb") as f:
+        start = f.read(64).lstrip()
+    if start.startswith(b"["):
+        raise SystemExit(f"--out {out_jsonl}: a JSON list (LLaVA JSON?), not the teacher's JSONL; pass another --out")
+    rows = utils.read_jsonl(out_jsonl)  # a line cut short by a crash is ignored: asked again
+    if start and not rows:
+        raise SystemExit(f"--out {out_jsonl}: holds no JSONL rows of the teacher; pass another --out")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not all(k in row for k in TEACHER_FIELDS):
+            raise SystemExit(f"--out {out_jsonl}: row {number} is not the teacher's (it needs "
+                             f"{', '.join(TEACHER_FIELDS)}); pass another --out")
+        if row["teacher"] != made_by:
+            other = row["teacher"] if isinstance(row["teacher"], dict) else {}
+            raise SystemExit(f"--out {out_jsonl}: made with --model {other.get('model')!r} --kind "
+                             f"{other.get('kind')!r}, not --model {model!r} --kind {kind!r}; pass another --out, "
+                             f"or the same settings to continue it")
+    return rows
+
+
+def teacher_out(out_jsonl, kind, model):
+    """teacher_rows(), and out_jsonl opened for appending once (a missing folder or a read-only file is
+    said before the first request)."""
+    rows = teacher_rows(out_jsonl, kind, model)
+    try:
+        open(out_jsonl, "a").close()
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, out_jsonl) from None
+    return rows
+
+
 def generate_with_teacher(annotations, kind, out_jsonl, base_url, model, api_key, limit=None, seed=0, **kwargs):
-    """Ask the teacher about every image; append each result to out_jsonl as it arrives.
-    A rerun skips the ids already in out_jsonl; a malformed reply is logged and skipped.
-    Returns (new samples, skipped)."""
+    """Ask the teacher about every image; append each result to out_jsonl as it arrives, with the
+    settings that made it (the teacher model and the kind). A rerun with the same settings skips the
+    ids already in out_jsonl; a malformed reply is logged and skipped. Returns (new samples, skipped)."""
     import random
     rng = random.Random(seed)
-    done = {row.get("id") for row in utils.read_jsonl(out_jsonl)}  # a line cut short by a crash: done again
+    done = {row["id"] for row in teacher_out(out_jsonl, kind, model)}
     new = skipped = 0
     todo = [(str(i), a) for i, a in sorted(annotations.items())][:limit]
-    with open(out_jsonl, "a") as out:
-        for image_id, (file_name, captions, boxes) in todo:
-            sample_id = f"{image_id}_{kind}"
-            if sample_id in done:
-                continue
-            reply = utils.chat_completion(teacher_messages(captions, boxes, kind), base_url, model, api_key, **kwargs)
-            try:
-                conversations = parse_teacher_reply(reply, kind, rng)
-            except ValueError as e:
-                print(f"skipped {sample_id}: malformed teacher reply ({e})", file=sys.stderr)
-                skipped += 1
-                continue
-            out.write(json.dumps({"id": sample_id, "image": file_name, "conversations": conversations}) + "\n")
-            out.flush()
-            new += 1
+    for image_id, (file_name, captions, boxes) in todo:
+        sample_id = f"{image_id}_{kind}"
+        if sample_id in done:
+            continue
+        reply = utils.chat_completion(teacher_messages(captions, boxes, kind), base_url, model, api_key, **kwargs)
+        try:
+            conversations = parse_teacher_reply(reply, kind, rng)
+        except ValueError as e:
+            print(f"skipped {sample_id}: malformed teacher reply ({e})", file=sys.stderr)
+            skipped += 1
+            continue
+        utils.append_jsonl(out_jsonl, {"id": sample_id, "image": file_name, "conversations": conversations,
+                                       "teacher": {"model": model, "kind": kind}})  # a full disk names the file
+        new += 1
     return new, skipped
 
 
@@ -543,7 +599,8 @@ def main(argv=None):
     p.add_argument("--captions", required=True, help="COCO captions_*.json")
     p.add_argument("--instances", required=True, help="COCO instances_*.json")
     p.add_argument("--kind", required=True, choices=["conversation", "detail", "reasoning"])
-    p.add_argument("--out", required=True, help="JSONL file, appended to; a rerun skips the ids in it")
+    p.add_argument("--out", required=True, help="JSONL file, appended to; a rerun with the same --model and "
+                   "--kind skips the ids in it")
     p.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     p.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4"), help="the teacher model")
     p.add_argument("--limit", type=utils.number(int, 1), default=None, help="at most this many images")
@@ -562,6 +619,9 @@ def main(argv=None):
     elif args.command == "teacher":
         key = os.environ.get("OPENAI_API_KEY")  # from the environment only: never a flag, never printed
         annotations = coco_annotations(args.captions, args.instances)
+        teacher_rows(args.out, args.kind, args.model)  # not the teacher's file: refused before a lock file is made
+        if os.path.isdir(os.path.dirname(os.path.abspath(args.out))):  # else the next step names the missing folder
+            utils.hold_file_lock(args.out, "data.py teacher")  # two teachers on one --out would mix their rows
         try:
             new, skipped = generate_with_teacher(annotations, args.kind, args.out, args.base_url, args.model, key,
                                                  limit=args.limit)

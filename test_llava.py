@@ -998,6 +998,83 @@ def test_transparent_pixels_become_white_and_pad_to_square_uses_the_mean(tmp_pat
     assert square.getpixel((15, 15)) == (0, 0, 255)
 
 
+def test_coco_files_as_they_come(tmp_path, capfd):
+    """Instances of a subset of the images (or of images not listed) and an image of width 0: those images
+    are left out, the second named; an entry without its fields is one line naming the file."""
+    write_coco(tmp_path)
+    instances = read(tmp_path / "instances.json")
+    instances["images"] = instances["images"][:2]  # image 3 is captioned but not listed
+    instances["images"][1]["width"] = 0  # image 2
+    instances["annotations"].append({"image_id": 99, "category_id": 18, "bbox": [0, 0, 1, 1]})  # not listed
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    annotations = data.coco_annotations(tmp_path / "captions.json", tmp_path / "instances.json")
+    assert list(annotations) == [1] and len(annotations[1][2]) == 2
+    assert f"skipped image 2 ({tmp_path / 'instances.json'}): width 0, height 100" in capfd.readouterr().err
+    del instances["annotations"][0]["bbox"]
+    (tmp_path / "instances.json").write_text(json.dumps(instances))
+    with pytest.raises(SystemExit, match=r"instances.json: not a COCO file: an entry of its annotations is "
+                                         r"malformed \(KeyError: 'bbox'\)"):
+        data.coco_annotations(tmp_path / "captions.json", tmp_path / "instances.json")
+
+
+def test_the_teachers_out_is_its_own_and_continues_only_with_the_same_settings(tmp_path):
+    """Its rows say what made them; a rerun with the same --model and --kind continues, another is refused,
+    and a file that is not the teacher's JSONL (LLaVA JSON, another program's rows) is never appended to."""
+    annotations = write_coco(tmp_path)
+    teacher = Teacher(faults=False)
+
+    def run(out, model="gpt-4", kind="conversation"):
+        return data.generate_with_teacher(annotations, kind, str(out), teacher.url, model, None, retries=0)
+    try:
+        out = tmp_path / "c.jsonl"
+        assert run(out) == (3, 0)
+        assert [r["teacher"] for r in utils.read_jsonl(out)] == [{"model": "gpt-4", "kind": "conversation"}] * 3
+        sent, before = len(teacher.requests), out.read_bytes()
+        assert run(out) == (0, 0) and len(teacher.requests) == sent  # the same settings: nothing left to ask
+        for model, kind in [("gpt-3.5-turbo", "conversation"), ("gpt-4", "detail")]:
+            with pytest.raises(SystemExit, match=rf"c.jsonl: made with --model 'gpt-4' --kind 'conversation', not "
+                                                 rf"--model '{model}' --kind '{kind}'; pass another --out, or the same"):
+                run(out, model, kind)
+        others = {"llava.json": (json.dumps([{"id": "a", "conversations": []}]), r"writes JSONL .*; name it .jsonl"),
+                  "list.jsonl": ('[\n {"id": "a"}\n]\n', "a JSON list"),
+                  "answers.jsonl": ('{"question_id": 1, "text": "Red."}\n', r"row 1 is not the teacher's \(it needs id"),
+                  "rows.jsonl": ('{"id": "1_conversation", "image": "1.jpg", "conversations": []}\n', "row 1 is not"),
+                  "notes.jsonl": ("some notes\n", "holds no JSONL rows of the teacher")}
+        for name, (content, message) in others.items():
+            (tmp_path / name).write_text(content)
+            with pytest.raises(SystemExit, match=message):
+                run(tmp_path / name)
+            assert (tmp_path / name).read_text() == content
+        assert out.read_bytes() == before and len(teacher.requests) == sent
+    finally:
+        teacher.close()
+
+
+def test_files_that_are_not_what_they_say_get_one_line(tmp_path):
+    """JSON nested deeper than Python's stack, weight files that are empty, cut short, or hold more than
+    tensors (a pickle that would run code), and a full disk under a JSONL file: each names its file."""
+    deep = "[" * 200_000 + "]" * 200_000
+    (tmp_path / "deep.json").write_text(deep)
+    (tmp_path / "deep.jsonl").write_text(deep + "\n")
+    with pytest.raises(SystemExit, match=r"deep.json: cannot read JSON: nested too deep"):
+        utils.load_json(str(tmp_path / "deep.json"))
+    with pytest.raises(SystemExit, match=r"deep.jsonl, line 1: not JSON"):
+        utils.read_jsonl(str(tmp_path / "deep.jsonl"), required=True)
+    assert utils.read_jsonl(str(tmp_path / "deep.jsonl")) == []  # a program's own rows: asked again
+    import fractions
+    torch.save({"0.weight": torch.zeros(2), "scale": fractions.Fraction(1, 3)}, tmp_path / "pickled.bin")
+    torch.save({"0.weight": torch.zeros(1000)}, tmp_path / "whole.bin")
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "whole.bin").read_bytes()[:2000])
+    (tmp_path / "empty.bin").write_bytes(b"")
+    for name, message in [("pickled", "holds more than tensors; not read, since reading it would run its code"),
+                          ("cut", r"not a PyTorch weight file \(cut short"), ("empty", r"not a PyTorch weight file \(empty")]:
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}.bin: {message}"):
+            utils.read_file(str(tmp_path / f"{name}.bin"))
+    with pytest.raises(OSError) as error:
+        utils.append_jsonl("/dev/full", {"id": 1})
+    assert utils.one_line(error.value) == "/dev/full: No space left on device (the disk is full)"
+
+
 # ----------------------------------------------------------------------------------------------
 # §4.2: training, one process and two, checkpoints and resume
 # ----------------------------------------------------------------------------------------------
@@ -2390,6 +2467,41 @@ def mc_results_of(model):
     return setup
 
 
+def write_case_file(name, content):
+    """A setup that writes one file into the case's folder."""
+    def setup(u, o):
+        o.mkdir(exist_ok=True)
+        (o / name).write_text(content)
+    return setup
+
+
+def pickled_bin_model(u, o):
+    """A copy of the model whose weights are a pytorch_model.bin holding more than tensors."""
+    import fractions
+    import shutil
+    shutil.copytree(u["model"], o / "m")
+    (o / "m" / "model.safetensors").unlink()
+    torch.save({"language_model.lm_head.weight": torch.zeros(2), "x": fractions.Fraction(1, 3)},
+               o / "m" / "pytorch_model.bin")
+
+
+_held_locks = []  # lock files this test process holds: another process's run on the same file
+
+
+def teacher_out_in_use(u, o):
+    import fcntl
+    o.mkdir()
+    f = open(o / "x.jsonl.lock", "a+")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.write("data.py teacher (pid 1)\n")
+    f.flush()
+    _held_locks.append(f)
+
+
+TEACHER_ROW = {"id": "1_detail", "image": "1.jpg", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+               {"from": "gpt", "value": "A dog."}], "teacher": {"model": "gpt-3.5-turbo", "kind": "detail"}}
+
+
 def expand(u, o, command):
     """A case's command line with {placeholders}: the user's files, o (the case's own folder), {train}."""
     import shlex
@@ -2478,6 +2590,8 @@ MISTAKES = {
                                                                          r"FileNotFoundError"),
     "chat-image-not-an-image": ("chat.py {root}/few.json --model {model} -p Hi", r"cannot use image .*few.json: "
                                                                                  r"UnidentifiedImageError"),
+    "chat-model-pickled-bin": ("chat.py --model {o}/m -p Hi", r"cannot load --model .*m: .*pytorch_model.bin: holds "
+                                                              r"more than tensors; not read", pickled_bin_model),
     # eval.py mc
     "mc-no-options": ("eval.py mc --model {model} --questions {root}/mc_no_options.json --image-folder {images}",
                       r"mc_no_options.json: question .* needs 2 or more options '\(A\) ...'"),
@@ -2561,6 +2675,19 @@ MISTAKES = {
     "teacher-redirect": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
                          "--kind detail --out {o}/x.jsonl --base-url {judge}/redirect/v1", r"redirects to .*not follow",
                          lambda u, o: o.mkdir()),
+    "show-deep-json": ("data.py show {o}/deep.json --model {model}", r"deep.json: cannot read JSON: nested too deep",
+                       write_case_file("deep.json", "[" * 200_000 + "]" * 200_000)),
+    "teacher-out-llava-json": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
+                               "--kind detail --out {root}/few.json", r"--out .*few.json: the teacher writes JSONL "
+                                                                      r"\(one sample a line\), not a LLaVA JSON list"),
+    "teacher-out-another-model": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
+                                  "--kind detail --model gpt-4 --out {o}/x.jsonl",
+                                  r"x.jsonl: made with --model 'gpt-3.5-turbo' --kind 'detail', not --model 'gpt-4' "
+                                  r"--kind 'detail'; pass another --out", write_case_file("x.jsonl", json.dumps(
+                                      TEACHER_ROW) + "\n")),
+    "teacher-out-in-use": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
+                           "--kind detail --out {o}/x.jsonl", r"x.jsonl is in use by data.py teacher \(pid 1\); wait "
+                                                              r"for it to end, or pass another file", teacher_out_in_use),
 }
 
 

@@ -11,6 +11,7 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -106,7 +107,7 @@ def read_jsonl(path, required=False):
         for number, line in enumerate(f, 1):
             try:
                 rows += [json.loads(line)] if line.strip() else []
-            except ValueError as e:  # not JSON, or not UTF-8
+            except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's stack
                 if required:
                     raise SystemExit(f"{path}, line {number}: not JSON ({e}); fix or remove it") from None
     return rows
@@ -118,6 +119,8 @@ def load_json_object(path):
             return json.load(f)
     except (OSError, ValueError) as e:  # missing, a folder, not JSON, not UTF-8
         raise SystemExit(f"{path}: cannot read JSON: {e}") from None
+    except RecursionError:  # arrays or objects nested deeper than Python's stack
+        raise SystemExit(f"{path}: cannot read JSON: nested too deep (thousands of levels); is it the right file?") from None
 
 
 def load_json(path):
@@ -144,6 +147,23 @@ def hold_lock(folder, program):
         holder = f.read().strip() or "another process"
         f.close()
         raise SystemExit(f"{program}: {folder} is in use by {holder}; wait for it to end, or pass another folder")
+    f.truncate(0)
+    f.write(f"{program} (pid {os.getpid()})\n")
+    f.flush()
+    _held.append(f)
+
+
+def hold_file_lock(path, program):
+    """Take `path`.lock for the life of this process (as hold_lock does for a folder), or stop with one
+    line: two runs appending to one output file would mix or duplicate its rows."""
+    f = open(path + ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"{program}: {path} is in use by {holder}; wait for it to end, or pass another file")
     f.truncate(0)
     f.write(f"{program} (pid {os.getpid()})\n")
     f.flush()
@@ -313,7 +333,13 @@ def read_file(file, device="cpu"):
     weights_only=True (no code from the file is run) and memory-mapped."""
     if file.endswith(".safetensors"):
         return named(file, lambda: load_file(file, device=str(device)))
-    return torch.load(file, map_location=device, weights_only=True, mmap=True)
+    try:
+        return torch.load(file, map_location=device, weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:  # empty, cut short, or code in it
+        if isinstance(e, pickle.UnpicklingError):
+            raise ValueError(f"{file}: holds more than tensors; not read, since reading it would run its code") from None
+        why = "empty" if os.path.getsize(file) == 0 else "cut short, or not in torch.save's format"
+        raise ValueError(f"{file}: not a PyTorch weight file ({why})") from None
 
 
 def stored_shapes(files):
