@@ -150,6 +150,11 @@ def check_conversation(conversations, sample_id, image, for_generation=False, st
             raise SampleError(f"sample {sample_id}: turn {i} breaks the human/gpt alternation")
         if not isinstance(turn.get("value"), str) or not turn["value"].strip():
             raise SampleError(f"sample {sample_id}: turn {i} is empty")
+        try:  # a lone surrogate ("\ud800": half of an emoji, cut by a scraper) cannot be tokenized
+            turn["value"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SampleError(f"sample {sample_id}: turn {i} is not valid Unicode text "
+                              f"({turn['value'][e.start]!r} at character {e.start}: {e.reason})") from None
         if stop and turn["from"] == "gpt" and stop in turn["value"]:  # it would train a stop mid-answer
             raise SampleError(f"sample {sample_id}: answer in turn {i} contains the template's stop {stop!r}")
     if for_generation != (conversations[-1]["from"] == "human"):
@@ -447,7 +452,11 @@ def scienceqa_sample(pid, p, root, split, answer_first=False):
     answer = f"The answer is {LETTERS[answer]}."
     sample = {"id": pid}
     if p["image"]:
+        if not isinstance(p["image"], str):
+            raise SampleError(f"{where}: image must be a file name, not {p['image']!r}")
         sample["image"] = f"{split}/{pid}/{p['image']}"  # relative to ROOT/images
+        if outside(sample["image"]):
+            raise SampleError(f"{where}: its image {sample['image']!r} lies outside {os.path.join(root, 'images')}")
         if not os.path.isfile(os.path.join(root, "images", sample["image"])):
             raise SampleError(f"{where}: its image {os.path.join(root, 'images', sample['image'])} is missing")
         question = f"{IMAGE}\n{question}"
@@ -472,16 +481,29 @@ def scienceqa(problems, root, split, answer_first=False):
 # Datasets: LLaVA's public JSON files as they are (chat.json, llava_instruct_150k.json, ...)
 # ----------------------------------------------------------------------------------------------
 
+def outside(name):
+    """Whether an image path from the data would be read from outside the folder it is relative to."""
+    return os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")
+
+
 def load_image(path, pad_to_square=False, background=(0, 0, 0)):
-    """Any image file as 8-bit RGB: RGBA and palettes over white, grayscale, CMYK, 16-bit.
-    pad_to_square: LLaVA-1.5's padding of the short side with `background` (the image mean)."""
-    from PIL import Image
+    """Any image file as 8-bit RGB, upright as its EXIF orientation says (a phone's portrait photo):
+    RGBA and palettes over white, grayscale, CMYK, 16-bit, 32-bit float (0 to 1 is black to white).
+    pad_to_square: LLaVA-1.5's padding of the short side with `background` (the image mean).
+    A FIFO or a device (/dev/zero) is refused: reading it would never end."""
+    from PIL import Image, ImageOps
     import numpy as np
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device?)")
     with Image.open(path) as image:
         image.load()
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or 32-bit grayscale
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if image.mode == "F" and pixels.max() <= 1.0:  # float pixels from 0 (black) to 1 (white)
+            top = 1.0
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
         image = Image.fromarray((pixels.clip(0, top) / top * 255).round().astype(np.uint8), "L")
     if image.mode == "P" or image.mode == "PA":
         image = image.convert("RGBA")
@@ -542,6 +564,9 @@ class LazyDataset:
         if sample.get("image") is not None:
             if not isinstance(sample["image"], str):  # e.g. several images: the model takes one
                 raise SampleError(f"sample {sample_id}: 'image' must be one file name, not {sample['image']!r}")
+            if outside(sample["image"]):
+                raise SampleError(f"sample {sample_id}: image {sample['image']!r} lies outside --image-folder "
+                                  f"(an absolute path, or '..'); name it relative to the folder")
             image_path = os.path.join(self.image_folder, sample["image"])
             try:
                 image = load_image(image_path, self.pad_to_square, self.background)

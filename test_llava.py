@@ -998,6 +998,86 @@ def test_transparent_pixels_become_white_and_pad_to_square_uses_the_mean(tmp_pat
     assert square.getpixel((15, 15)) == (0, 0, 255)
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path, orientation):
+    """A phone stores a portrait photo on its side and says in EXIF how to turn it: the model sees it upright."""
+    upright = Image.new("RGB", (20, 40), (220, 20, 20))
+    upright.paste((20, 20, 220), (0, 0, 20, 10))  # blue along the top
+    turn = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the Orientation tag
+    upright.transpose(turn).save(tmp_path / "photo.jpg", exif=exif)
+    stored = Image.open(tmp_path / "photo.jpg").convert("RGB")  # on its side, or upside down
+    assert stored.size == (40, 20) or stored.getpixel((10, 3))[0] > 180
+    rgb = data.load_image(tmp_path / "photo.jpg")
+    top, bottom = rgb.getpixel((10, 3)), rgb.getpixel((10, 36))
+    assert rgb.size == (20, 40) and top[2] > 180 > 60 > top[0] and bottom[0] > 180 > 60 > bottom[2]
+
+
+@pytest.mark.parametrize("values,expected", [([0.0, 0.5, 1.0], [0, 128, 255]), ([0.0, 100.0, 255.0], [0, 100, 255]),
+                                             ([-0.5, float("nan"), 1.0], [0, 0, 255])])
+def test_float_images_go_from_black_to_white(tmp_path, values, expected):
+    """A 32-bit float TIFF (mode F, as scientific cameras and HDR tools write) is 0 to 1, or 0 to 255."""
+    import numpy as np
+    pixels = np.repeat(np.array([values], dtype=np.float32), 4, axis=0)  # (4, 3)
+    Image.fromarray(pixels).save(tmp_path / "x.tiff")
+    assert Image.open(tmp_path / "x.tiff").mode == "F"
+    rgb = data.load_image(tmp_path / "x.tiff")
+    assert [rgb.getpixel((i, 1)) for i in range(3)] == [(v, v, v) for v in expected]
+
+
+def test_a_fifo_or_a_device_is_not_an_image(tmp_path):
+    """Reading one would never end (or wait for a writer forever): refused before it is opened."""
+    os.mkfifo(tmp_path / "fifo")
+    for path in [tmp_path / "fifo", "/dev/zero"]:
+        with pytest.raises(ValueError, match=f"{path} is not a regular file"):
+            data.load_image(path)
+
+
+def test_image_paths_that_leave_the_image_folder_are_bad_samples(saved, tmp_path, capfd):
+    """An absolute path or a '..' in the data would read a file from outside --image-folder (or the
+    ScienceQA release): the sample is named and skipped, or fatal under strict."""
+    model, _, _ = saved
+    write_images(tmp_path / "images", ["sub/ok.jpg"])
+    write_images(tmp_path, ["secret.jpg"])
+    conversations = PUBLIC_SHAPES["llava_instruct_150k.json"]["conversations"]
+    outside = ["../secret.jpg", str(tmp_path / "secret.jpg"), "sub/../../secret.jpg", "./../secret.jpg"]
+    samples = [{"id": f"o{i}", "image": name, "conversations": conversations} for i, name in enumerate(outside)]
+    (tmp_path / "d.json").write_text(json.dumps(samples + [{"id": "in", "image": "sub/ok.jpg",
+                                                            "conversations": conversations}]))
+    dataset = data.LazyDataset(str(tmp_path / "d.json"), str(tmp_path / "images"), model)
+    assert [dataset[i] is None for i in range(len(dataset))] == [True] * len(outside) + [False]
+    err = capfd.readouterr().err
+    for i, name in enumerate(outside):
+        assert f"skipped: sample o{i} ({tmp_path / 'd.json'}[{i}]): image {name!r} lies outside --image-folder" in err
+    strict = data.LazyDataset(str(tmp_path / "d.json"), str(tmp_path / "images"), model, strict=True)
+    with pytest.raises(data.SampleError, match="lies outside --image-folder"):
+        strict[0]
+    root = write_scienceqa(tmp_path / "sqa")
+    problem = read(root / "problems.json")["3"]
+    for pid, name in [("3", "../../../../secret.jpg"), ("../../../3", "image.png")]:
+        with pytest.raises(data.SampleError, match=r"problem .* its image .* lies outside .*sqa/images"):
+            data.scienceqa_sample(pid, dict(problem, image=name), str(root), "test")
+    assert data.scienceqa({"3": dict(problem, image="../../../../secret.jpg")}, str(root), "test") == []
+    assert "skipped: problem 3" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("turn,text", [(0, "Write a haiku. \ud83d"), (1, "\udfff Leaves fall.")])
+def test_text_that_is_not_unicode_is_a_bad_sample(saved, tmp_path, capfd, turn, text):
+    """A lone surrogate (half of an emoji pair, cut by a scraper) cannot be tokenized: the sample is named and
+    skipped in training, and refused where a question is asked (eval.py, chat.py)."""
+    model, _, _ = saved
+    conversations = [dict(t) for t in PUBLIC_SHAPES["text-only"]["conversations"]]
+    conversations[turn]["value"] = text
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "s", "conversations": conversations}]))
+    assert data.LazyDataset(str(tmp_path / "d.json"), str(tmp_path), model)[0] is None
+    assert re.search(rf"skipped: sample s \(.*d.json\[0\]\): turn {turn} is not valid Unicode text \('\\ud[89a-f]",
+                     capfd.readouterr().err)
+    if turn == 0:
+        with pytest.raises(data.SampleError, match="turn 0 is not valid Unicode text"):
+            model.answer_batch([conversations[:1]], [None])
+
+
 def test_coco_files_as_they_come(tmp_path, capfd):
     """Instances of a subset of the images (or of images not listed) and an image of width 0: those images
     are left out, the second named; an entry without its fields is one line naming the file."""
@@ -2590,6 +2670,11 @@ MISTAKES = {
                                                                          r"FileNotFoundError"),
     "chat-image-not-an-image": ("chat.py {root}/few.json --model {model} -p Hi", r"cannot use image .*few.json: "
                                                                                  r"UnidentifiedImageError"),
+    "chat-image-fifo": ("chat.py {o}/fifo --model {model} -p Hi", r"cannot use image .*fifo: ValueError: .*fifo is "
+                                                                  r"not a regular file", lambda u, o: o.mkdir() or
+                        os.mkfifo(o / "fifo")),
+    "chat-image-device": ("chat.py /dev/zero --model {model} -p Hi", r"cannot use image /dev/zero: ValueError: "
+                                                                     r"/dev/zero is not a regular file"),
     "chat-model-pickled-bin": ("chat.py --model {o}/m -p Hi", r"cannot load --model .*m: .*pytorch_model.bin: holds "
                                                               r"more than tensors; not read", pickled_bin_model),
     # eval.py mc
@@ -2675,6 +2760,10 @@ MISTAKES = {
     "teacher-redirect": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
                          "--kind detail --out {o}/x.jsonl --base-url {judge}/redirect/v1", r"redirects to .*not follow",
                          lambda u, o: o.mkdir()),
+    "show-not-unicode": ("data.py show {o}/s.json --model {model}", r"sample s \(.*s.json\[0\]\): turn 1 is not "
+                                                                    r"valid Unicode text \('\\ud83d'",
+                         write_case_file("s.json", json.dumps([{"id": "s", "conversations": [
+                             {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "\ud83d!"}]}]))),
     "show-deep-json": ("data.py show {o}/deep.json --model {model}", r"deep.json: cannot read JSON: nested too deep",
                        write_case_file("deep.json", "[" * 200_000 + "]" * 200_000)),
     "teacher-out-llava-json": ("data.py teacher --captions {root}/captions.json --instances {root}/instances.json "
