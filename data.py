@@ -171,9 +171,9 @@ def check_conversation(conversations, sample_id, image, for_generation=False, st
 
 
 def show(input_ids, labels, tokenizer, image_token_id=None):
-    """The classroom view: the sequence as text, trained tokens in [[...]] (and green on a terminal),
-    each run of image positions as <image xN>."""
-    color = sys.stdout.isatty()
+    """The classroom view: the sequence as text, trained tokens in [[...]] (and green on a terminal,
+    unless NO_COLOR is set or TERM is dumb), each run of image positions as <image xN>."""
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
     kind = ["image" if i == image_token_id else label != IGNORE for i, label in zip(input_ids, labels)]
     text_ids, shown, out = [], "", []
     for run, group in itertools.groupby(zip(input_ids, kind), key=lambda pair: pair[1]):
