@@ -13,7 +13,6 @@ Only the answers X_a and their <STOP> are trained (Eq. 3); every other label is 
 """
 import argparse
 import itertools
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -352,6 +351,8 @@ def teacher_rows(out_jsonl, kind, model):
                          f"list; name it .jsonl")
     if not os.path.exists(out_jsonl):
         return []
+    if not os.path.isfile(out_jsonl):  # a folder, or a FIFO that reading would wait on forever
+        raise SystemExit(f"--out {out_jsonl}: not a regular file; pass a .jsonl file")
     with open(out_jsonl, "rb") as f:
         start = f.read(64).lstrip()
     if start.startswith(b"["):

@@ -1125,6 +1125,9 @@ def test_the_teachers_out_is_its_own_and_continues_only_with_the_same_settings(t
             with pytest.raises(SystemExit, match=message):
                 run(tmp_path / name)
             assert (tmp_path / name).read_text() == content
+        os.mkfifo(tmp_path / "fifo.jsonl")
+        with pytest.raises(SystemExit, match="fifo.jsonl: not a regular file"):
+            run(tmp_path / "fifo.jsonl")
         assert out.read_bytes() == before and len(teacher.requests) == sent
     finally:
         teacher.close()
