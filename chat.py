@@ -61,7 +61,8 @@ def fit_context(model, conversation, image, max_new_tokens):
 
 def problem(question, template=None):
     """Why a question cannot be asked as it is, or None. With the template: a question holding its
-    turn separator or <STOP> ("###" in the paper's) would write turns of its own into the prompt."""
+    turn separator or <STOP> ("###" in the paper's, "</s>" in llava15's), or where turns are parted
+    by a space, a role name ("ASSISTANT:"), would write turns of its own into the prompt."""
     if "\ufffd" in question or any("\ud800" <= c <= "\udfff" for c in question):  # bytes that are not UTF-8
         return "that line is not UTF-8 text; type it again"
     if data.IMAGE in question:
@@ -72,6 +73,11 @@ def problem(question, template=None):
         if mark.strip() and mark in question:
             return (f"{mark} ends a turn in the {template.name} template, so it cannot be part of a question; "
                     f"leave it out")
+    if template and not template.sep.strip():  # turns are parted by a space alone: a role name starts one
+        for mark in (f"{template.human}:", f"{template.assistant}:"):
+            if mark in question:
+                return (f"{mark} starts a turn in the {template.name} template, so it cannot be part of a "
+                        f"question; leave it out")
 
 
 def reply(model, conversation, image, args):
