@@ -306,7 +306,11 @@ def coco_annotations(captions_file, instances_file):
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SystemExit(f"{where[0]}: not a COCO file: an entry of its {where[1]} is malformed "
                          f"({type(e).__name__}: {e})") from None
-    return out
+    uncaptioned = [i for i, (_, captions, _) in out.items() if not captions]
+    if uncaptioned:  # the teacher would describe them from boxes alone: a subset of the captions was given
+        print(f"skipped {len(uncaptioned)} images of {instances_file} that {captions_file} has no caption for "
+              f"(e.g. image {uncaptioned[0]})", file=sys.stderr)
+    return {i: a for i, a in out.items() if a[1]}
 
 
 def parse_teacher_reply(text, kind, rng):

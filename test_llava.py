@@ -1079,17 +1079,22 @@ def test_text_that_is_not_unicode_is_a_bad_sample(saved, tmp_path, capfd, turn, 
 
 
 def test_coco_files_as_they_come(tmp_path, capfd):
-    """Instances of a subset of the images (or of images not listed) and an image of width 0: those images
-    are left out, the second named; an entry without its fields is one line naming the file."""
+    """Instances of a subset of the images (or of images not listed), an image of width 0, images with no
+    caption: those images are left out, the last two named; an entry without its fields is one line naming
+    the file."""
     write_coco(tmp_path)
     instances = read(tmp_path / "instances.json")
     instances["images"] = instances["images"][:2]  # image 3 is captioned but not listed
     instances["images"][1]["width"] = 0  # image 2
+    instances["images"].append({"id": 4, "file_name": "4.jpg", "width": 10, "height": 10})  # no caption
     instances["annotations"].append({"image_id": 99, "category_id": 18, "bbox": [0, 0, 1, 1]})  # not listed
     (tmp_path / "instances.json").write_text(json.dumps(instances))
     annotations = data.coco_annotations(tmp_path / "captions.json", tmp_path / "instances.json")
     assert list(annotations) == [1] and len(annotations[1][2]) == 2
-    assert f"skipped image 2 ({tmp_path / 'instances.json'}): width 0, height 100" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert f"skipped image 2 ({tmp_path / 'instances.json'}): width 0, height 100" in err
+    assert f"skipped 1 images of {tmp_path / 'instances.json'} that {tmp_path / 'captions.json'} has no caption " \
+           f"for (e.g. image 4)" in err
     del instances["annotations"][0]["bbox"]
     (tmp_path / "instances.json").write_text(json.dumps(instances))
     with pytest.raises(SystemExit, match=r"instances.json: not a COCO file: an entry of its annotations is "
