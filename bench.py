@@ -79,7 +79,7 @@ def make_models(size, root):
     torch.manual_seed(0)
     ours = llava.build(os.path.join(root, "clip"), os.path.join(root, "lm"), "mlp2x_gelu")
     llava.save(ours, os.path.join(root, "llava"))
-    reference = transformers.LlavaForConditionalGeneration.from_pretrained(os.path.join(root, "llava"))
+    reference = transformers.LlavaForConditionalGeneration.from_pretrained(os.path.join(root, "llava"), trust_remote_code=False)
     # An untrained model soon writes EOS; let both stop at <unk> instead, which it does not write,
     # so that both generate every token asked for.
     ours.tokenizer.eos_token = "<unk>"

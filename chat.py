@@ -30,10 +30,23 @@ def open_image(path):
         return None, f"cannot use image {path}: {type(e).__name__}: {e}"
 
 
+def context_size(model):
+    return getattr(model.language_model.config, "max_position_embeddings", None) or 4096
+
+
+def too_long(model, question, image):
+    """Why a question cannot be asked even alone (with the image), or None: it fills the context."""
+    value = f"{data.IMAGE}\n{question}" if image is not None else question
+    n, limit = model.prepare([{"from": "human", "value": value}], image)[0].shape[1], context_size(model)
+    if n >= limit:
+        return (f"that question is {n} tokens with the prompt around it, and the context holds {limit}; "
+                f"ask a shorter one")
+
+
 def fit_context(model, conversation, image, max_new_tokens):
     """Drop the oldest question-answer pairs until the prompt and the answer fit the context.
     The image stays with the (new) first question. Returns the number of pairs dropped."""
-    limit = getattr(model.language_model.config, "max_position_embeddings", None) or 4096
+    limit = context_size(model)
     dropped = 0
     while True:
         input_ids, _ = model.prepare(conversation, image)
@@ -46,14 +59,25 @@ def fit_context(model, conversation, image, max_new_tokens):
         dropped += 1
 
 
-def problem(question):
-    """Why a question cannot be asked as it is, or None."""
-    if "\ufffd" in question:
+def problem(question, template=None):
+    """Why a question cannot be asked as it is, or None. With the template: a question holding its
+    turn separator or <STOP> ("###" in the paper's, "</s>" in llava15's), or where turns are parted
+    by a space, a role name ("ASSISTANT:"), would write turns of its own into the prompt."""
+    if "\ufffd" in question or any("\ud800" <= c <= "\udfff" for c in question):  # bytes that are not UTF-8
         return "that line is not UTF-8 text; type it again"
     if data.IMAGE in question:
         return f"{data.IMAGE} is where the image goes, not a word to ask with; show one with /image PATH"
     if not question.strip():
         return "the question is empty"
+    for mark in (template.sep, template.stop) if template else ():
+        if mark.strip() and mark in question:
+            return (f"{mark} ends a turn in the {template.name} template, so it cannot be part of a question; "
+                    f"leave it out")
+    if template and not template.sep.strip():  # turns are parted by a space alone: a role name starts one
+        for mark in (f"{template.human}:", f"{template.assistant}:"):
+            if mark in question:
+                return (f"{mark} starts a turn in the {template.name} template, so it cannot be part of a "
+                        f"question; leave it out")
 
 
 def reply(model, conversation, image, args):
@@ -85,7 +109,7 @@ def repl(model, image, args):
             continue
         if not line:
             continue
-        if why := problem(line):
+        if why := problem(line, None if line.startswith("/") else model.template):
             print(f"({why})")
             continue
         if line.startswith("/"):
@@ -106,6 +130,9 @@ def repl(model, image, args):
                 print(COMMANDS)
             else:
                 print(f"unknown command {command}; {COMMANDS}")
+            continue
+        if why := too_long(model, line, image):
+            print(f"({why})")
             continue
         first = not conversation
         conversation.append({"from": "human", "value": f"{data.IMAGE}\n{line}" if first and image is not None else line})
@@ -150,6 +177,8 @@ def main(argv=None):
             print(error)
 
     if args.prompt is not None:  # one-shot: the answer alone on stdout
+        if why := problem(args.prompt, model.template) or too_long(model, args.prompt, image):
+            sys.exit(f"chat.py: -p: {why}")
         value = f"{data.IMAGE}\n{args.prompt}" if image is not None else args.prompt
         print(model.answer([{"from": "human", "value": value}], image, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p))
@@ -158,6 +187,8 @@ def main(argv=None):
     # of a non-interactive shell): Python raises KeyboardInterrupt only under its own handler.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 is refused, not fatal
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (input() gets line editing and history, as in any REPL)
     repl(model, image, args)
 
 

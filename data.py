@@ -13,7 +13,6 @@ Only the answers X_a and their <STOP> are trained (Eq. 3); every other label is 
 """
 import argparse
 import itertools
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -150,6 +149,11 @@ def check_conversation(conversations, sample_id, image, for_generation=False, st
             raise SampleError(f"sample {sample_id}: turn {i} breaks the human/gpt alternation")
         if not isinstance(turn.get("value"), str) or not turn["value"].strip():
             raise SampleError(f"sample {sample_id}: turn {i} is empty")
+        try:  # a lone surrogate ("\ud800": half of an emoji, cut by a scraper) cannot be tokenized
+            turn["value"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SampleError(f"sample {sample_id}: turn {i} is not valid Unicode text "
+                              f"({turn['value'][e.start]!r} at character {e.start}: {e.reason})") from None
         if stop and turn["from"] == "gpt" and stop in turn["value"]:  # it would train a stop mid-answer
             raise SampleError(f"sample {sample_id}: answer in turn {i} contains the template's stop {stop!r}")
     if for_generation != (conversations[-1]["from"] == "human"):
@@ -166,9 +170,9 @@ def check_conversation(conversations, sample_id, image, for_generation=False, st
 
 
 def show(input_ids, labels, tokenizer, image_token_id=None):
-    """The classroom view: the sequence as text, trained tokens in [[...]] (and green on a terminal),
-    each run of image positions as <image xN>."""
-    color = sys.stdout.isatty()
+    """The classroom view: the sequence as text, trained tokens in [[...]] (and green on a terminal,
+    unless NO_COLOR is set or TERM is dumb), each run of image positions as <image xN>."""
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
     kind = ["image" if i == image_token_id else label != IGNORE for i, label in zip(input_ids, labels)]
     text_ids, shown, out = [], "", []
     for run, group in itertools.groupby(zip(input_ids, kind), key=lambda pair: pair[1]):
@@ -275,19 +279,38 @@ def coco_annotations(captions_file, instances_file):
                             (instances_file, instances, ["images", "categories", "annotations"])]:
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), list) for k in keys):
             raise SystemExit(f"{path}: not a COCO file (needs lists {', '.join(keys)})")
-    images = {im["id"]: im for im in instances["images"]}
-    names = {c["id"]: c["name"] for c in instances["categories"]}
-    out = {i: (im["file_name"], [], []) for i, im in images.items()}
-    for a in captions["annotations"]:
-        if a["image_id"] in out:
-            out[a["image_id"]][1].append(a["caption"].strip())
-    for a in instances["annotations"]:
-        im = images[a["image_id"]]
-        x, y, w, h = a["bbox"]
-        W, H = im["width"], im["height"]
-        box = [x / W, y / H, (x + w) / W, (y + h) / H]
-        out[a["image_id"]][2].append(f"{names[a['category_id']]}: [{', '.join(f'{v:.3f}' for v in box)}]")
-    return out
+    where = instances_file, "images"
+    try:
+        images = {im["id"]: im for im in instances["images"]}
+        where = instances_file, "categories"
+        names = {c["id"]: c["name"] for c in instances["categories"]}
+        out = {}
+        for i, im in images.items():
+            if not all(isinstance(im.get(k), (int, float)) and im[k] > 0 for k in ("width", "height")):
+                print(f"skipped image {i} ({instances_file}): width {im.get('width')!r}, height "
+                      f"{im.get('height')!r}; its boxes cannot be normalized", file=sys.stderr)
+                continue
+            out[i] = (im["file_name"], [], [])
+        where = captions_file, "annotations"
+        for a in captions["annotations"]:
+            if a["image_id"] in out:
+                out[a["image_id"]][1].append(a["caption"].strip())
+        where = instances_file, "annotations"
+        for a in instances["annotations"]:
+            if a["image_id"] not in out:  # instances of an image that is not listed (or was skipped above)
+                continue
+            W, H = images[a["image_id"]]["width"], images[a["image_id"]]["height"]
+            x, y, w, h = (float(v) for v in a["bbox"])
+            box = [x / W, y / H, (x + w) / W, (y + h) / H]
+            out[a["image_id"]][2].append(f"{names[a['category_id']]}: [{', '.join(f'{v:.3f}' for v in box)}]")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SystemExit(f"{where[0]}: not a COCO file: an entry of its {where[1]} is malformed "
+                         f"({type(e).__name__}: {e})") from None
+    uncaptioned = [i for i, (_, captions, _) in out.items() if not captions]
+    if uncaptioned:  # the teacher would describe them from boxes alone: a subset of the captions was given
+        print(f"skipped {len(uncaptioned)} images of {instances_file} that {captions_file} has no caption for "
+              f"(e.g. image {uncaptioned[0]})", file=sys.stderr)
+    return {i: a for i, a in out.items() if a[1]}
 
 
 def parse_teacher_reply(text, kind, rng):
@@ -320,30 +343,73 @@ def parse_teacher_reply(text, kind, rng):
     return conversations
 
 
+TEACHER_FIELDS = ["id", "image", "conversations", "teacher"]  # a row of the teacher's JSONL
+
+
+def teacher_rows(out_jsonl, kind, model):
+    """The rows the teacher wrote in out_jsonl before, made with the same `kind` and `model`; stop with
+    one line if the file is anything else (LLaVA JSON, another program's JSONL, another teacher's)."""
+    made_by = {"model": model, "kind": kind}
+    if out_jsonl.endswith(".json"):
+        raise SystemExit(f"--out {out_jsonl}: the teacher writes JSONL (one sample a line), not a LLaVA JSON "
+                         f"list; name it .jsonl")
+    if not os.path.exists(out_jsonl):
+        return []
+    if not os.path.isfile(out_jsonl):  # a folder, or a FIFO that reading would wait on forever
+        raise SystemExit(f"--out {out_jsonl}: not a regular file; pass a .jsonl file")
+    with open(out_jsonl, "rb") as f:
+        start = f.read(64).lstrip()
+    if start.startswith(b"["):
+        raise SystemExit(f"--out {out_jsonl}: a JSON list (LLaVA JSON?), not the teacher's JSONL; pass another --out")
+    rows = utils.read_jsonl(out_jsonl)  # a line cut short by a crash is ignored: asked again
+    if start and not rows:
+        raise SystemExit(f"--out {out_jsonl}: holds no JSONL rows of the teacher; pass another --out")
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not all(k in row for k in TEACHER_FIELDS):
+            raise SystemExit(f"--out {out_jsonl}: row {number} is not the teacher's (it needs "
+                             f"{', '.join(TEACHER_FIELDS)}); pass another --out")
+        if row["teacher"] != made_by:
+            other = row["teacher"] if isinstance(row["teacher"], dict) else {}
+            raise SystemExit(f"--out {out_jsonl}: made with --model {other.get('model')!r} --kind "
+                             f"{other.get('kind')!r}, not --model {model!r} --kind {kind!r}; pass another --out, "
+                             f"or the same settings to continue it")
+    return rows
+
+
+def teacher_out(out_jsonl, kind, model):
+    """teacher_rows(), and out_jsonl opened for appending once (a missing folder or a read-only file is
+    said before the first request)."""
+    rows = teacher_rows(out_jsonl, kind, model)
+    try:
+        open(out_jsonl, "a").close()
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, out_jsonl) from None
+    return rows
+
+
 def generate_with_teacher(annotations, kind, out_jsonl, base_url, model, api_key, limit=None, seed=0, **kwargs):
-    """Ask the teacher about every image; append each result to out_jsonl as it arrives.
-    A rerun skips the ids already in out_jsonl; a malformed reply is logged and skipped.
-    Returns (new samples, skipped)."""
+    """Ask the teacher about every image; append each result to out_jsonl as it arrives, with the
+    settings that made it (the teacher model and the kind). A rerun with the same settings skips the
+    ids already in out_jsonl; a malformed reply is logged and skipped. Returns (new samples, skipped)."""
     import random
     rng = random.Random(seed)
-    done = {row.get("id") for row in utils.read_jsonl(out_jsonl)}  # a line cut short by a crash: done again
+    done = {row["id"] for row in teacher_out(out_jsonl, kind, model)}
     new = skipped = 0
     todo = [(str(i), a) for i, a in sorted(annotations.items())][:limit]
-    with open(out_jsonl, "a") as out:
-        for image_id, (file_name, captions, boxes) in todo:
-            sample_id = f"{image_id}_{kind}"
-            if sample_id in done:
-                continue
-            reply = utils.chat_completion(teacher_messages(captions, boxes, kind), base_url, model, api_key, **kwargs)
-            try:
-                conversations = parse_teacher_reply(reply, kind, rng)
-            except ValueError as e:
-                print(f"skipped {sample_id}: malformed teacher reply ({e})", file=sys.stderr)
-                skipped += 1
-                continue
-            out.write(json.dumps({"id": sample_id, "image": file_name, "conversations": conversations}) + "\n")
-            out.flush()
-            new += 1
+    for image_id, (file_name, captions, boxes) in todo:
+        sample_id = f"{image_id}_{kind}"
+        if sample_id in done:
+            continue
+        reply = utils.chat_completion(teacher_messages(captions, boxes, kind), base_url, model, api_key, **kwargs)
+        try:
+            conversations = parse_teacher_reply(reply, kind, rng)
+        except ValueError as e:
+            print(f"skipped {sample_id}: malformed teacher reply ({e})", file=sys.stderr)
+            skipped += 1
+            continue
+        utils.append_jsonl(out_jsonl, {"id": sample_id, "image": file_name, "conversations": conversations,
+                                       "teacher": {"model": model, "kind": kind}})  # a full disk names the file
+        new += 1
     return new, skipped
 
 
@@ -391,7 +457,11 @@ def scienceqa_sample(pid, p, root, split, answer_first=False):
     answer = f"The answer is {LETTERS[answer]}."
     sample = {"id": pid}
     if p["image"]:
+        if not isinstance(p["image"], str):
+            raise SampleError(f"{where}: image must be a file name, not {p['image']!r}")
         sample["image"] = f"{split}/{pid}/{p['image']}"  # relative to ROOT/images
+        if outside(sample["image"]):
+            raise SampleError(f"{where}: its image {sample['image']!r} lies outside {os.path.join(root, 'images')}")
         if not os.path.isfile(os.path.join(root, "images", sample["image"])):
             raise SampleError(f"{where}: its image {os.path.join(root, 'images', sample['image'])} is missing")
         question = f"{IMAGE}\n{question}"
@@ -416,16 +486,29 @@ def scienceqa(problems, root, split, answer_first=False):
 # Datasets: LLaVA's public JSON files as they are (chat.json, llava_instruct_150k.json, ...)
 # ----------------------------------------------------------------------------------------------
 
+def outside(name):
+    """Whether an image path from the data would be read from outside the folder it is relative to."""
+    return os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")
+
+
 def load_image(path, pad_to_square=False, background=(0, 0, 0)):
-    """Any image file as 8-bit RGB: RGBA and palettes over white, grayscale, CMYK, 16-bit.
-    pad_to_square: LLaVA-1.5's padding of the short side with `background` (the image mean)."""
-    from PIL import Image
+    """Any image file as 8-bit RGB, upright as its EXIF orientation says (a phone's portrait photo):
+    RGBA and palettes over white, grayscale, CMYK, 16-bit, 32-bit float (0 to 1 is black to white).
+    pad_to_square: LLaVA-1.5's padding of the short side with `background` (the image mean).
+    A FIFO or a device (/dev/zero) is refused: reading it would never end."""
+    from PIL import Image, ImageOps
     import numpy as np
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device?)")
     with Image.open(path) as image:
         image.load()
+    image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or 32-bit grayscale
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if image.mode == "F" and pixels.max() <= 1.0:  # float pixels from 0 (black) to 1 (white)
+            top = 1.0
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
         image = Image.fromarray((pixels.clip(0, top) / top * 255).round().astype(np.uint8), "L")
     if image.mode == "P" or image.mode == "PA":
         image = image.convert("RGBA")
@@ -486,6 +569,9 @@ class LazyDataset:
         if sample.get("image") is not None:
             if not isinstance(sample["image"], str):  # e.g. several images: the model takes one
                 raise SampleError(f"sample {sample_id}: 'image' must be one file name, not {sample['image']!r}")
+            if outside(sample["image"]):
+                raise SampleError(f"sample {sample_id}: image {sample['image']!r} lies outside --image-folder "
+                                  f"(an absolute path, or '..'); name it relative to the folder")
             image_path = os.path.join(self.image_folder, sample["image"])
             try:
                 image = load_image(image_path, self.pad_to_square, self.background)
@@ -543,7 +629,8 @@ def main(argv=None):
     p.add_argument("--captions", required=True, help="COCO captions_*.json")
     p.add_argument("--instances", required=True, help="COCO instances_*.json")
     p.add_argument("--kind", required=True, choices=["conversation", "detail", "reasoning"])
-    p.add_argument("--out", required=True, help="JSONL file, appended to; a rerun skips the ids in it")
+    p.add_argument("--out", required=True, help="JSONL file, appended to; a rerun with the same --model and "
+                   "--kind skips the ids in it")
     p.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     p.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4"), help="the teacher model")
     p.add_argument("--limit", type=utils.number(int, 1), default=None, help="at most this many images")
@@ -562,6 +649,9 @@ def main(argv=None):
     elif args.command == "teacher":
         key = os.environ.get("OPENAI_API_KEY")  # from the environment only: never a flag, never printed
         annotations = coco_annotations(args.captions, args.instances)
+        teacher_rows(args.out, args.kind, args.model)  # not the teacher's file: refused before a lock file is made
+        if os.path.isdir(os.path.dirname(os.path.abspath(args.out))):  # else the next step names the missing folder
+            utils.hold_file_lock(args.out, "data.py teacher")  # two teachers on one --out would mix their rows
         try:
             new, skipped = generate_with_teacher(annotations, args.kind, args.out, args.base_url, args.model, key,
                                                  limit=args.limit)
@@ -576,7 +666,10 @@ def main(argv=None):
         sample = samples[args.index]
         if not isinstance(sample, dict) or "conversations" not in sample:
             raise SampleError(f"sample {args.index} of {args.file}: no 'conversations'")
-        tokenizer, config = utils.load_tokenizer_and_config(args.model)
+        try:
+            tokenizer, config = utils.load_tokenizer_and_config(args.model)
+        except (OSError, ValueError) as e:  # missing, not a model, asks to run its own code
+            sys.exit(f"cannot load --model {args.model}: {utils.one_line(e)}")
         has_image = "image" in sample
         ids, labels = render(sample["conversations"], tokenizer, args.template or config["template"],
                              image_token_id=config["image_token_id"] if has_image else None,

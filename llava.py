@@ -266,7 +266,9 @@ class LLaVA(nn.Module):
 def load_vision_tower(name_or_path, dtype=torch.float32, empty=False):
     """The vision half of a CLIP-like model (or a vision model on its own), by hub id or directory.
     empty: its layout only, weights not read (to be built on the meta device)."""
-    config = AutoConfig.from_pretrained(name_or_path)
+    if os.path.isdir(name_or_path):
+        utils.refuse_remote_code(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
     vision_config = getattr(config, "vision_config", config)
     if not hasattr(vision_config, "image_size"):
         raise ValueError(f"{name_or_path}: a {config.model_type} model, not a vision encoder "
@@ -274,7 +276,7 @@ def load_vision_tower(name_or_path, dtype=torch.float32, empty=False):
     if empty:
         return AutoModel.from_config(vision_config, dtype=dtype)
     with utils.quiet_transformers():  # a CLIP checkpoint also holds the text tower we leave out
-        return AutoModel.from_pretrained(name_or_path, config=vision_config, dtype=dtype)
+        return AutoModel.from_pretrained(name_or_path, config=vision_config, dtype=dtype, trust_remote_code=False)
 
 
 def build(vision, llm, projector="mlp2x_gelu", feature_layer=-2, keep_cls=False, template="paper",
@@ -282,22 +284,27 @@ def build(vision, llm, projector="mlp2x_gelu", feature_layer=-2, keep_cls=False,
     """A new LLaVA: g and f_phi from pretrained models (hub ids or directories), W random (FP32).
     dtype: f_phi's; vision_dtype: g's (default: the same). Checkpoints are converted as read (Vicuna
     ships float16). empty: the same model without reading any weights (for the meta device)."""
+    for folder in (vision, llm):  # before utils.named, which would name the folder twice
+        if os.path.isdir(folder):
+            utils.refuse_remote_code(folder)
     vision_tower = utils.named(vision, lambda: load_vision_tower(vision, vision_dtype or dtype, empty))
-    config = utils.named(llm, lambda: AutoConfig.from_pretrained(llm))
+    config = utils.named(llm, lambda: AutoConfig.from_pretrained(llm, trust_remote_code=False))
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"{llm}: a {config.model_type} model, not a language model (--vision and --llm swapped?)")
     if empty:
         language_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        language_model = utils.named(llm, lambda: AutoModelForCausalLM.from_pretrained(llm, dtype=dtype))
-    tokenizer = AutoTokenizer.from_pretrained(llm)
+        language_model = utils.named(llm, lambda: AutoModelForCausalLM.from_pretrained(
+            llm, dtype=dtype, trust_remote_code=False))
+    tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=False)
     # An <image> token in the vocabulary, so that transformers' Llava can read what we save.
     image_token_id = data.image_placeholder(tokenizer)
     if tokenizer.pad_token is None:  # LLaMA has none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)
-    return LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision, backend="pil"),
+    processor = AutoImageProcessor.from_pretrained(vision, backend="pil", trust_remote_code=False)
+    return LLaVA(vision_tower, language_model, tokenizer, processor,
                  projector, feature_layer, keep_cls, image_token_id, template)
 
 
@@ -358,7 +365,7 @@ def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
     path = utils.resolve(path)
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     weight_files = utils.checkpoint_files(path)
     if config.get("model_type") == "llava":  # llava-hf, or ours
         llava_config = LlavaConfig.from_dict(config)
@@ -368,7 +375,8 @@ def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
         with torch.device(device), no_init_weights():  # the weights come from the files
             vision_tower = AutoModel.from_config(llava_config.vision_config, dtype=dtype)
             language_model = AutoModelForCausalLM.from_config(llava_config.text_config, dtype=dtype)
-            model = LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(path, backend="pil"),
+            processor = AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
+            model = LLaVA(vision_tower, language_model, tokenizer, processor,
                           projector, llava_config.vision_feature_layer,
                           llava_config.vision_feature_select_strategy == "full",
                           llava_config.image_token_index, template or config.get("llava_template", "llava15"))
@@ -379,7 +387,8 @@ def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
         vision_tower = load_vision_tower(vision, dtype).to(device)
         with torch.device(device), no_init_weights():
             language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
-            model = LLaVA(vision_tower, language_model, tokenizer, AutoImageProcessor.from_pretrained(vision, backend="pil"),
+            processor = AutoImageProcessor.from_pretrained(vision, backend="pil", trust_remote_code=False)
+            model = LLaVA(vision_tower, language_model, tokenizer, processor,
                           config.get("mm_projector_type", "linear"), config.get("mm_vision_select_layer", -2),
                           config.get("mm_vision_select_feature", "patch") == "cls_patch",
                           utils.AUTHORS_IMAGE_TOKEN_ID, template or utils.authors_template(config))

@@ -403,7 +403,7 @@ def make_tokenizer(path, texts, vocab_size=1000, legacy=False):
     for file, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
         with open(os.path.join(path, file), "w") as f:
             json.dump(content, f, indent=2)
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def make_clip(path, image_size=32, patch_size=8, width=64, layers=3, heads=4, vocab_size=512, eos_token_id=3, seed=0):
@@ -459,7 +459,7 @@ def pretrain_clip(path, world, tokenizer, steps=800, batch=128, lr=1e-3):
     to align W with them quickly."""
     end = len(tokenizer)  # the text tower's own end-of-text id: CLIP pools its features there
     model = make_clip(path, GRID * CELL, CELL, width=128, layers=3, heads=4, vocab_size=end + 1, eos_token_id=end)
-    processor = CLIPImageProcessor.from_pretrained(path)
+    processor = CLIPImageProcessor.from_pretrained(path, trust_remote_code=False)
     reps = utils.load_json(os.path.join(world, "symbolic.json"))
     pixels = processor(images=[data.load_image(os.path.join(world, "images", r["image"])) for r in reps],
                        return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
@@ -600,8 +600,8 @@ def probe(lm_dir, n=60, seed=12345):
     the scene after the question and before it, greedy. Returns {order: {category: right answers}}
     and, for existence, {order: {the teacher's answer: [right, asked]}} (EXISTENCE_KINDS; the last is
     the compositional trap: "I see a red square, so no, there is no red circle")."""
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
-    lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir, trust_remote_code=False)
+    lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32, trust_remote_code=False).eval()
     rng, results, existence = random.Random(seed), {}, {}
     for order in ("image last", "image first"):
         results[order] = {}

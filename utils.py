@@ -12,6 +12,7 @@ import http.client
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
@@ -108,7 +109,7 @@ def read_jsonl(path, required=False):
         for number, line in enumerate(f, 1):
             try:
                 rows += [json.loads(line)] if line.strip() else []
-            except ValueError as e:  # not JSON, or not UTF-8
+            except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's stack
                 if required:
                     raise SystemExit(f"{path}, line {number}: not JSON ({e}); fix or remove it") from None
     return rows
@@ -120,6 +121,8 @@ def load_json_object(path):
             return json.load(f)
     except (OSError, ValueError) as e:  # missing, a folder, not JSON, not UTF-8
         raise SystemExit(f"{path}: cannot read JSON: {e}") from None
+    except RecursionError:  # arrays or objects nested deeper than Python's stack
+        raise SystemExit(f"{path}: cannot read JSON: nested too deep (thousands of levels); is it the right file?") from None
 
 
 def load_json(path):
@@ -162,6 +165,23 @@ def hold_lock_file(lock, program, name, what):
     _held[lock] = f
 
 
+def hold_file_lock(path, program):
+    """Take `path`.lock for the life of this process (as hold_lock does for a folder), or stop with one
+    line: two runs appending to one output file would mix or duplicate its rows."""
+    f = open(path + ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"{program}: {path} is in use by {holder}; wait for it to end, or pass another file")
+    f.truncate(0)
+    f.write(f"{program} (pid {os.getpid()})\n")
+    f.flush()
+    _held.append(f)
+
+
 # ----------------------------------------------------------------------------------------------
 # Model directories: a hub id or a path; the llava-hf layout or the authors'
 # ----------------------------------------------------------------------------------------------
@@ -169,19 +189,44 @@ def hold_lock_file(lock, program, name, what):
 AUTHORS_IMAGE_TOKEN_ID = -200  # the authors' IMAGE_TOKEN_INDEX: a position id outside the vocabulary
 
 
+class RemoteCodeError(PermissionError):
+    """A model folder that asks to run Python files of its own: an OSError, so that every program says
+    it in one line naming the folder, as it says a missing one."""
+
+
+REMOTE_CODE_CONFIGS = ["config.json", "preprocessor_config.json", "tokenizer_config.json", "processor_config.json"]
+
+
+def refuse_remote_code(folder):
+    """Stop before transformers reads `folder` if its configs ask to run Python files of their own
+    (auto_map): transformers would ask on stdin, and a "y" (or a pipe) would run them. Every
+    from_pretrained here also says trust_remote_code=False, for hub ids fetched by transformers."""
+    for name in REMOTE_CODE_CONFIGS:
+        try:
+            with open(os.path.join(folder, name), "rb") as f:
+                config = json.loads(f.read())
+        except (OSError, ValueError, RecursionError):  # absent or unreadable: transformers says so itself
+            continue
+        if isinstance(config, dict) and "auto_map" in config:
+            raise RemoteCodeError(errno.EPERM, f"its configs ask to run their own code (auto_map); this project "
+                                               f"never runs it (see {name})", folder)
+
+
 def load_tokenizer_and_config(path):
     """What data.py needs to render samples for a saved model, without loading its weights."""
     path = resolve(path)
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if config.get("model_type") == "llava":
         vc = config["vision_config"]
         keep_cls = config.get("vision_feature_select_strategy", "default") == "full"
         return tokenizer, {"template": config.get("llava_template", "llava15"),
                            "image_token_id": config["image_token_index"],
                            "num_image_tokens": count_image_tokens(vc["image_size"], vc["patch_size"], keep_cls)}
-    vision = transformers.AutoConfig.from_pretrained(config["mm_vision_tower"])
+    if os.path.isdir(config["mm_vision_tower"]):
+        refuse_remote_code(config["mm_vision_tower"])
+    vision = transformers.AutoConfig.from_pretrained(config["mm_vision_tower"], trust_remote_code=False)
     vision = getattr(vision, "vision_config", vision)
     return tokenizer, {"template": authors_template(config), "image_token_id": AUTHORS_IMAGE_TOKEN_ID,
                        "num_image_tokens": count_image_tokens(vision.image_size, vision.patch_size)}
@@ -197,15 +242,18 @@ def resolve(path):
     configs, the tokenizer, and the weights as safetensors, or pytorch_model*.bin where the repo
     ships only those (the authors' LLaVA releases)."""
     if os.path.isdir(path):
+        refuse_remote_code(path)
         return path
     try:
         files = huggingface_hub.list_repo_files(path)
     except Exception:  # offline: whatever the local cache holds
         files = None
     try:
-        return huggingface_hub.snapshot_download(path, allow_patterns=["*.json", "*.model", "*.txt"] + weight_patterns(files))
+        folder = huggingface_hub.snapshot_download(path, allow_patterns=["*.json", "*.model", "*.txt"] + weight_patterns(files))
     except Exception as e:
         raise FileNotFoundError(f"{path}: not a directory, and the hub cannot give it ({type(e).__name__})")
+    refuse_remote_code(folder)
+    return folder
 
 
 def weight_patterns(files):
@@ -297,7 +345,13 @@ def read_file(file, device="cpu"):
     weights_only=True (no code from the file is run) and memory-mapped."""
     if file.endswith(".safetensors"):
         return named(file, lambda: load_file(file, device=str(device)))
-    return torch.load(file, map_location=device, weights_only=True, mmap=True)
+    try:
+        return torch.load(file, map_location=device, weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:  # empty, cut short, or code in it
+        if isinstance(e, pickle.UnpicklingError):
+            raise ValueError(f"{file}: holds more than tensors; not read, since reading it would run its code") from None
+        why = "empty" if os.path.getsize(file) == 0 else "cut short, or not in torch.save's format"
+        raise ValueError(f"{file}: not a PyTorch weight file ({why})") from None
 
 
 def stored_shapes(files):
