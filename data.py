@@ -651,7 +651,8 @@ def main(argv=None):
         annotations = coco_annotations(args.captions, args.instances)
         teacher_rows(args.out, args.kind, args.model)  # not the teacher's file: refused before a lock file is made
         if os.path.isdir(os.path.dirname(os.path.abspath(args.out))):  # else the next step names the missing folder
-            utils.hold_file_lock(args.out, "data.py teacher")  # two teachers on one --out would mix their rows
+            # two teachers on one --out would mix their rows
+            utils.hold_lock_file(args.out + ".lock", "data.py teacher", args.out, "file")
         try:
             new, skipped = generate_with_teacher(annotations, args.kind, args.out, args.base_url, args.model, key,
                                                  limit=args.limit)

@@ -165,23 +165,6 @@ def hold_lock_file(lock, program, name, what):
     _held[lock] = f
 
 
-def hold_file_lock(path, program):
-    """Take `path`.lock for the life of this process (as hold_lock does for a folder), or stop with one
-    line: two runs appending to one output file would mix or duplicate its rows."""
-    f = open(path + ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise SystemExit(f"{program}: {path} is in use by {holder}; wait for it to end, or pass another file")
-    f.truncate(0)
-    f.write(f"{program} (pid {os.getpid()})\n")
-    f.flush()
-    _held.append(f)
-
-
 # ----------------------------------------------------------------------------------------------
 # Model directories: a hub id or a path; the llava-hf layout or the authors'
 # ----------------------------------------------------------------------------------------------
