@@ -214,6 +214,90 @@ def test_linear_projector_loads_in_transformers(parts, tmp_path):
         assert torch.equal(ours, reloaded(input_ids, pixel_values)[0])
 
 
+@pytest.fixture(scope="session")
+def uneven_parts(parts, tmp_path_factory):
+    """A CLIP 32 wide beside an LM 64 wide whose head is its embedding matrix (tied word embeddings):
+    W is not square, and the head is never stored on its own."""
+    root = tmp_path_factory.mktemp("uneven")
+    toy.make_clip(str(root / "clip"), image_size=32, patch_size=8, width=32)
+    lm = transformers.AutoModelForCausalLM.from_pretrained(parts[1], dtype=torch.float32)
+    lm.config.tie_word_embeddings = True
+    lm.tie_weights()
+    toy.make_vicuna(str(root / "lm"), transformers.AutoTokenizer.from_pretrained(parts[1]), model=lm)
+    return str(root / "clip"), str(root / "lm")
+
+
+@pytest.mark.parametrize("projector,feature_layer,keep_cls,template", [("linear", -1, True, "paper"),
+                                                                       ("mlp2x_gelu", 1, False, "llava15")])
+def test_a_saved_model_keeps_every_setting_and_transformers_reads_it(uneven_parts, tmp_path, projector,
+                                                                      feature_layer, keep_cls, template):
+    """Settings away from transformers' defaults (the feature layer, CLS kept, the template), a W that is
+    not square and a tied head, saved: our load gives back every setting and the same logits,
+    transformers' Llava the same logits; the files are what transformers expects, with the permissions
+    any new file gets; a folder left by a crashed save is not mixed in; sharded and BF16 exports too."""
+    model = make_model(uneven_parts, projector=projector, feature_layer=feature_layer, keep_cls=keep_cls,
+                       template=template)
+    (tmp_path / "m.tmp").mkdir()  # a crashed save's leftovers
+    (tmp_path / "m.tmp" / "model-00002-of-00002.safetensors").write_bytes(b"stale")
+    llava.save(model, str(tmp_path / "m"))
+    assert sorted(os.listdir(tmp_path)) == ["m"]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+    assert [f for f in os.listdir(tmp_path / "m") if f.endswith(".safetensors")] == ["model.safetensors"]
+    stored = load_file(tmp_path / "m" / "model.safetensors")
+    assert not any(k.endswith("lm_head.weight") for k in stored)  # tied: the embedding matrix is the head
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    reloaded = llava.load(str(tmp_path / "m")).eval()
+    assert (reloaded.projector_kind, reloaded.feature_layer, reloaded.keep_cls, reloaded.template.name,
+            reloaded.num_image_tokens) == (projector, feature_layer, keep_cls, template, model.num_image_tokens)
+    input_ids, pixel_values = model.prepare(CONVERSATION[:1], image())
+    with torch.no_grad():
+        ours = model(input_ids, pixel_values)[0]
+        assert torch.equal(ours, reloaded(input_ids, pixel_values)[0])
+        # Ours and transformers' on the saved folder, both loaded, then compared in float64 (see saved_fp64).
+        import copy
+        ours64 = copy.deepcopy(reloaded).double()
+        hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval().double()
+        logits = ours64(input_ids, pixel_values.double())[0]
+        assert (logits - hf(input_ids=input_ids, pixel_values=pixel_values.double()).logits).abs().max() <= 1e-10
+    llava.save(model, str(tmp_path / "shards"), max_shard_size="100KB")
+    assert len([f for f in os.listdir(tmp_path / "shards") if f.endswith(".safetensors")]) > 2
+    with torch.no_grad():
+        assert torch.equal(ours, llava.load(str(tmp_path / "shards"))(input_ids, pixel_values)[0])
+    llava.save(model, str(tmp_path / "bf16"), state_dict={k: v.bfloat16() for k, v in model.state_dict().items()})
+    assert {v.dtype for v in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_stage1_writes_w_alone_and_stage2_reads_it_back(parts, tmp_path):
+    """save_projector writes W alone (its keys, the projector kind in the file's metadata, the usual
+    permissions, nothing left beside it); load_projector reads it, from the file or its folder, and
+    the authors' mm_projector.bin; W made for another projector is refused, naming the file."""
+    from safetensors import safe_open
+    trained = make_model(parts, projector="mlp2x_gelu", seed=1)
+    path = str(tmp_path / "projector.safetensors")
+    llava.save_projector(trained, path)
+    assert os.listdir(tmp_path) == ["projector.safetensors"]
+    with safe_open(path, "pt") as f:
+        assert sorted(f.keys()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+        assert f.metadata() == {"projector": "mlp2x_gelu"}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+    for where in (path, str(tmp_path)):
+        fresh = make_model(parts, projector="mlp2x_gelu", seed=2)
+        llava.load_projector(fresh, where)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.projector.state_dict().values(),
+                                                     trained.projector.state_dict().values()))
+    torch.save({"model.mm_projector." + k: v for k, v in trained.projector.state_dict().items()},
+               tmp_path / "mm_projector.bin")
+    fresh = make_model(parts, projector="mlp2x_gelu", seed=2)
+    llava.load_projector(fresh, str(tmp_path / "mm_projector.bin"))
+    assert torch.equal(fresh.projector[2].weight, trained.projector[2].weight)
+    with pytest.raises(ValueError, match=r"projector.safetensors: does not fit this model's linear projector"):
+        llava.load_projector(make_model(parts, projector="linear"), path)
+
+
 def test_authors_layout_loads(parts, tmp_path):
     """haotian-liu/LLaVA's layout: LLaMA keys, model.mm_projector.*, vision tower by name."""
     model = make_model(parts, seed=3, template="llava15")  # what the authors used with mlp2x_gelu
@@ -317,6 +401,37 @@ def test_sampling_draws_what_transformers_draws_with_the_same_seed(saved, temper
     assert ours == hf_sample([temper, nucleus])
     if top_p < 1:
         assert hf_sample([nucleus, temper]) != ours
+
+
+def test_streamed_text_is_the_answer_piece_by_piece_and_never_shows_the_stop_string(saved):
+    """What the chat shows while it streams: pieces that add up to the answer; a tail that may begin the template's stop string is held back and never shown
+    once the stop string completes; held back at EOS, it is shown; at max_new_tokens, all of it."""
+    import dataclasses
+    model, _, _ = saved
+    tokenizer, template = model.tokenizer, model.template
+    ids = list(model.generate(*model.prepare(CONVERSATION[:3], image()), max_new_tokens=12, stop=""))
+    text = tokenizer.decode(ids)
+
+    def streamed(**settings):
+        return "".join(model.generate_text(CONVERSATION[:3], image(), max_new_tokens=12, **settings))
+
+    ends = [len(tokenizer.decode(ids[:m])) for m in range(3, len(ids) - 1)]  # where tokens 3, 4, ... end
+    stop = next(text[e - 1:e + 1] for e in ends if text[e - 1:e + 1].isprintable() and "\ufffd" not in text[e - 1:e + 1])
+    assert streamed(stop="") == text
+    eos = tokenizer.eos_token
+    try:
+        model.template = dataclasses.replace(template, stop=stop)  # the template's own stop, not one passed
+        assert streamed() == text.split(stop)[0]
+        # A tail that starts a stop string that never comes, then EOS: the tail is shown at the end.
+        k = next(m for m in range(2, len(ids) - 1) if tokenizer.decode(ids[:m]) != tokenizer.decode(ids[:m - 1])
+                 and ids[m] not in ids[:m])
+        tail = tokenizer.decode(ids[:k])[len(tokenizer.decode(ids[:k - 1])):]
+        model.template = dataclasses.replace(template, stop=tail + "\x00")
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ids[k])
+        assert streamed() == tokenizer.decode(ids[:k])
+    finally:
+        tokenizer.eos_token = eos
+        model.template = template
 
 
 def test_generation_stops_at_the_stop_string_and_at_eos(saved):
