@@ -1119,6 +1119,95 @@ def test_missing_data_file_gets_one_line(train_setup, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(f"train.py: --data {tmp_path / 'chat.json'} not found")
 
 
+# Issue 24: what a run meets while it trains and resumes. These drive train.py as a user does, through
+# the `user` fixture's programs (forked from one interpreter that imported torch once).
+
+def train_as_user(user, o, extra="", stage=2):
+    """train.py with the tiny parts on the toy world, --out o/run: (exit code, stdout, stderr)."""
+    stage1 = " --stage 1 --data {world}/stage1.json" if stage == 1 else ""
+    return user["programs"].run(expand(user, o, "{train}" + stage1 + " " + extra))
+
+
+def one_line_error(code, out, err):
+    """The last line of stderr of a run that ended as a user's mistake or a fault should: non-zero, no traceback."""
+    assert code != 0 and "Traceback" not in out + err, (code, err[-3000:])
+    return err.strip().splitlines()[-1]
+
+
+def checkpoint_tensors(folder):
+    """Every tensor a DCP checkpoint folder holds, read with DCP's own converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(folder), str(folder) + ".pt")
+    try:
+        state = torch.load(str(folder) + ".pt", weights_only=False)
+    finally:
+        os.remove(str(folder) + ".pt")
+    flat = []
+    def walk(x):
+        if isinstance(x, dict):
+            [walk(v) for v in x.values()]
+        elif isinstance(x, torch.Tensor):
+            flat.append(x)
+    walk(state)
+    return flat
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("fault", ["nan-weight", "huge-lr"])
+def test_a_loss_that_turns_nan_or_inf_stops_the_run_before_the_weights_change(user, tmp_path, stage, fault):
+    """A NaN weight in the --llm file, or an --lr so large that the weights blow up: the first step whose
+    loss or gradient norm is not finite stops the run with one line naming it and what to try; the last
+    checkpoint (all finite) is kept, nothing is exported, and metrics.jsonl holds only finite losses."""
+    extra = "--checkpoint-every 1 --max-steps 8"
+    if fault == "nan-weight":
+        import shutil
+        shutil.copytree(user["lm"], tmp_path / "lm")
+        weights = load_file(tmp_path / "lm" / "model.safetensors")
+        weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+        save_file(weights, tmp_path / "lm" / "model.safetensors")
+        extra += f" --llm {tmp_path / 'lm'}"
+    else:
+        extra += " --lr 1e30 --warmup-ratio 0"  # W alone (stage 1) overflows only at such rates
+    last = one_line_error(*train_as_user(user, tmp_path, extra, stage))
+    found = re.fullmatch(r"train.py: step (\d+): the loss is \S+ and the gradient norm \S+; the run stops before this "
+                         r"step changes the weights, and exports nothing \((its last checkpoint, (step_\d{7}), is kept "
+                         r"for --resume|no checkpoint was written yet)\)\. Try a lower --lr, or check the --llm and "
+                         r"--projector weights for NaN or inf", last)
+    assert found, last
+    step, checkpoint = int(found[1]), found[3]
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "projector.safetensors").exists()
+    losses = [m["loss"] for m in utils.read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == step - 1 and all(math.isfinite(x) for x in losses)
+    if fault == "nan-weight":
+        assert step == 1 and checkpoint is None
+    else:
+        assert step > 1 and checkpoint == f"step_{step - 1:07d}"
+        tensors = checkpoint_tensors(tmp_path / "run" / "checkpoints" / checkpoint)
+        assert tensors and all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+@pytest.mark.slow
+def test_checkpoint_rotation_removes_only_the_folders_the_run_wrote(user, tmp_path):
+    """--keep 1 deletes the run's older step_NNNNNNN folders, and nothing else in checkpoints/ whose name
+    merely starts with step_: a user's copy, a folder of notes, a file."""
+    run = "--checkpoint-every 1 --keep 1 --max-steps 4"
+    code, _, err = train_as_user(user, tmp_path, run + " --kill-after-step 2")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert code != 0 and open(checkpoints / "latest").read() == "step_0000002", err[-3000:]
+    import shutil
+    shutil.copytree(checkpoints / "step_0000002", checkpoints / "step_0000002.bak")
+    (checkpoints / "step_notes").mkdir()
+    (checkpoints / "step_notes" / "why.txt").write_text("the good one is step 2")
+    (checkpoints / "step_0000001.txt").write_text("a note")
+    mine = snapshot(checkpoints / "step_0000002.bak", checkpoints / "step_notes")
+    code, _, err = train_as_user(user, tmp_path, run + " --resume")
+    assert code == 0, err[-3000:]
+    assert sorted(os.listdir(checkpoints)) == ["latest", "step_0000001.txt", "step_0000002.bak", "step_0000003",
+                                               "step_notes"]
+    assert snapshot(checkpoints / "step_0000002.bak", checkpoints / "step_notes") == mine
+
+
 # ----------------------------------------------------------------------------------------------
 # §5.1: chat.py, driven as a user drives it
 # ----------------------------------------------------------------------------------------------

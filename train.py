@@ -229,6 +229,9 @@ def ctrl_c_waits():
         raise KeyboardInterrupt
 
 
+STEP_FOLDER = re.compile(r"step_\d{7,}")  # the name of each checkpoint's folder: step_{step:07d}
+
+
 def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=False):
     """out/checkpoints/step_N: each rank writes its shards of the trainable weights and of Adam's
     state, and its RNG state; rank 0 then renames step_N.tmp to step_N and points `latest` at it.
@@ -252,7 +255,8 @@ def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=Fal
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+        # Only the folders this run writes rotate: a user's copy (step_0000002.bak) is the user's.
+        done = sorted((d for d in os.listdir(root) if STEP_FOLDER.fullmatch(d)), key=lambda d: int(d[5:]))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old))
     barrier()
@@ -400,13 +404,18 @@ def train(args):
                  f"check --data, --image-folder and --max-length. Nothing was saved.")
         loss_sum = accumulate(model, micro, n_tokens, world_size, device, autocast)
         skipped += bad
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        # The loss and the gradient norm are read once a step, before the weights change; both are
+        # reduced over the ranks, so a NaN or inf stops every rank at the same step.
+        norm = gradient_norm(trainable, args.grad_clip)
+        loss_value = all_sum(loss_sum) / n_tokens
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            fail(f"step {step + 1}: the loss is {loss_value:g} and the gradient norm {norm:g}; the run stops "
+                 f"before this step changes the weights, and exports nothing ({kept(args.out)}). Try a lower "
+                 f"--lr, or check the --llm and --projector weights for NaN or inf")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss_value = all_sum(loss_sum) / n_tokens
         if master:
             samples_per_s = (step + 1 - start_step) * args.global_batch / (time.time() - t0)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
@@ -447,6 +456,22 @@ def accumulate(model, micro_batches, n_tokens, world_size, device, autocast):
         (loss * world_size / n_tokens).backward()
         loss_sum += loss.item()
     return loss_sum
+
+
+def gradient_norm(parameters, clip):
+    """The norm of the gradients of all ranks together, the same number on every rank; the gradients
+    are clipped to `clip` when it is above 0."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip > 0 else math.inf)  # inf: scaled by 1
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def kept(out):
+    """What a run that stops now leaves to resume from."""
+    latest = os.path.join(out, "checkpoints", "latest")
+    if not os.path.exists(latest):
+        return "no checkpoint was written yet"
+    with open(latest) as f:
+        return f"its last checkpoint, {f.read().strip()}, is kept for --resume"
 
 
 def peak_host_memory():
