@@ -1208,6 +1208,41 @@ def test_checkpoint_rotation_removes_only_the_folders_the_run_wrote(user, tmp_pa
     assert snapshot(checkpoints / "step_0000002.bak", checkpoints / "step_notes") == mine
 
 
+@pytest.mark.slow
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(user, tmp_path):
+    """Two runs on one --out: the second, new or --resume, gets one line while the first (a real process,
+    held still with SIGSTOP right after it took --out, before it wrote anything else) runs; the first
+    then finishes as if alone."""
+    import signal
+    import time
+    argv = expand(user, tmp_path, "{train} --max-steps 3 --checkpoint-every 2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    first = subprocess.Popen([sys.executable, *argv], cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    lock = tmp_path / "run" / ".lock"
+    try:
+        deadline = time.time() + 120
+        while not (lock.exists() and f"pid {first.pid}" in lock.read_text()):
+            assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:]
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)
+        before = snapshot(tmp_path / "run")
+        for extra in ["", "--resume"]:
+            last = one_line_error(*train_as_user(user, tmp_path, extra))
+            assert re.fullmatch(rf"train.py: .*run is in use by train.py \(pid {first.pid}\); wait for it to end, "
+                                r"or pass another folder", last), last
+        assert snapshot(tmp_path / "run") == before
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=240)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    code, _, err = train_as_user(user, tmp_path, "--max-steps 3 --checkpoint-every 2 --resume")  # the lock is gone
+    assert code == 0, err[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------
 # §5.1: chat.py, driven as a user drives it
 # ----------------------------------------------------------------------------------------------

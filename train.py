@@ -300,6 +300,15 @@ def check_out(args, rank):
     A run that stopped before its first step left only run.json: a new run may take its place."""
     run_file = os.path.join(args.out, "run.json")
     settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out} is a file; pass a directory")
+    if args.resume and not os.path.isdir(args.out):
+        fail(f"--resume: {args.out} holds no run to resume; start without --resume")
+    # One run at a time in --out, from here to the end: another one that starts while this one loads
+    # its model would pass the checks below. Rank 0 holds it for all ranks (one node or several).
+    # It makes --out: a read-only or missing place fails now, before any work.
+    if rank == 0:
+        utils.hold_lock(args.out, "train.py")
     if args.resume:
         if not os.path.exists(run_file):
             fail(f"--resume: {args.out} holds no run to resume; start without --resume")
@@ -310,15 +319,11 @@ def check_out(args, rank):
                 fail(f"--resume: --{k.replace('_', '-')} {v} differs from the run in {args.out} "
                      f"({saved.get(k)}); resume with the same settings or start a new --out")
         return
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        fail(f"--out {args.out} is a file; pass a directory")
     used = [f for f in ("metrics.jsonl", "checkpoints", "model", "projector.safetensors")
             if os.path.exists(os.path.join(args.out, f))]
     if used:
         fail(f"--out {args.out} already holds a run ({used[0]}); pass --resume to continue it, or another --out")
     barrier()  # every rank has looked before rank 0 writes
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)  # a read-only or missing place fails now, before any work
     return settings
 
 
