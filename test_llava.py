@@ -1134,6 +1134,11 @@ def one_line_error(code, out, err):
     return err.strip().splitlines()[-1]
 
 
+def run_files(folder):
+    """snapshot() of a run's folder but for its .lock, which names the last process to take it."""
+    return {k: v for k, v in snapshot(folder).items() if not k.endswith("/.lock")}
+
+
 def checkpoint_tensors(folder):
     """Every tensor a DCP checkpoint folder holds, read with DCP's own converter."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -1241,6 +1246,65 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(user, tmp_
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     code, _, err = train_as_user(user, tmp_path, "--max-steps 3 --checkpoint-every 2 --resume")  # the lock is gone
     assert code == 0, err[-3000:]
+
+
+def change_a_weight(file):
+    weights = load_file(file)
+    name = sorted(k for k, v in weights.items() if v.is_floating_point() and v.dim() == 2)[0]
+    weights[name][0, 0] += 1
+    save_file(weights, file)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["data", "llm", "vision", "touch"])
+def test_resume_refuses_inputs_whose_content_changed_at_the_same_path(user, tmp_path, change):
+    """A run's --data, --llm and --vision files change at the same paths (a sample edited, keeping the
+    file's size; a weight changed); --resume says which input and file changed and changes nothing.
+    Files only touched (new times, the same bytes) resume."""
+    import shutil
+    shutil.copy(user["world"] / "instruct.json", tmp_path / "data.json")
+    shutil.copytree(user["lm"], tmp_path / "lm")
+    shutil.copytree(user["clip"], tmp_path / "clip")
+    run = (f"--data {tmp_path / 'data.json'} --llm {tmp_path / 'lm'} --vision {tmp_path / 'clip'} --max-steps 3 "
+           f"--checkpoint-every 1")
+    code, _, err = train_as_user(user, tmp_path, run + " --kill-after-step 1")
+    assert code != 0 and open(tmp_path / "run" / "checkpoints" / "latest").read() == "step_0000001", err[-3000:]
+    if change == "data":
+        text = (tmp_path / "data.json").read_text()
+        (tmp_path / "data.json").write_text(text.replace("circle", "cycle", 1).replace("circle", "circles", 1))
+    elif change in ("llm", "vision"):
+        change_a_weight(tmp_path / ("lm" if change == "llm" else "clip") / "model.safetensors")
+    else:
+        for f in [tmp_path / "data.json", *(tmp_path / "lm").iterdir(), *(tmp_path / "clip").iterdir()]:
+            os.utime(f, (1e9, 1e9))
+    before = run_files(tmp_path / "run")
+    result = train_as_user(user, tmp_path, run + " --resume")
+    if change == "touch":
+        assert result[0] == 0, result[2][-3000:]
+        return
+    last = one_line_error(*result)
+    file = {"data": "data.json", "llm": "model.safetensors", "vision": "model.safetensors"}[change]
+    assert re.fullmatch(rf"train.py: --resume: --{change} {tmp_path}/\w+(\.json)? changed since the run in .*run "
+                        rf"started \({file} has other content\); resume with the inputs it started from, or start "
+                        rf"a new --out", last), last
+    assert run_files(tmp_path / "run") == before
+
+
+def test_content_fingerprint_of_a_large_file_reads_blocks_across_it(tmp_path):
+    """A file over the size read whole: another byte in one of the blocks read changes the fingerprint;
+    new times do not."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(80 << 20)  # sparse: no disk used
+    first = utils.content_fingerprint(big)
+    assert first.startswith(f"size {80 << 20}, sampled sha256 ")
+    os.utime(big, (1e9, 1e9))
+    assert utils.content_fingerprint(big) == first
+    with open(big, "r+b") as f:
+        f.seek(((80 << 20) - (64 << 10)) * 32 // 63 + 100)
+        f.write(b"x")
+    assert utils.content_fingerprint(big) != first
+    assert utils.content_fingerprint(big, whole=math.inf).startswith("sha256 ")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -318,13 +318,42 @@ def check_out(args, rank):
             if saved.get(k) != v:
                 fail(f"--resume: --{k.replace('_', '-')} {v} differs from the run in {args.out} "
                      f"({saved.get(k)}); resume with the same settings or start a new --out")
-        return
+        return saved
     used = [f for f in ("metrics.jsonl", "checkpoints", "model", "projector.safetensors")
             if os.path.exists(os.path.join(args.out, f))]
     if used:
         fail(f"--out {args.out} already holds a run ({used[0]}); pass --resume to continue it, or another --out")
     barrier()  # every rank has looked before rank 0 writes
     return settings
+
+
+def input_fingerprints(args):
+    """The content of the inputs at the run's paths (utils.content_fingerprint): the --data file, hashed
+    whole, and the weight, config and tokenizer files of --vision and --llm."""
+    inputs = {"data": {os.path.basename(args.data): utils.content_fingerprint(args.data, whole=math.inf)}}
+    for flag in ("vision", "llm"):
+        folder = utils.resolve(getattr(args, flag))
+        files = set(utils.checkpoint_files(folder)) | {os.path.join(folder, f) for f in os.listdir(folder)
+                                                        if f.endswith((".json", ".model", ".txt"))}
+        inputs[flag] = {os.path.basename(f): utils.content_fingerprint(f) for f in sorted(files) if os.path.isfile(f)}
+    return inputs
+
+
+def check_inputs(args, saved, now):
+    """Why a resumed run cannot go on with the inputs it finds (None: it can): one named in run.json has
+    other content now. run.json written before it recorded the inputs: they go unchecked, and it says so."""
+    if saved is None:
+        print(f"--resume: {args.out}/run.json records no fingerprint of the inputs (an older train.py wrote it); "
+              f"whether --data, --vision and --llm changed is not checked")
+        return None
+    for flag, files in now.items():
+        for name in sorted(set(files) | set(saved.get(flag, {}))):
+            then, found = saved.get(flag, {}).get(name), files.get(name)
+            if then != found:
+                what = "is new" if then is None else "is gone" if found is None else "has other content"
+                return (f"--resume: --{flag} {getattr(args, flag)} changed since the run in {args.out} started "
+                        f"({name} {what}); resume with the inputs it started from, or start a new --out")
+    return None
 
 
 def fail(message):
@@ -354,13 +383,17 @@ def train(args):
         fail(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
              f"x {world_size} processes")
     accumulation = args.global_batch // (args.batch_size * world_size)  # gradient accumulation steps
-    settings = check_out(args, rank)
+    run = check_out(args, rank)  # its settings; resumed: as run.json has them
 
     try:
         model = load_model(args, rank, device, bf16)
     except (OSError, ValueError, SafetensorError) as e:  # missing, corrupt, swapped, made for other models
         fail(f"cannot build the model (--vision, --llm, --projector): {utils.one_line(e)}")
     loaded_peak = peak_host_memory()
+    inputs = input_fingerprints(args) if master else None  # rank 0 alone has read the weights
+    problem = check_inputs(args, run.get("inputs"), inputs) if master and args.resume else None
+    if all_sum(problem is not None):  # every rank stops together
+        fail(problem or f"rank {rank}: rank 0 refuses to resume (see its message)")
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Adam without weight decay; cosine schedule with 3% warm-up (Appendix C). fused: one kernel for
     # all parameters instead of several per tensor.
@@ -376,7 +409,8 @@ def train(args):
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
     start_step = load_checkpoint(args.out, model, optimizer, scheduler, rank) if args.resume else 0
     if master and not args.resume:
-        utils.write_json(os.path.join(args.out, "run.json"), settings)  # the run starts: its settings stay
+        # The run starts: its settings and its inputs' content stay.
+        utils.write_json(os.path.join(args.out, "run.json"), dict(run, inputs=inputs))
     if master and args.resume:  # the metrics of steps after the checkpoint are written again
         rows = [r for r in utils.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r["step"] <= start_step]
         with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
