@@ -1290,6 +1290,102 @@ def test_resume_refuses_inputs_whose_content_changed_at_the_same_path(user, tmp_
     assert run_files(tmp_path / "run") == before
 
 
+def two_checkpoints(user, o, extra=""):
+    """A run in o/run killed after step 2, with the checkpoints of steps 1 and 2."""
+    code, _, err = train_as_user(user, o, "--max-steps 3 --checkpoint-every 1 --kill-after-step 2 " + extra)
+    checkpoints = o / "run" / "checkpoints"
+    assert code != 0 and sorted(os.listdir(checkpoints)) == ["latest", "step_0000001", "step_0000002"], err[-3000:]
+    return checkpoints
+
+
+def code_running_pickle(marker, how):
+    """A pickle that creates `marker` when it is loaded, asking for the function in one of three ways."""
+    import pickle
+    command = f"touch {marker}"
+    if how == "os.system":
+        class Reduce:
+            def __reduce__(self):
+                return os.system, (command,)
+        return pickle.dumps(Reduce())
+    if how == "builtins.exec":
+        class Reduce:
+            def __reduce__(self):
+                return exec, (f"import os; os.system({command!r})",)
+        return pickle.dumps(Reduce())
+    # The function reached through a module the allowed classes live in (protocol 4's dotted names).
+    return b"\x80\x04ctorch.distributed.checkpoint.metadata\nos.system\n(V" + command.encode() + b"\ntR."
+
+
+@pytest.mark.slow
+def test_resume_never_runs_code_from_a_checkpoints_metadata(user, tmp_path):
+    """A .metadata crafted to run code when unpickled (os.system, exec, os.system reached through DCP's
+    own metadata module) is refused in one line naming what it asks to run, and nothing runs; the genuine
+    .metadata put back resumes."""
+    checkpoints = two_checkpoints(user, tmp_path)
+    metadata = checkpoints / "step_0000002" / ".metadata"
+    genuine, marker = metadata.read_bytes(), tmp_path / "ran"
+    for how, asks in [("os.system", "posix.system"), ("builtins.exec", "builtins.exec"),
+                      ("dotted", "torch.distributed.checkpoint.metadata.os.system")]:
+        metadata.write_bytes(code_running_pickle(marker, how))
+        last = one_line_error(*train_as_user(user, tmp_path, "--max-steps 3 --checkpoint-every 1 --resume"))
+        assert last == (f"train.py: --resume: {metadata}: not a checkpoint's metadata (it asks to run {asks}); resume "
+                        f"only from checkpoints train.py wrote, or start a new --out"), last
+        assert not marker.exists()
+    metadata.write_bytes(genuine)
+    code, _, err = train_as_user(user, tmp_path, "--max-steps 3 --checkpoint-every 1 --resume")
+    assert code == 0 and [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3], err[-3000:]
+
+
+def test_the_crafted_metadata_runs_code_when_unpickled(tmp_path):
+    """The pickles the test above refuses do run code when pickle.load reads them, as DCP's reader does."""
+    import pickle
+    for how in ["os.system", "builtins.exec", "dotted"]:
+        marker = tmp_path / how
+        pickle.loads(code_running_pickle(marker, how))
+        assert marker.exists(), how
+
+
+def damage(checkpoints, how):
+    step = checkpoints / "step_0000002"
+    shard = next(step.glob("*.distcp"))
+    if how == "shard-deleted":
+        shard.unlink()
+        return rf"{shard} is missing"
+    if how == "shard-cut-short":
+        size = shard.stat().st_size
+        os.truncate(shard, size // 2)
+        return rf"{shard} is cut short \({size // 2} of \d+ bytes\)"
+    if how == "meta-json-empty":
+        (step / "meta.json").write_text("")
+        return rf"{step / 'meta.json'} is missing or not a checkpoint's meta.json"
+    if how == "metadata-cut-short":
+        (step / ".metadata").write_bytes((step / ".metadata").read_bytes()[:40])
+        return rf"{step / '.metadata'} is missing or damaged"
+    if how == "folder-gone":
+        import shutil
+        shutil.rmtree(step)
+        return rf"{step} is missing"
+    (checkpoints / "latest").write_text("")  # both checkpoints are complete: the newest is named
+    return rf"{checkpoints / 'latest'} names no checkpoint \(''\)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["shard-deleted", "shard-cut-short", "meta-json-empty", "metadata-cut-short",
+                                 "folder-gone", "latest-empty"])
+def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from_instead(user, tmp_path, how):
+    """--resume from a damaged checkpoint: one line naming the damaged file and the newest complete
+    checkpoint; doing what it says resumes."""
+    checkpoints = two_checkpoints(user, tmp_path)
+    problem, instead = damage(checkpoints, how), "step_0000002" if how == "latest-empty" else "step_0000001"
+    last = one_line_error(*train_as_user(user, tmp_path, "--max-steps 3 --checkpoint-every 1 --resume"))
+    latest = checkpoints / "latest"
+    assert re.fullmatch(rf"train.py: --resume: the checkpoint is damaged: {problem}; point {latest} at {instead} "
+                        rf"\(echo {instead} > {latest}\) to resume from there, or start a new --out", last), last
+    latest.write_text(instead + "\n")
+    code, _, err = train_as_user(user, tmp_path, "--max-steps 3 --checkpoint-every 1 --resume")
+    assert code == 0 and [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3], err[-3000:]
+
+
 def test_content_fingerprint_of_a_large_file_reads_blocks_across_it(tmp_path):
     """A file over the size read whole: another byte in one of the blocks read changes the fingerprint;
     new times do not."""

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -27,6 +28,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -251,6 +253,9 @@ def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=Fal
         os._exit(3)  # tests: die with the new checkpoint half done
     if rank == 0:
         utils.write_json(os.path.join(tmp, "meta.json"), {"step": step, "scheduler": scheduler.state_dict()})
+        # A run resumed from an earlier checkpoint writes this step again: the folder left by the first
+        # try (damaged, or complete but never named latest) goes; latest never names it.
+        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         with open(os.path.join(root, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
@@ -262,22 +267,118 @@ def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=Fal
     barrier()
 
 
-def load_checkpoint(out, model, optimizer, scheduler, rank):
+class ForeignPickle(pickle.UnpicklingError):
+    """A .metadata that asks for something DCP's metadata never holds: a function to run."""
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """DCP writes .metadata as a pickle, and pickle.load runs whatever a pickle names: a run folder
+    from someone else could run code. This unpickler builds only what DCP's writer puts there: the
+    classes of torch.distributed.checkpoint.metadata and its _StorageInfo, torch.Size, dtypes,
+    layouts and paths."""
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module, name):
+        found = getattr(sys.modules.get(module), name, None) if "." not in name else None
+        if ((module, name) in self.ALLOWED
+                or module == "torch.distributed.checkpoint.metadata" and isinstance(found, type)
+                and found.__module__ == module
+                or module == "torch" and isinstance(found, torch.dtype)):
+            return super().find_class(module, name)
+        raise ForeignPickle(f"{module}.{name}")
+
+
+class CheckedReader(dcp.FileSystemReader):
+    """DCP's reader of a checkpoint folder, given the metadata MetadataUnpickler read."""
+
+    def __init__(self, path, metadata):
+        super().__init__(path)
+        self.metadata = metadata
+
+    def read_metadata(self, *args, **kwargs):  # as FileSystemReader's, without its pickle.load
+        if getattr(self.metadata, "storage_meta", None) is None:
+            self.metadata.storage_meta = StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+def check_checkpoint(path):
+    """(what is wrong with the checkpoint folder `path`, or None; its DCP metadata). A complete one has
+    meta.json with its step and scheduler, .metadata, and every shard file .metadata names, as long
+    as it says. A .metadata that asks to run code stops the run."""
+    meta_file, metadata_file = os.path.join(path, "meta.json"), os.path.join(path, ".metadata")
+    if not os.path.isdir(path):
+        return f"{path} is missing", None
+    try:
+        with open(meta_file) as f:
+            meta = json.load(f)
+        if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("scheduler"), dict)):
+            raise ValueError
+    except (OSError, ValueError):  # missing, empty, cut short, not ours
+        return f"{meta_file} is missing or not a checkpoint's meta.json", None
+    try:
+        with open(metadata_file, "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+        sizes = {}
+        for info in metadata.storage_data.values():  # the byte range of each tensor in its shard file
+            sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    except ForeignPickle as e:
+        fail(f"--resume: {metadata_file}: not a checkpoint's metadata (it asks to run {e}); resume only from "
+             f"checkpoints train.py wrote, or start a new --out")
+    except Exception:  # a damaged pickle fails in many ways; none of them ran code
+        return f"{metadata_file} is missing or damaged", None
+    for name, size in sorted(sizes.items()):
+        shard = os.path.join(path, name)
+        if os.path.basename(name) != name or not os.path.isfile(shard):
+            return f"{shard} is missing", metadata
+        if os.path.getsize(shard) < size:
+            return f"{shard} is cut short ({os.path.getsize(shard)} of {size} bytes)", metadata
+    return None, metadata
+
+
+def find_checkpoint(out):
+    """(the checkpoint folder `latest` names, its metadata), checked before the model loads; (None, None)
+    when the run has none yet. A damaged one stops the run, naming the file and the newest complete
+    checkpoint to resume from instead."""
+    root = os.path.join(out, "checkpoints")
+    latest = os.path.join(root, "latest")
+    if not os.path.exists(latest):
+        return None, None
+    with open(latest) as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    problem, metadata = (check_checkpoint(path) if STEP_FOLDER.fullmatch(name)
+                         else (f"{latest} names no checkpoint ({name!r})", None))
+    if problem:
+        others = sorted((d for d in os.listdir(root) if STEP_FOLDER.fullmatch(d) and d != name),
+                        key=lambda d: -int(d[5:]))
+        complete = [d for d in others if check_checkpoint(os.path.join(root, d))[0] is None]
+        instead = (f"point {latest} at {complete[0]} (echo {complete[0]} > {latest}) to resume from there"
+                   if complete else "no complete checkpoint is left to resume from")
+        fail(f"--resume: the checkpoint is damaged: {problem}; {instead}, or start a new --out")
+    return path, metadata
+
+
+def load_checkpoint(out, checkpoint, model, optimizer, scheduler, rank):
     """The step to continue from. A run resumed on another number of processes gets its weights and
     Adam's state resharded by DCP; a rank that had no RNG state keeps its seed."""
-    root = os.path.join(out, "checkpoints")
-    if not os.path.exists(os.path.join(root, "latest")):
+    path, metadata = checkpoint
+    if path is None:
         if rank == 0:
             print(f"--resume: no checkpoint in {out} yet; the run starts again from step 0")
         return 0
-    with open(os.path.join(root, "latest")) as f:
-        path = os.path.join(root, f.read().strip())
     options = StateDictOptions(ignore_frozen_params=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state}
-    if f"rng_{rank}" in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
+    if f"rng_{rank}" in metadata.state_dict_metadata:
         state[f"rng_{rank}"] = torch.get_rng_state()
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, storage_reader=CheckedReader(path, metadata))
+    except Exception as e:  # DCP wraps what failed (bytes damaged inside a shard) in its own exception
+        fail(f"--resume: cannot read the checkpoint {path} ({utils.one_line(e)}); point "
+             f"{os.path.join(out, 'checkpoints', 'latest')} at an earlier step_* folder, or start a new --out")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: not saved
     if f"rng_{rank}" in state:
@@ -384,6 +485,7 @@ def train(args):
              f"x {world_size} processes")
     accumulation = args.global_batch // (args.batch_size * world_size)  # gradient accumulation steps
     run = check_out(args, rank)  # its settings; resumed: as run.json has them
+    checkpoint = find_checkpoint(args.out) if args.resume else None
 
     try:
         model = load_model(args, rank, device, bf16)
@@ -407,7 +509,7 @@ def train(args):
     steps_per_epoch = len(dataset) // args.global_batch
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
-    start_step = load_checkpoint(args.out, model, optimizer, scheduler, rank) if args.resume else 0
+    start_step = load_checkpoint(args.out, checkpoint, model, optimizer, scheduler, rank) if args.resume else 0
     if master and not args.resume:
         # The run starts: its settings and its inputs' content stay.
         utils.write_json(os.path.join(args.out, "run.json"), dict(run, inputs=inputs))
