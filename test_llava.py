@@ -1386,6 +1386,33 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from_instead(user,
     assert code == 0 and [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3], err[-3000:]
 
 
+@pytest.mark.slow
+def test_a_full_disk_while_a_checkpoint_is_written_says_so_and_leaves_no_tmp(user, tmp_path):
+    """--out on a real file system that fills up: a 3 MiB tmpfs, mounted for the test (root may; where it
+    may not, the test is skipped: RLIMIT_FSIZE or /dev/full would fail writes with other errors than a
+    full disk's). The first checkpoint (2.2 MB) fits, the second does not: one line says the disk is
+    full and names the folder, the .tmp is gone and latest names the first; with more space --resume
+    finishes the run."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        run = "--max-steps 3 --checkpoint-every 1"
+        last = one_line_error(*train_as_user(user, disk, run))
+        checkpoints = disk / "run" / "checkpoints"
+        assert last == (f"train.py: step 2: cannot write the checkpoint step_0000002 in {checkpoints} (the disk is "
+                        f"full); its .tmp is removed, and its last checkpoint, step_0000001, is kept for --resume. "
+                        f"Free space (or pass a smaller --keep), then run the same command with --resume"), last
+        assert sorted(os.listdir(checkpoints)) == ["latest", "step_0000001"]
+        assert open(checkpoints / "latest").read() == "step_0000001"
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        code, _, err = train_as_user(user, disk, run + " --resume")
+        assert code == 0 and [m["step"] for m in metrics(disk / "run")] == [1, 2, 3], err[-3000:]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_content_fingerprint_of_a_large_file_reads_blocks_across_it(tmp_path):
     """A file over the size read whole: another byte in one of the blocks read changes the fingerprint;
     new times do not."""

@@ -13,6 +13,7 @@ Resume an interrupted run exactly where it stopped: add --resume.
 """
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
@@ -240,26 +242,38 @@ def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=Fal
     A crash before the rename leaves the previous checkpoint as the latest."""
     root = os.path.join(out, "checkpoints")
     final, tmp = os.path.join(root, f"step_{step:07d}"), os.path.join(root, f"step_{step:07d}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    options = StateDictOptions(ignore_frozen_params=True)  # the frozen weights are in their own files
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    dcp.save({"model": model_state, "optim": optim_state, f"rng_{rank}": torch.get_rng_state()},
-             checkpoint_id=tmp)
-    barrier()
-    if kill:
-        os._exit(3)  # tests: die with the new checkpoint half done
-    if rank == 0:
-        utils.write_json(os.path.join(tmp, "meta.json"), {"step": step, "scheduler": scheduler.state_dict()})
-        # A run resumed from an earlier checkpoint writes this step again: the folder left by the first
-        # try (damaged, or complete but never named latest) goes; latest never names it.
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        options = StateDictOptions(ignore_frozen_params=True)  # the frozen weights are in their own files
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        dcp.save({"model": model_state, "optim": optim_state, f"rng_{rank}": torch.get_rng_state()},
+                 checkpoint_id=tmp)
+        barrier()
+        if kill:
+            os._exit(3)  # tests: die with the new checkpoint half done
+        if rank == 0:
+            utils.write_json(os.path.join(tmp, "meta.json"), {"step": step, "scheduler": scheduler.state_dict()})
+            # A run resumed from an earlier checkpoint writes this step again: the folder left by the first
+            # try (damaged, or complete but never named latest) goes; latest never names it.
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            with open(os.path.join(root, "latest.tmp"), "w") as f:
+                f.write(os.path.basename(final))
+            os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+    except (Exception, CheckpointException) as e:  # DCP's error of every rank: torch's text, from C++
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(root, "latest.tmp"))
+        errors = [x for x in causes(e) if isinstance(x, OSError)]
+        why = ("the disk is full" if any(x.errno == errno.ENOSPC for x in errors)
+               else utils.one_line(errors[0]) if errors else utils.one_line(causes(e)[-1]))
+        fail(f"step {step}: cannot write the checkpoint {os.path.basename(final)} in {root} ({why}); its .tmp "
+             f"is removed, and {kept(out)}. Free space (or pass a smaller --keep), then run the same command "
+             f"with --resume")
         # Only the folders this run writes rotate: a user's copy (step_0000002.bak) is the user's.
         done = sorted((d for d in os.listdir(root) if STEP_FOLDER.fullmatch(d)), key=lambda d: int(d[5:]))
         for old in done[:-keep]:
@@ -361,6 +375,18 @@ def find_checkpoint(out):
     return path, metadata
 
 
+def causes(e):
+    """An error, the errors it wraps (DCP's failures of each rank) and what caused each, outermost first."""
+    todo, found = [e], []
+    while todo:
+        x = todo.pop(0)
+        if x is not None and not any(x is y for y in found):
+            found.append(x)
+            failures = getattr(x, "failures", None) or {}  # CheckpointException: {rank: error}
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()] + [x.__cause__, x.__context__]
+    return found
+
+
 def load_checkpoint(out, checkpoint, model, optimizer, scheduler, rank):
     """The step to continue from. A run resumed on another number of processes gets its weights and
     Adam's state resharded by DCP; a rank that had no RNG state keeps its seed."""
@@ -376,8 +402,8 @@ def load_checkpoint(out, checkpoint, model, optimizer, scheduler, rank):
         state[f"rng_{rank}"] = torch.get_rng_state()
     try:
         dcp.load(state, storage_reader=CheckedReader(path, metadata))
-    except Exception as e:  # DCP wraps what failed (bytes damaged inside a shard) in its own exception
-        fail(f"--resume: cannot read the checkpoint {path} ({utils.one_line(e)}); point "
+    except (Exception, CheckpointException) as e:  # DCP wraps what failed (bytes damaged in a shard) in its own
+        fail(f"--resume: cannot read the checkpoint {path} ({utils.one_line(causes(e)[-1])}); point "
              f"{os.path.join(out, 'checkpoints', 'latest')} at an earlier step_* folder, or start a new --out")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: not saved
