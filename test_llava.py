@@ -1,4 +1,5 @@
 """Tests: CPU, offline, tiny models built from configs. Run: python -m pytest -q test_llava.py"""
+import contextlib
 import itertools
 import json
 import math
@@ -1411,6 +1412,45 @@ def test_a_full_disk_while_a_checkpoint_is_written_says_so_and_leaves_no_tmp(use
         assert code == 0 and [m["step"] for m in metrics(disk / "run")] == [1, 2, 3], err[-3000:]
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_run_after_timeout_with_one_line(train_setup, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo); rank 1 is stopped with SIGSTOP once training runs. Rank 0
+    waits --timeout 0.1 minutes (6 s), not torch's 30, and ends with one line naming the flag; torchrun
+    then ends rank 1 (SIGTERM, then SIGKILL after its 30 s grace) and the run, within bounded time.
+    (On GPUs NCCL's watchdog ends a rank that waits past --timeout with its own message.)"""
+    import signal
+    import time
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+               *stage2_args(train_setup, tmp_path, "--max-steps", "100000", "--batch-size", "2", "--global-batch", "4",
+                            "--timeout", "0.1")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    child = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank1 = None
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "metrics.jsonl").exists():
+            assert child.poll() is None and time.time() < deadline, child.stderr.read()[-3000:]
+            time.sleep(0.2)
+        tasks = os.listdir(f"/proc/{child.pid}/task")
+        ranks = [int(p) for t in tasks for p in open(f"/proc/{child.pid}/task/{t}/children").read().split()]
+        rank1 = next(p for p in ranks if "RANK=1" in open(f"/proc/{p}/environ").read().split("\0"))
+        os.kill(rank1, signal.SIGSTOP)
+        stopped = time.time()
+        _, err = child.communicate(timeout=150)
+    finally:
+        child.kill()
+        if rank1:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rank1, signal.SIGKILL)
+    assert child.returncode != 0 and time.time() - stopped < 120
+    assert 'train.py", line' not in err, err[-3000:]  # torchrun's summary is its own; train.py's is one line
+    lines = [line for line in err.splitlines() if line.startswith("train.py: ")]
+    assert lines and re.fullmatch(r"train.py: rank 0: another process gave no word for --timeout 0.1 minutes \(it "
+                                  r"stopped, hangs, or waits for a slow disk\); the run stops, and no checkpoint was "
+                                  r"written yet. Run the same command with --resume, or a larger --timeout if the "
+                                  r"wait was expected", lines[-1]), err[-3000:]
 
 
 def test_content_fingerprint_of_a_large_file_reads_blocks_across_it(tmp_path):

@@ -13,6 +13,7 @@ Resume an interrupted run exactly where it stopped: add --resume.
 """
 import argparse
 import contextlib
+import datetime
 import errno
 import json
 import math
@@ -90,6 +91,9 @@ def get_args(argv=None):
     p.add_argument("--workers", type=natural, default=4, help="data loader processes per GPU")
     p.add_argument("--strict-data", action="store_true", help="the first bad sample is fatal (default: skip)")
     p.add_argument("--seed", type=int, default=0, help="data order and initialization")
+    p.add_argument("--timeout", type=positive, default=30,
+                   help="torchrun: minutes a process waits for the others (rank 0 reading or writing the "
+                        "weights is the longest wait) before the run stops")
     p.add_argument("--kill-after-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: a crash
     p.add_argument("--kill-in-save", type=int, default=None, help=argparse.SUPPRESS)  # tests: crash mid-save
     args = p.parse_args(argv)
@@ -104,15 +108,17 @@ def get_args(argv=None):
 # One process or many: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
 # ----------------------------------------------------------------------------------------------
 
-def setup_distributed():
-    """(rank, world_size, device). Under torchrun: a process group (NCCL on GPUs, gloo on CPU)."""
+def setup_distributed(timeout):
+    """(rank, world_size, device). Under torchrun: a process group (NCCL on GPUs, gloo on CPU) whose
+    collectives wait `timeout` minutes for a rank that stalls."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -493,7 +499,7 @@ def fail(message):
 # ----------------------------------------------------------------------------------------------
 
 def train(args):
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args.timeout)
     master = rank == 0  # rank 0 alone logs, writes metrics and exports the model
     torch.manual_seed(args.seed)  # the same initial W on every rank
     if device.type == "cuda":
@@ -672,6 +678,13 @@ def main():
     args = get_args()
     try:
         train(args)
+    except (RuntimeError, CheckpointException) as e:
+        # gloo raises when a collective waits past --timeout (NCCL's watchdog ends the process itself)
+        if "RANK" not in os.environ or not any("timed out" in str(x).lower() for x in causes(e)):
+            raise
+        fail(f"rank {os.environ['RANK']}: another process gave no word for --timeout {args.timeout:g} minutes (it "
+             f"stopped, hangs, or waits for a slow disk); the run stops, and {kept(args.out)}. Run the same command "
+             f"with --resume, or a larger --timeout if the wait was expected")
     except KeyboardInterrupt:  # Ctrl-C: say where the run stopped and how to go on
         if not os.path.exists(os.path.join(args.out, "run.json")):
             fail("stopped by Ctrl-C before the first step; nothing was saved")
