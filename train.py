@@ -108,7 +108,7 @@ def get_args(argv=None):
 # One process or many: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
 # ----------------------------------------------------------------------------------------------
 
-def setup_distributed(timeout):
+def setup_distributed(timeout=30):
     """(rank, world_size, device). Under torchrun: a process group (NCCL on GPUs, gloo on CPU) whose
     collectives wait `timeout` minutes for a rank that stalls."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
