@@ -334,7 +334,8 @@ def check_checkpoint(path):
     try:
         with open(meta_file) as f:
             meta = json.load(f)
-        if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("scheduler"), dict)):
+        if not (isinstance(meta, dict) and isinstance(meta.get("step"), int)
+                and isinstance(meta.get("scheduler"), dict)):
             raise ValueError
     except (OSError, ValueError):  # missing, empty, cut short, not ours
         return f"{meta_file} is missing or not a checkpoint's meta.json", None
