@@ -1,4 +1,5 @@
 """Tests: CPU, offline, tiny models built from configs. Run: python -m pytest -q test_llava.py"""
+import contextlib
 import itertools
 import json
 import math
@@ -1508,6 +1509,356 @@ def test_missing_data_file_gets_one_line(train_setup, tmp_path):
                        check=False)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(f"train.py: --data {tmp_path / 'chat.json'} not found")
+
+
+# Issue 24: what a run meets while it trains and resumes. These drive train.py as a user does, through
+# the `user` fixture's programs (forked from one interpreter that imported torch once).
+
+def train_as_user(user, o, extra="", stage=2):
+    """train.py with the tiny parts on the toy world, --out o/run: (exit code, stdout, stderr)."""
+    stage1 = " --stage 1 --data {world}/stage1.json" if stage == 1 else ""
+    return user["programs"].run(expand(user, o, "{train}" + stage1 + " " + extra))
+
+
+def one_line_error(code, out, err):
+    """The last line of stderr of a run that ended as a user's mistake or a fault should: non-zero, no traceback."""
+    assert code != 0 and "Traceback" not in out + err, (code, err[-3000:])
+    return err.strip().splitlines()[-1]
+
+
+def run_files(folder):
+    """snapshot() of a run's folder but for its .lock, which names the last process to take it."""
+    return {k: v for k, v in snapshot(folder).items() if not k.endswith("/.lock")}
+
+
+def checkpoint_tensors(folder):
+    """Every tensor a DCP checkpoint folder holds, read with DCP's own converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(folder), str(folder) + ".pt")
+    try:
+        state = torch.load(str(folder) + ".pt", weights_only=False)
+    finally:
+        os.remove(str(folder) + ".pt")
+    flat = []
+    def walk(x):
+        if isinstance(x, dict):
+            [walk(v) for v in x.values()]
+        elif isinstance(x, torch.Tensor):
+            flat.append(x)
+    walk(state)
+    return flat
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("fault", ["nan-weight", "huge-lr"])
+def test_a_loss_that_turns_nan_or_inf_stops_the_run_before_the_weights_change(user, tmp_path, stage, fault):
+    """A NaN weight in the --llm file, or an --lr so large that the weights blow up: the first step whose
+    loss or gradient norm is not finite stops the run with one line naming it and what to try; the last
+    checkpoint (all finite) is kept, nothing is exported, and metrics.jsonl holds only finite losses."""
+    extra = "--checkpoint-every 1 --max-steps 8"
+    if fault == "nan-weight":
+        import shutil
+        shutil.copytree(user["lm"], tmp_path / "lm")
+        weights = load_file(tmp_path / "lm" / "model.safetensors")
+        weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+        save_file(weights, tmp_path / "lm" / "model.safetensors")
+        extra += f" --llm {tmp_path / 'lm'}"
+    else:
+        extra += " --lr 1e30 --warmup-ratio 0"  # W alone (stage 1) overflows only at such rates
+    last = one_line_error(*train_as_user(user, tmp_path, extra, stage))
+    found = re.fullmatch(r"train.py: step (\d+): the loss is \S+ and the gradient norm \S+; the run stops before this "
+                         r"step changes the weights, and exports nothing \((its last checkpoint, (step_\d{7}), is kept "
+                         r"for --resume|no checkpoint was written yet)\)\. Try a lower --lr, or check the --llm and "
+                         r"--projector weights for NaN or inf", last)
+    assert found, last
+    step, checkpoint = int(found[1]), found[3]
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "projector.safetensors").exists()
+    losses = [m["loss"] for m in utils.read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == step - 1 and all(math.isfinite(x) for x in losses)
+    if fault == "nan-weight":
+        assert step == 1 and checkpoint is None
+    else:
+        assert step > 1 and checkpoint == f"step_{step - 1:07d}"
+        tensors = checkpoint_tensors(tmp_path / "run" / "checkpoints" / checkpoint)
+        assert tensors and all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+@pytest.mark.slow
+def test_checkpoint_rotation_removes_only_the_folders_the_run_wrote(user, tmp_path):
+    """--keep 1 deletes the run's older step_NNNNNNN folders, and nothing else in checkpoints/ whose name
+    merely starts with step_: a user's copy, a folder of notes, a file."""
+    run = "--checkpoint-every 1 --keep 1 --max-steps 4"
+    code, _, err = train_as_user(user, tmp_path, run + " --kill-after-step 2")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert code != 0 and open(checkpoints / "latest").read() == "step_0000002", err[-3000:]
+    import shutil
+    shutil.copytree(checkpoints / "step_0000002", checkpoints / "step_0000002.bak")
+    (checkpoints / "step_notes").mkdir()
+    (checkpoints / "step_notes" / "why.txt").write_text("the good one is step 2")
+    (checkpoints / "step_0000001.txt").write_text("a note")
+    mine = snapshot(checkpoints / "step_0000002.bak", checkpoints / "step_notes")
+    code, _, err = train_as_user(user, tmp_path, run + " --resume")
+    assert code == 0, err[-3000:]
+    assert sorted(os.listdir(checkpoints)) == ["latest", "step_0000001.txt", "step_0000002.bak", "step_0000003",
+                                               "step_notes"]
+    assert snapshot(checkpoints / "step_0000002.bak", checkpoints / "step_notes") == mine
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(user, tmp_path):
+    """Two runs on one --out: the second, new or --resume, gets one line while the first (a real process,
+    held still with SIGSTOP right after it took --out, before it wrote anything else) runs; the first
+    then finishes as if alone."""
+    import signal
+    import time
+    argv = expand(user, tmp_path, "{train} --max-steps 3 --checkpoint-every 2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    first = subprocess.Popen([sys.executable, *argv], cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    lock = tmp_path / "run" / ".lock"
+    try:
+        deadline = time.time() + 120
+        while not (lock.exists() and f"pid {first.pid}" in lock.read_text()):
+            assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:]
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)
+        before = snapshot(tmp_path / "run")
+        for extra in ["", "--resume"]:
+            last = one_line_error(*train_as_user(user, tmp_path, extra))
+            assert re.fullmatch(rf"train.py: .*run is in use by train.py \(pid {first.pid}\); wait for it to end, "
+                                r"or pass another folder", last), last
+        assert snapshot(tmp_path / "run") == before
+        first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=240)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3]
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    code, _, err = train_as_user(user, tmp_path, "--max-steps 3 --checkpoint-every 2 --resume")  # the lock is gone
+    assert code == 0, err[-3000:]
+
+
+def change_a_weight(file):
+    weights = load_file(file)
+    name = sorted(k for k, v in weights.items() if v.is_floating_point() and v.dim() == 2)[0]
+    weights[name][0, 0] += 1
+    save_file(weights, file)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["data", "llm", "vision", "touch"])
+def test_resume_refuses_inputs_whose_content_changed_at_the_same_path(user, tmp_path, change):
+    """A run's --data, --llm and --vision files change at the same paths (a sample edited, keeping the
+    file's size; a weight changed); --resume says which input and file changed and changes nothing.
+    Files only touched (new times, the same bytes) resume."""
+    import shutil
+    shutil.copy(user["world"] / "instruct.json", tmp_path / "data.json")
+    shutil.copytree(user["lm"], tmp_path / "lm")
+    shutil.copytree(user["clip"], tmp_path / "clip")
+    run = (f"--data {tmp_path / 'data.json'} --llm {tmp_path / 'lm'} --vision {tmp_path / 'clip'} --max-steps 3 "
+           f"--checkpoint-every 1")
+    code, _, err = train_as_user(user, tmp_path, run + " --kill-after-step 1")
+    assert code != 0 and open(tmp_path / "run" / "checkpoints" / "latest").read() == "step_0000001", err[-3000:]
+    if change == "data":
+        text = (tmp_path / "data.json").read_text()
+        (tmp_path / "data.json").write_text(text.replace("circle", "cycle", 1).replace("circle", "circles", 1))
+    elif change in ("llm", "vision"):
+        change_a_weight(tmp_path / ("lm" if change == "llm" else "clip") / "model.safetensors")
+    else:
+        for f in [tmp_path / "data.json", *(tmp_path / "lm").iterdir(), *(tmp_path / "clip").iterdir()]:
+            os.utime(f, (1e9, 1e9))
+    before = run_files(tmp_path / "run")
+    result = train_as_user(user, tmp_path, run + " --resume")
+    if change == "touch":
+        assert result[0] == 0, result[2][-3000:]
+        return
+    last = one_line_error(*result)
+    file = {"data": "data.json", "llm": "model.safetensors", "vision": "model.safetensors"}[change]
+    assert re.fullmatch(rf"train.py: --resume: --{change} {tmp_path}/\w+(\.json)? changed since the run in .*run "
+                        rf"started \({file} has other content\); resume with the inputs it started from, or start "
+                        rf"a new --out", last), last
+    assert run_files(tmp_path / "run") == before
+
+
+def two_checkpoints(user, o, extra=""):
+    """A run in o/run killed after step 2, with the checkpoints of steps 1 and 2."""
+    code, _, err = train_as_user(user, o, "--max-steps 3 --checkpoint-every 1 --kill-after-step 2 " + extra)
+    checkpoints = o / "run" / "checkpoints"
+    assert code != 0 and sorted(os.listdir(checkpoints)) == ["latest", "step_0000001", "step_0000002"], err[-3000:]
+    return checkpoints
+
+
+def code_running_pickle(marker, how):
+    """A pickle that creates `marker` when it is loaded, asking for the function in one of three ways."""
+    import pickle
+    command = f"touch {marker}"
+    if how == "os.system":
+        class Reduce:
+            def __reduce__(self):
+                return os.system, (command,)
+        return pickle.dumps(Reduce())
+    if how == "builtins.exec":
+        class Reduce:
+            def __reduce__(self):
+                return exec, (f"import os; os.system({command!r})",)
+        return pickle.dumps(Reduce())
+    # The function reached through a module the allowed classes live in (protocol 4's dotted names).
+    return b"\x80\x04ctorch.distributed.checkpoint.metadata\nos.system\n(V" + command.encode() + b"\ntR."
+
+
+@pytest.mark.slow
+def test_resume_never_runs_code_from_a_checkpoints_metadata(user, tmp_path):
+    """A .metadata crafted to run code when unpickled (os.system, exec, os.system reached through DCP's
+    own metadata module) is refused in one line naming what it asks to run, and nothing runs; the genuine
+    .metadata put back resumes."""
+    checkpoints = two_checkpoints(user, tmp_path)
+    metadata = checkpoints / "step_0000002" / ".metadata"
+    genuine, marker = metadata.read_bytes(), tmp_path / "ran"
+    for how, asks in [("os.system", "posix.system"), ("builtins.exec", "builtins.exec"),
+                      ("dotted", "torch.distributed.checkpoint.metadata.os.system")]:
+        metadata.write_bytes(code_running_pickle(marker, how))
+        last = one_line_error(*train_as_user(user, tmp_path, "--max-steps 3 --checkpoint-every 1 --resume"))
+        assert last == (f"train.py: --resume: {metadata}: not a checkpoint's metadata (it asks to run {asks}); resume "
+                        f"only from checkpoints train.py wrote, or start a new --out"), last
+        assert not marker.exists()
+    metadata.write_bytes(genuine)
+    code, _, err = train_as_user(user, tmp_path, "--max-steps 3 --checkpoint-every 1 --resume")
+    assert code == 0 and [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3], err[-3000:]
+
+
+def test_the_crafted_metadata_runs_code_when_unpickled(tmp_path):
+    """The pickles the test above refuses do run code when pickle.load reads them, as DCP's reader does."""
+    import pickle
+    for how in ["os.system", "builtins.exec", "dotted"]:
+        marker = tmp_path / how
+        pickle.loads(code_running_pickle(marker, how))
+        assert marker.exists(), how
+
+
+def damage(checkpoints, how):
+    step = checkpoints / "step_0000002"
+    shard = next(step.glob("*.distcp"))
+    if how == "shard-deleted":
+        shard.unlink()
+        return rf"{shard} is missing"
+    if how == "shard-cut-short":
+        size = shard.stat().st_size
+        os.truncate(shard, size // 2)
+        return rf"{shard} is cut short \({size // 2} of \d+ bytes\)"
+    if how == "meta-json-empty":
+        (step / "meta.json").write_text("")
+        return rf"{step / 'meta.json'} is missing or not a checkpoint's meta.json"
+    if how == "metadata-cut-short":
+        (step / ".metadata").write_bytes((step / ".metadata").read_bytes()[:40])
+        return rf"{step / '.metadata'} is missing or damaged"
+    if how == "folder-gone":
+        import shutil
+        shutil.rmtree(step)
+        return rf"{step} is missing"
+    (checkpoints / "latest").write_text("")  # both checkpoints are complete: the newest is named
+    return rf"{checkpoints / 'latest'} names no checkpoint \(''\)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["shard-deleted", "shard-cut-short", "meta-json-empty", "metadata-cut-short",
+                                 "folder-gone", "latest-empty"])
+def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from_instead(user, tmp_path, how):
+    """--resume from a damaged checkpoint: one line naming the damaged file and the newest complete
+    checkpoint; doing what it says resumes."""
+    checkpoints = two_checkpoints(user, tmp_path)
+    problem, instead = damage(checkpoints, how), "step_0000002" if how == "latest-empty" else "step_0000001"
+    last = one_line_error(*train_as_user(user, tmp_path, "--max-steps 3 --checkpoint-every 1 --resume"))
+    latest = checkpoints / "latest"
+    assert re.fullmatch(rf"train.py: --resume: the checkpoint is damaged: {problem}; point {latest} at {instead} "
+                        rf"\(echo {instead} > {latest}\) to resume from there, or start a new --out", last), last
+    latest.write_text(instead + "\n")
+    code, _, err = train_as_user(user, tmp_path, "--max-steps 3 --checkpoint-every 1 --resume")
+    assert code == 0 and [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3], err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_a_checkpoint_is_written_says_so_and_leaves_no_tmp(user, tmp_path):
+    """--out on a real file system that fills up: a 3 MiB tmpfs, mounted for the test (root may; where it
+    may not, the test is skipped: RLIMIT_FSIZE or /dev/full would fail writes with other errors than a
+    full disk's). The first checkpoint (2.2 MB) fits, the second does not: one line says the disk is
+    full and names the folder, the .tmp is gone and latest names the first; with more space --resume
+    finishes the run."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        run = "--max-steps 3 --checkpoint-every 1"
+        last = one_line_error(*train_as_user(user, disk, run))
+        checkpoints = disk / "run" / "checkpoints"
+        assert last == (f"train.py: step 2: cannot write the checkpoint step_0000002 in {checkpoints} (the disk is "
+                        f"full); its .tmp is removed, and its last checkpoint, step_0000001, is kept for --resume. "
+                        f"Free space (or pass a smaller --keep), then run the same command with --resume"), last
+        assert sorted(os.listdir(checkpoints)) == ["latest", "step_0000001"]
+        assert open(checkpoints / "latest").read() == "step_0000001"
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        code, _, err = train_as_user(user, disk, run + " --resume")
+        assert code == 0 and [m["step"] for m in metrics(disk / "run")] == [1, 2, 3], err[-3000:]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_run_after_timeout_with_one_line(train_setup, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo); rank 1 is stopped with SIGSTOP once training runs. Rank 0
+    waits --timeout 0.1 minutes (6 s), not torch's 30, and ends with one line naming the flag; torchrun
+    then ends rank 1 (SIGTERM, then SIGKILL after its 30 s grace) and the run, within bounded time.
+    (On GPUs NCCL's watchdog ends a rank that waits past --timeout with its own message.)"""
+    import signal
+    import time
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+               *stage2_args(train_setup, tmp_path, "--max-steps", "100000", "--batch-size", "2", "--global-batch", "4",
+                            "--timeout", "0.1")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    child = subprocess.Popen(command, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank1 = None
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "metrics.jsonl").exists():
+            assert child.poll() is None and time.time() < deadline, child.stderr.read()[-3000:]
+            time.sleep(0.2)
+        tasks = os.listdir(f"/proc/{child.pid}/task")
+        ranks = [int(p) for t in tasks for p in open(f"/proc/{child.pid}/task/{t}/children").read().split()]
+        rank1 = next(p for p in ranks if "RANK=1" in open(f"/proc/{p}/environ").read().split("\0"))
+        os.kill(rank1, signal.SIGSTOP)
+        stopped = time.time()
+        _, err = child.communicate(timeout=150)
+    finally:
+        child.kill()
+        if rank1:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rank1, signal.SIGKILL)
+    assert child.returncode != 0 and time.time() - stopped < 120
+    assert 'train.py", line' not in err, err[-3000:]  # torchrun's summary is its own; train.py's is one line
+    lines = [line for line in err.splitlines() if line.startswith("train.py: ")]
+    assert lines and re.fullmatch(r"train.py: rank 0: another process gave no word for --timeout 0.1 minutes \(it "
+                                  r"stopped, hangs, or waits for a slow disk\); the run stops, and no checkpoint was "
+                                  r"written yet. Run the same command with --resume, or a larger --timeout if the "
+                                  r"wait was expected", lines[-1]), err[-3000:]
+
+
+def test_content_fingerprint_of_a_large_file_reads_blocks_across_it(tmp_path):
+    """A file over the size read whole: another byte in one of the blocks read changes the fingerprint;
+    new times do not."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(80 << 20)  # sparse: no disk used
+    first = utils.content_fingerprint(big)
+    assert first.startswith(f"size {80 << 20}, sampled sha256 ")
+    os.utime(big, (1e9, 1e9))
+    assert utils.content_fingerprint(big) == first
+    with open(big, "r+b") as f:
+        f.seek(((80 << 20) - (64 << 10)) * 32 // 63 + 100)
+        f.write(b"x")
+    assert utils.content_fingerprint(big) != first
+    assert utils.content_fingerprint(big, whole=math.inf).startswith("sha256 ")
 
 
 # ----------------------------------------------------------------------------------------------

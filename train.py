@@ -13,9 +13,12 @@ Resume an interrupted run exactly where it stopped: add --resume.
 """
 import argparse
 import contextlib
+import datetime
+import errno
 import json
 import math
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -27,6 +30,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -86,6 +91,9 @@ def get_args(argv=None):
     p.add_argument("--workers", type=natural, default=4, help="data loader processes per GPU")
     p.add_argument("--strict-data", action="store_true", help="the first bad sample is fatal (default: skip)")
     p.add_argument("--seed", type=int, default=0, help="data order and initialization")
+    p.add_argument("--timeout", type=positive, default=30,
+                   help="torchrun: minutes a process waits for the others (rank 0 reading or writing the "
+                        "weights is the longest wait) before the run stops")
     p.add_argument("--kill-after-step", type=int, default=None, help=argparse.SUPPRESS)  # tests: a crash
     p.add_argument("--kill-in-save", type=int, default=None, help=argparse.SUPPRESS)  # tests: crash mid-save
     args = p.parse_args(argv)
@@ -100,15 +108,17 @@ def get_args(argv=None):
 # One process or many: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK
 # ----------------------------------------------------------------------------------------------
 
-def setup_distributed():
-    """(rank, world_size, device). Under torchrun: a process group (NCCL on GPUs, gloo on CPU)."""
+def setup_distributed(timeout=30):
+    """(rank, world_size, device). Under torchrun: a process group (NCCL on GPUs, gloo on CPU) whose
+    collectives wait `timeout` minutes for a rank that stalls."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -229,51 +239,179 @@ def ctrl_c_waits():
         raise KeyboardInterrupt
 
 
+STEP_FOLDER = re.compile(r"step_\d{7,}")  # the name of each checkpoint's folder: step_{step:07d}
+
+
 def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=False):
     """out/checkpoints/step_N: each rank writes its shards of the trainable weights and of Adam's
     state, and its RNG state; rank 0 then renames step_N.tmp to step_N and points `latest` at it.
     A crash before the rename leaves the previous checkpoint as the latest."""
     root = os.path.join(out, "checkpoints")
     final, tmp = os.path.join(root, f"step_{step:07d}"), os.path.join(root, f"step_{step:07d}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    options = StateDictOptions(ignore_frozen_params=True)  # the frozen weights are in their own files
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    dcp.save({"model": model_state, "optim": optim_state, f"rng_{rank}": torch.get_rng_state()},
-             checkpoint_id=tmp)
-    barrier()
-    if kill:
-        os._exit(3)  # tests: die with the new checkpoint half done
-    if rank == 0:
-        utils.write_json(os.path.join(tmp, "meta.json"), {"step": step, "scheduler": scheduler.state_dict()})
-        os.replace(tmp, final)
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        options = StateDictOptions(ignore_frozen_params=True)  # the frozen weights are in their own files
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        dcp.save({"model": model_state, "optim": optim_state, f"rng_{rank}": torch.get_rng_state()},
+                 checkpoint_id=tmp)
+        barrier()
+        if kill:
+            os._exit(3)  # tests: die with the new checkpoint half done
+        if rank == 0:
+            utils.write_json(os.path.join(tmp, "meta.json"), {"step": step, "scheduler": scheduler.state_dict()})
+            # A run resumed from an earlier checkpoint writes this step again: the folder left by the first
+            # try (damaged, or complete but never named latest) goes; latest never names it.
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            with open(os.path.join(root, "latest.tmp"), "w") as f:
+                f.write(os.path.basename(final))
+            os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+    except (Exception, CheckpointException) as e:  # DCP's error of every rank: torch's text, from C++
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(root, "latest.tmp"))
+        errors = [x for x in causes(e) if isinstance(x, OSError)]
+        why = ("the disk is full" if any(x.errno == errno.ENOSPC for x in errors)
+               else utils.one_line(errors[0]) if errors else utils.one_line(causes(e)[-1]))
+        fail(f"step {step}: cannot write the checkpoint {os.path.basename(final)} in {root} ({why}); its .tmp "
+             f"is removed, and {kept(out)}. Free space (or pass a smaller --keep), then run the same command "
+             f"with --resume")
+        # Only the folders this run writes rotate: a user's copy (step_0000002.bak) is the user's.
+        done = sorted((d for d in os.listdir(root) if STEP_FOLDER.fullmatch(d)), key=lambda d: int(d[5:]))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old))
     barrier()
 
 
-def load_checkpoint(out, model, optimizer, scheduler, rank):
+class ForeignPickle(pickle.UnpicklingError):
+    """A .metadata that asks for something DCP's metadata never holds: a function to run."""
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """DCP writes .metadata as a pickle, and pickle.load runs whatever a pickle names: a run folder
+    from someone else could run code. This unpickler builds only what DCP's writer puts there: the
+    classes of torch.distributed.checkpoint.metadata and its _StorageInfo, torch.Size, dtypes,
+    layouts and paths."""
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module, name):
+        found = getattr(sys.modules.get(module), name, None) if "." not in name else None
+        if ((module, name) in self.ALLOWED
+                or module == "torch.distributed.checkpoint.metadata" and isinstance(found, type)
+                and found.__module__ == module
+                or module == "torch" and isinstance(found, torch.dtype)):
+            return super().find_class(module, name)
+        raise ForeignPickle(f"{module}.{name}")
+
+
+class CheckedReader(dcp.FileSystemReader):
+    """DCP's reader of a checkpoint folder, given the metadata MetadataUnpickler read."""
+
+    def __init__(self, path, metadata):
+        super().__init__(path)
+        self.metadata = metadata
+
+    def read_metadata(self, *args, **kwargs):  # as FileSystemReader's, without its pickle.load
+        if getattr(self.metadata, "storage_meta", None) is None:
+            self.metadata.storage_meta = StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+def check_checkpoint(path):
+    """(what is wrong with the checkpoint folder `path`, or None; its DCP metadata). A complete one has
+    meta.json with its step and scheduler, .metadata, and every shard file .metadata names, as long
+    as it says. A .metadata that asks to run code stops the run."""
+    meta_file, metadata_file = os.path.join(path, "meta.json"), os.path.join(path, ".metadata")
+    if not os.path.isdir(path):
+        return f"{path} is missing", None
+    try:
+        with open(meta_file) as f:
+            meta = json.load(f)
+        if not (isinstance(meta, dict) and isinstance(meta.get("step"), int)
+                and isinstance(meta.get("scheduler"), dict)):
+            raise ValueError
+    except (OSError, ValueError):  # missing, empty, cut short, not ours
+        return f"{meta_file} is missing or not a checkpoint's meta.json", None
+    try:
+        with open(metadata_file, "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+        sizes = {}
+        for info in metadata.storage_data.values():  # the byte range of each tensor in its shard file
+            sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    except ForeignPickle as e:
+        fail(f"--resume: {metadata_file}: not a checkpoint's metadata (it asks to run {e}); resume only from "
+             f"checkpoints train.py wrote, or start a new --out")
+    except Exception:  # a damaged pickle fails in many ways; none of them ran code
+        return f"{metadata_file} is missing or damaged", None
+    for name, size in sorted(sizes.items()):
+        shard = os.path.join(path, name)
+        if os.path.basename(name) != name or not os.path.isfile(shard):
+            return f"{shard} is missing", metadata
+        if os.path.getsize(shard) < size:
+            return f"{shard} is cut short ({os.path.getsize(shard)} of {size} bytes)", metadata
+    return None, metadata
+
+
+def find_checkpoint(out):
+    """(the checkpoint folder `latest` names, its metadata), checked before the model loads; (None, None)
+    when the run has none yet. A damaged one stops the run, naming the file and the newest complete
+    checkpoint to resume from instead."""
+    root = os.path.join(out, "checkpoints")
+    latest = os.path.join(root, "latest")
+    if not os.path.exists(latest):
+        return None, None
+    with open(latest) as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    problem, metadata = (check_checkpoint(path) if STEP_FOLDER.fullmatch(name)
+                         else (f"{latest} names no checkpoint ({name!r})", None))
+    if problem:
+        others = sorted((d for d in os.listdir(root) if STEP_FOLDER.fullmatch(d) and d != name),
+                        key=lambda d: -int(d[5:]))
+        complete = [d for d in others if check_checkpoint(os.path.join(root, d))[0] is None]
+        instead = (f"point {latest} at {complete[0]} (echo {complete[0]} > {latest}) to resume from there"
+                   if complete else "no complete checkpoint is left to resume from")
+        fail(f"--resume: the checkpoint is damaged: {problem}; {instead}, or start a new --out")
+    return path, metadata
+
+
+def causes(e):
+    """An error, the errors it wraps (DCP's failures of each rank) and what caused each, outermost first."""
+    todo, found = [e], []
+    while todo:
+        x = todo.pop(0)
+        if x is not None and not any(x is y for y in found):
+            found.append(x)
+            failures = getattr(x, "failures", None) or {}  # CheckpointException: {rank: error}
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()] + [x.__cause__, x.__context__]
+    return found
+
+
+def load_checkpoint(out, checkpoint, model, optimizer, scheduler, rank):
     """The step to continue from. A run resumed on another number of processes gets its weights and
     Adam's state resharded by DCP; a rank that had no RNG state keeps its seed."""
-    root = os.path.join(out, "checkpoints")
-    if not os.path.exists(os.path.join(root, "latest")):
+    path, metadata = checkpoint
+    if path is None:
         if rank == 0:
             print(f"--resume: no checkpoint in {out} yet; the run starts again from step 0")
         return 0
-    with open(os.path.join(root, "latest")) as f:
-        path = os.path.join(root, f.read().strip())
     options = StateDictOptions(ignore_frozen_params=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optim": optim_state}
-    if f"rng_{rank}" in dcp.FileSystemReader(path).read_metadata().state_dict_metadata:
+    if f"rng_{rank}" in metadata.state_dict_metadata:
         state[f"rng_{rank}"] = torch.get_rng_state()
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, storage_reader=CheckedReader(path, metadata))
+    except (Exception, CheckpointException) as e:  # DCP wraps what failed (bytes damaged in a shard) in its own
+        fail(f"--resume: cannot read the checkpoint {path} ({utils.one_line(causes(e)[-1])}); point "
+             f"{os.path.join(out, 'checkpoints', 'latest')} at an earlier step_* folder, or start a new --out")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: not saved
     if f"rng_{rank}" in state:
@@ -296,6 +434,15 @@ def check_out(args, rank):
     A run that stopped before its first step left only run.json: a new run may take its place."""
     run_file = os.path.join(args.out, "run.json")
     settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out} is a file; pass a directory")
+    if args.resume and not os.path.isdir(args.out):
+        fail(f"--resume: {args.out} holds no run to resume; start without --resume")
+    # One run at a time in --out, from here to the end: another one that starts while this one loads
+    # its model would pass the checks below. Rank 0 holds it for all ranks (one node or several).
+    # It makes --out: a read-only or missing place fails now, before any work.
+    if rank == 0:
+        utils.hold_lock(args.out, "train.py")
     if args.resume:
         if not os.path.exists(run_file):
             fail(f"--resume: {args.out} holds no run to resume; start without --resume")
@@ -305,17 +452,42 @@ def check_out(args, rank):
             if saved.get(k) != v:
                 fail(f"--resume: --{k.replace('_', '-')} {v} differs from the run in {args.out} "
                      f"({saved.get(k)}); resume with the same settings or start a new --out")
-        return
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        fail(f"--out {args.out} is a file; pass a directory")
+        return saved
     used = [f for f in ("metrics.jsonl", "checkpoints", "model", "projector.safetensors")
             if os.path.exists(os.path.join(args.out, f))]
     if used:
         fail(f"--out {args.out} already holds a run ({used[0]}); pass --resume to continue it, or another --out")
     barrier()  # every rank has looked before rank 0 writes
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)  # a read-only or missing place fails now, before any work
     return settings
+
+
+def input_fingerprints(args):
+    """The content of the inputs at the run's paths (utils.content_fingerprint): the --data file, hashed
+    whole, and the weight, config and tokenizer files of --vision and --llm."""
+    inputs = {"data": {os.path.basename(args.data): utils.content_fingerprint(args.data, whole=math.inf)}}
+    for flag in ("vision", "llm"):
+        folder = utils.resolve(getattr(args, flag))
+        files = set(utils.checkpoint_files(folder)) | {os.path.join(folder, f) for f in os.listdir(folder)
+                                                        if f.endswith((".json", ".model", ".txt"))}
+        inputs[flag] = {os.path.basename(f): utils.content_fingerprint(f) for f in sorted(files) if os.path.isfile(f)}
+    return inputs
+
+
+def check_inputs(args, saved, now):
+    """Why a resumed run cannot go on with the inputs it finds (None: it can): one named in run.json has
+    other content now. run.json written before it recorded the inputs: they go unchecked, and it says so."""
+    if saved is None:
+        print(f"--resume: {args.out}/run.json records no fingerprint of the inputs (an older train.py wrote it); "
+              f"whether --data, --vision and --llm changed is not checked")
+        return None
+    for flag, files in now.items():
+        for name in sorted(set(files) | set(saved.get(flag, {}))):
+            then, found = saved.get(flag, {}).get(name), files.get(name)
+            if then != found:
+                what = "is new" if then is None else "is gone" if found is None else "has other content"
+                return (f"--resume: --{flag} {getattr(args, flag)} changed since the run in {args.out} started "
+                        f"({name} {what}); resume with the inputs it started from, or start a new --out")
+    return None
 
 
 def fail(message):
@@ -328,7 +500,7 @@ def fail(message):
 # ----------------------------------------------------------------------------------------------
 
 def train(args):
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args.timeout)
     master = rank == 0  # rank 0 alone logs, writes metrics and exports the model
     torch.manual_seed(args.seed)  # the same initial W on every rank
     if device.type == "cuda":
@@ -345,13 +517,18 @@ def train(args):
         fail(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
              f"x {world_size} processes")
     accumulation = args.global_batch // (args.batch_size * world_size)  # gradient accumulation steps
-    settings = check_out(args, rank)
+    run = check_out(args, rank)  # its settings; resumed: as run.json has them
+    checkpoint = find_checkpoint(args.out) if args.resume else None
 
     try:
         model = load_model(args, rank, device, bf16)
     except (OSError, ValueError, SafetensorError) as e:  # missing, corrupt, swapped, made for other models
         fail(f"cannot build the model (--vision, --llm, --projector): {utils.one_line(e)}")
     loaded_peak = peak_host_memory()
+    inputs = input_fingerprints(args) if master else None  # rank 0 alone has read the weights
+    problem = check_inputs(args, run.get("inputs"), inputs) if master and args.resume else None
+    if all_sum(problem is not None):  # every rank stops together
+        fail(problem or f"rank {rank}: rank 0 refuses to resume (see its message)")
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Adam without weight decay; cosine schedule with 3% warm-up (Appendix C). fused: one kernel for
     # all parameters instead of several per tensor.
@@ -365,9 +542,10 @@ def train(args):
     steps_per_epoch = len(dataset) // args.global_batch
     total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * total_steps), total_steps)
-    start_step = load_checkpoint(args.out, model, optimizer, scheduler, rank) if args.resume else 0
+    start_step = load_checkpoint(args.out, checkpoint, model, optimizer, scheduler, rank) if args.resume else 0
     if master and not args.resume:
-        utils.write_json(os.path.join(args.out, "run.json"), settings)  # the run starts: its settings stay
+        # The run starts: its settings and its inputs' content stay.
+        utils.write_json(os.path.join(args.out, "run.json"), dict(run, inputs=inputs))
     if master and args.resume:  # the metrics of steps after the checkpoint are written again
         rows = [r for r in utils.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r["step"] <= start_step]
         with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
@@ -400,13 +578,18 @@ def train(args):
                  f"check --data, --image-folder and --max-length. Nothing was saved.")
         loss_sum = accumulate(model, micro, n_tokens, world_size, device, autocast)
         skipped += bad
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        # The loss and the gradient norm are read once a step, before the weights change; both are
+        # reduced over the ranks, so a NaN or inf stops every rank at the same step.
+        norm = gradient_norm(trainable, args.grad_clip)
+        loss_value = all_sum(loss_sum) / n_tokens
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            fail(f"step {step + 1}: the loss is {loss_value:g} and the gradient norm {norm:g}; the run stops "
+                 f"before this step changes the weights, and exports nothing ({kept(args.out)}). Try a lower "
+                 f"--lr, or check the --llm and --projector weights for NaN or inf")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        loss_value = all_sum(loss_sum) / n_tokens
         if master:
             samples_per_s = (step + 1 - start_step) * args.global_batch / (time.time() - t0)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
@@ -449,6 +632,22 @@ def accumulate(model, micro_batches, n_tokens, world_size, device, autocast):
     return loss_sum
 
 
+def gradient_norm(parameters, clip):
+    """The norm of the gradients of all ranks together, the same number on every rank; the gradients
+    are clipped to `clip` when it is above 0."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip > 0 else math.inf)  # inf: scaled by 1
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def kept(out):
+    """What a run that stops now leaves to resume from."""
+    latest = os.path.join(out, "checkpoints", "latest")
+    if not os.path.exists(latest):
+        return "no checkpoint was written yet"
+    with open(latest) as f:
+        return f"its last checkpoint, {f.read().strip()}, is kept for --resume"
+
+
 def peak_host_memory():
     """This process's peak resident memory so far, in MiB: Linux's VmHWM, which starts afresh with the
     program (ru_maxrss, the fallback, keeps the high-water mark of the process that started it)."""
@@ -480,6 +679,13 @@ def main():
     args = get_args()
     try:
         train(args)
+    except (RuntimeError, CheckpointException) as e:
+        # gloo raises when a collective waits past --timeout (NCCL's watchdog ends the process itself)
+        if "RANK" not in os.environ or not any("timed out" in str(x).lower() for x in causes(e)):
+            raise
+        fail(f"rank {os.environ['RANK']}: another process gave no word for --timeout {args.timeout:g} minutes (it "
+             f"stopped, hangs, or waits for a slow disk); the run stops, and {kept(args.out)}. Run the same command "
+             f"with --resume, or a larger --timeout if the wait was expected")
     except KeyboardInterrupt:  # Ctrl-C: say where the run stopped and how to go on
         if not os.path.exists(os.path.join(args.out, "run.json")):
             fail("stopped by Ctrl-C before the first step; nothing was saved")

@@ -8,6 +8,7 @@ for an OpenAI-compatible chat endpoint (the §3 teacher, the §5 judge).
 import argparse
 import errno
 import fcntl
+import hashlib
 import http.client
 import json
 import math
@@ -131,6 +132,28 @@ def load_json(path):
     if not isinstance(samples, list):
         raise SystemExit(f"{path}: expected a JSON list of samples")
     return samples
+
+
+def content_fingerprint(path, whole=64 << 20, blocks=64, block=64 << 10):
+    """A file's content as a short string, to tell whether a run's inputs changed at the same path.
+    A file up to `whole` bytes (a data file, a small model): the sha256 of all its bytes. A larger one
+    (a weight shard of GBs, which takes a minute to read whole): its size and the sha256 of its first
+    MiB (a safetensors header: names, dtypes, shapes) and of `blocks` blocks of `block` bytes spread
+    evenly over the file. Weights trained again or swapped for another model's differ in nearly every
+    block; a change confined to the bytes between the blocks goes unnoticed. Modification times are
+    left out: a copy of the same file has other times and the same content."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= whole:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+            return f"sha256 {digest.hexdigest()}"
+        digest.update(f.read(1 << 20))
+        for i in range(blocks):
+            f.seek((size - block) * i // (blocks - 1))
+            digest.update(f.read(block))
+    return f"size {size}, sampled sha256 {digest.hexdigest()}"
 
 
 _held = {}  # lock file path -> its open file: a lock lasts as long as the process holds its file open
