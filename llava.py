@@ -437,6 +437,7 @@ def load_projector(model, path):
         raise FileNotFoundError(f"{path}: no stage-1 projector here; run stage 1 or pass --projector")
     weights = utils.read_file(path)
     weights = {re.sub(r"^(model\.)?mm_projector\.", "", k): v for k, v in weights.items()}
+    weights = {"0." + k if k in ("weight", "bias") else k: v for k, v in weights.items()}  # the authors' linear W
     expected = model.projector.state_dict()
     problems = sorted(set(expected) ^ set(weights)) or [k for k in expected if weights[k].shape != expected[k].shape]
     if problems:

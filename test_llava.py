@@ -268,6 +268,16 @@ def test_a_saved_model_keeps_every_setting_and_transformers_reads_it(uneven_part
         assert torch.equal(ours, llava.load(str(tmp_path / "shards"))(input_ids, pixel_values)[0])
     llava.save(model, str(tmp_path / "bf16"), state_dict={k: v.bfloat16() for k, v in model.state_dict().items()})
     assert {v.dtype for v in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
+    dtypes = {(n.split(".")[0], p.dtype) for n, p in llava.load(str(tmp_path / "bf16"), dtype=torch.bfloat16).named_parameters()}
+    assert dtypes == {("vision_tower", torch.bfloat16), ("language_model", torch.bfloat16), ("projector", torch.float32)}
+    if projector == "linear":  # W as Linear, I: a second Linear that is not I is another model, refused
+        for name, value in [("weight", 2 * torch.eye(64)), ("bias", torch.ones(64))]:
+            weights = load_file(tmp_path / "m" / "model.safetensors")
+            weights[f"multi_modal_projector.linear_2.{name}"] = value
+            save_file(weights, tmp_path / "m" / "model.safetensors")
+            with pytest.raises(ValueError, match="a linear projector needs multi_modal_projector.linear_2 = identity"):
+                llava.load(str(tmp_path / "m"))
+            llava.save(model, str(tmp_path / "m"))
 
 
 def test_stage1_writes_w_alone_and_stage2_reads_it_back(parts, tmp_path):
@@ -320,6 +330,35 @@ def test_authors_layout_loads(parts, tmp_path):
     ids_ours, pixel_values = model.prepare(CONVERSATION[:1], image())
     ids_authors, _ = authors.prepare(CONVERSATION[:1], image())
     assert (ids_authors == -200).sum() == 16
+    with torch.no_grad():
+        assert torch.equal(model(ids_ours, pixel_values)[0], authors(ids_authors, pixel_values)[0])
+
+
+@pytest.mark.parametrize("feature", [None, "cls_patch"])
+def test_authors_layout_defaults(parts, tmp_path, feature):
+    """An authors' config that leaves mm_projector_type, mm_vision_select_layer and mm_vision_select_feature
+    out means theirs: linear W, the penultimate layer, patches only ("cls_patch": CLS kept too). Their
+    linear W, in the checkpoint and in stage 1's mm_projector.bin, is a bare Linear (issue 25, item 1)."""
+    model = make_model(parts, projector="linear", keep_cls=feature == "cls_patch", seed=4)
+    weights = {k[len("language_model."):]: v for k, v in model.state_dict().items() if k.startswith("language_model.")}
+    W = model.projector[0]  # their linear W is a bare nn.Linear: model.mm_projector.weight (builder.py)
+    weights.update({"model.mm_projector.weight": W.weight, "model.mm_projector.bias": W.bias})
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp_path / "model.safetensors")
+    torch.save({"model.mm_projector.weight": W.weight.detach(), "model.mm_projector.bias": W.bias.detach()},
+               tmp_path / "mm_projector.bin")  # their stage 1's output
+    fresh = make_model(parts, projector="linear", seed=5)
+    llava.load_projector(fresh, str(tmp_path / "mm_projector.bin"))
+    assert torch.equal(fresh.projector[0].weight, W.weight)
+    config = model.language_model.config.to_dict()
+    config.update(model_type="llava_llama", mm_vision_tower=parts[0], mm_hidden_size=64)
+    if feature:
+        config["mm_vision_select_feature"] = feature
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model.tokenizer.save_pretrained(tmp_path)
+    authors = llava.load(str(tmp_path)).eval()
+    assert (authors.projector_kind, authors.feature_layer, authors.keep_cls) == ("linear", -2, feature == "cls_patch")
+    ids_ours, pixel_values = model.prepare(CONVERSATION[:1], image())
+    ids_authors, _ = authors.prepare(CONVERSATION[:1], image())
     with torch.no_grad():
         assert torch.equal(model(ids_ours, pixel_values)[0], authors(ids_authors, pixel_values)[0])
 

@@ -280,6 +280,7 @@ def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=Fal
         fail(f"step {step}: cannot write the checkpoint {os.path.basename(final)} in {root} ({why}); its .tmp "
              f"is removed, and {kept(out)}. Free space (or pass a smaller --keep), then run the same command "
              f"with --resume")
+    if rank == 0:
         # Only the folders this run writes rotate: a user's copy (step_0000002.bak) is the user's.
         done = sorted((d for d in os.listdir(root) if STEP_FOLDER.fullmatch(d)), key=lambda d: int(d[5:]))
         for old in done[:-keep]:

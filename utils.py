@@ -304,7 +304,8 @@ FROM_CHECKPOINT = [
 
 
 # Names in the authors' LlavaLlamaForCausalLM checkpoints -> ours.
-FROM_AUTHORS = [(r"^model\.mm_projector\.", "projector."),
+FROM_AUTHORS = [(r"^model\.mm_projector\.(weight|bias)$", r"projector.0.\1"),  # linear W: a bare nn.Linear
+                (r"^model\.mm_projector\.", "projector."),
                 (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
                 (r"^model\.", "language_model.model."),
                 (r"^lm_head\.", "language_model.lm_head.")]
