@@ -479,6 +479,10 @@ def main(argv=None):
         if n_options(turn["value"]) < 2 or q.get("answer") not in data.LETTERS[:n_options(turn["value"])]:
             sys.exit(f"{args.questions}: question {q.get('id', i)} needs 2 or more options '(A) ...' and an "
                      f"'answer' letter among them")
+        try:  # half of an emoji pair (a lone surrogate, cut by a scraper) cannot be tokenized
+            turn["value"].encode("utf-8")
+        except UnicodeEncodeError:
+            sys.exit(f"{args.questions}: question {q.get('id', i)} is not valid Unicode text; fix or remove it")
         if q.get("image"):
             check_image(args.questions, q.get("id", i), args.image_folder, q["image"])
     if args.out and os.path.isdir(args.out):

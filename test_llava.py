@@ -3777,6 +3777,9 @@ MISTAKES = {
                               r"above\); nothing to score", sqa_copy(lambda ps: [p.pop("hint") for p in ps.values()])),
     "sqa-split-empty": ("eval.py scienceqa --model {model} --root {root}/sqa --split minitest --out {o}/out",
                         r"pid_splits.json: split 'minitest' has no problems"),
+    "mc-question-not-unicode": ("eval.py mc --model {model} --questions {o}/q.json --image-folder {images}",
+                                r"q.json: question q7 is not valid Unicode text", lambda u, o: write_question(
+                                    u, o / "q.json", id="q7", answer="A", value="\ud83d (A) red (B) blue")),
     "mc-no-questions": ("eval.py mc --model {model} --questions {o}/none.json --image-folder {images}",
                         r"none.json: no questions", lambda u, o: o.mkdir() or (o / "none.json").write_text("[]")),
     # eval.py: one id per question, reference and image (issue 24)
@@ -3868,6 +3871,13 @@ MISTAKES = {
                            "--kind detail --out {o}/x.jsonl", r"x.jsonl is in use by data.py teacher \(pid 1\); wait "
                                                               r"for it to end, or pass another file", teacher_out_in_use),
 }
+
+
+def write_question(user, path, value, **fields):
+    """One multiple-choice question in `path` (its folder made): the user's first one, with these fields and text."""
+    path.parent.mkdir(exist_ok=True)
+    q = dict(read(user["root"] / "mc.json")[0], **fields, conversations=[{"from": "human", "value": value}])
+    path.write_text(json.dumps([q]))
 
 
 def snapshot(*folders):
