@@ -18,7 +18,6 @@ import errno
 import json
 import math
 import os
-import pickle
 import re
 import resource
 import shutil
@@ -31,7 +30,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -40,6 +38,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+import checkpoints
 import data
 import llava
 import utils
@@ -239,7 +238,6 @@ def ctrl_c_waits():
         raise KeyboardInterrupt
 
 
-STEP_FOLDER = re.compile(r"step_\d{7,}")  # the name of each checkpoint's folder: step_{step:07d}
 
 
 def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=False):
@@ -274,125 +272,19 @@ def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=Fal
             shutil.rmtree(tmp, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(root, "latest.tmp"))
-        errors = [x for x in causes(e) if isinstance(x, OSError)]
+        errors = [x for x in checkpoints.causes(e) if isinstance(x, OSError)]
         why = ("the disk is full" if any(x.errno == errno.ENOSPC for x in errors)
-               else utils.one_line(errors[0]) if errors else utils.one_line(causes(e)[-1]))
+               else utils.one_line(errors[0]) if errors else utils.one_line(checkpoints.causes(e)[-1]))
         fail(f"step {step}: cannot write the checkpoint {os.path.basename(final)} in {root} ({why}); its .tmp "
              f"is removed, and {kept(out)}. Free space (or pass a smaller --keep), then run the same command "
              f"with --resume")
     if rank == 0:
         # Only the folders this run writes rotate: a user's copy (step_0000002.bak) is the user's.
-        done = sorted((d for d in os.listdir(root) if STEP_FOLDER.fullmatch(d)), key=lambda d: int(d[5:]))
+        done = sorted((d for d in os.listdir(root) if checkpoints.STEP_FOLDER.fullmatch(d)),
+                      key=lambda d: int(d[5:]))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old))
     barrier()
-
-
-class ForeignPickle(pickle.UnpicklingError):
-    """A .metadata that asks for something DCP's metadata never holds: a function to run."""
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """DCP writes .metadata as a pickle, and pickle.load runs whatever a pickle names: a run folder
-    from someone else could run code. This unpickler builds only what DCP's writer puts there: the
-    classes of torch.distributed.checkpoint.metadata and its _StorageInfo, torch.Size, dtypes,
-    layouts and paths."""
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
-               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
-
-    def find_class(self, module, name):
-        found = getattr(sys.modules.get(module), name, None) if "." not in name else None
-        if ((module, name) in self.ALLOWED
-                or module == "torch.distributed.checkpoint.metadata" and isinstance(found, type)
-                and found.__module__ == module
-                or module == "torch" and isinstance(found, torch.dtype)):
-            return super().find_class(module, name)
-        raise ForeignPickle(f"{module}.{name}")
-
-
-class CheckedReader(dcp.FileSystemReader):
-    """DCP's reader of a checkpoint folder, given the metadata MetadataUnpickler read."""
-
-    def __init__(self, path, metadata):
-        super().__init__(path)
-        self.metadata = metadata
-
-    def read_metadata(self, *args, **kwargs):  # as FileSystemReader's, without its pickle.load
-        if getattr(self.metadata, "storage_meta", None) is None:
-            self.metadata.storage_meta = StorageMeta()
-        self.metadata.storage_meta.load_id = self.load_id
-        return self.metadata
-
-
-def check_checkpoint(path):
-    """(what is wrong with the checkpoint folder `path`, or None; its DCP metadata). A complete one has
-    meta.json with its step and scheduler, .metadata, and every shard file .metadata names, as long
-    as it says. A .metadata that asks to run code stops the run."""
-    meta_file, metadata_file = os.path.join(path, "meta.json"), os.path.join(path, ".metadata")
-    if not os.path.isdir(path):
-        return f"{path} is missing", None
-    try:
-        with open(meta_file) as f:
-            meta = json.load(f)
-        if not (isinstance(meta, dict) and isinstance(meta.get("step"), int)
-                and isinstance(meta.get("scheduler"), dict)):
-            raise ValueError
-    except (OSError, ValueError):  # missing, empty, cut short, not ours
-        return f"{meta_file} is missing or not a checkpoint's meta.json", None
-    try:
-        with open(metadata_file, "rb") as f:
-            metadata = MetadataUnpickler(f).load()
-        sizes = {}
-        for info in metadata.storage_data.values():  # the byte range of each tensor in its shard file
-            sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
-    except ForeignPickle as e:
-        fail(f"--resume: {metadata_file}: not a checkpoint's metadata (it asks to run {e}); resume only from "
-             f"checkpoints train.py wrote, or start a new --out")
-    except Exception:  # a damaged pickle fails in many ways; none of them ran code
-        return f"{metadata_file} is missing or damaged", None
-    for name, size in sorted(sizes.items()):
-        shard = os.path.join(path, name)
-        if os.path.basename(name) != name or not os.path.isfile(shard):
-            return f"{shard} is missing", metadata
-        if os.path.getsize(shard) < size:
-            return f"{shard} is cut short ({os.path.getsize(shard)} of {size} bytes)", metadata
-    return None, metadata
-
-
-def find_checkpoint(out):
-    """(the checkpoint folder `latest` names, its metadata), checked before the model loads; (None, None)
-    when the run has none yet. A damaged one stops the run, naming the file and the newest complete
-    checkpoint to resume from instead."""
-    root = os.path.join(out, "checkpoints")
-    latest = os.path.join(root, "latest")
-    if not os.path.exists(latest):
-        return None, None
-    with open(latest) as f:
-        name = f.read().strip()
-    path = os.path.join(root, name)
-    problem, metadata = (check_checkpoint(path) if STEP_FOLDER.fullmatch(name)
-                         else (f"{latest} names no checkpoint ({name!r})", None))
-    if problem:
-        others = sorted((d for d in os.listdir(root) if STEP_FOLDER.fullmatch(d) and d != name),
-                        key=lambda d: -int(d[5:]))
-        complete = [d for d in others if check_checkpoint(os.path.join(root, d))[0] is None]
-        instead = (f"point {latest} at {complete[0]} (echo {complete[0]} > {latest}) to resume from there"
-                   if complete else "no complete checkpoint is left to resume from")
-        fail(f"--resume: the checkpoint is damaged: {problem}; {instead}, or start a new --out")
-    return path, metadata
-
-
-def causes(e):
-    """An error, the errors it wraps (DCP's failures of each rank) and what caused each, outermost first."""
-    todo, found = [e], []
-    while todo:
-        x = todo.pop(0)
-        if x is not None and not any(x is y for y in found):
-            found.append(x)
-            failures = getattr(x, "failures", None) or {}  # CheckpointException: {rank: error}
-            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()] + [x.__cause__, x.__context__]
-    return found
 
 
 def load_checkpoint(out, checkpoint, model, optimizer, scheduler, rank):
@@ -409,9 +301,9 @@ def load_checkpoint(out, checkpoint, model, optimizer, scheduler, rank):
     if f"rng_{rank}" in metadata.state_dict_metadata:
         state[f"rng_{rank}"] = torch.get_rng_state()
     try:
-        dcp.load(state, storage_reader=CheckedReader(path, metadata))
+        dcp.load(state, storage_reader=checkpoints.CheckedReader(path, metadata))
     except (Exception, CheckpointException) as e:  # DCP wraps what failed (bytes damaged in a shard) in its own
-        fail(f"--resume: cannot read the checkpoint {path} ({utils.one_line(causes(e)[-1])}); point "
+        fail(f"--resume: cannot read the checkpoint {path} ({utils.one_line(checkpoints.causes(e)[-1])}); point "
              f"{os.path.join(out, 'checkpoints', 'latest')} at an earlier step_* folder, or start a new --out")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: not saved
@@ -519,7 +411,7 @@ def train(args):
              f"x {world_size} processes")
     accumulation = args.global_batch // (args.batch_size * world_size)  # gradient accumulation steps
     run = check_out(args, rank)  # its settings; resumed: as run.json has them
-    checkpoint = find_checkpoint(args.out) if args.resume else None
+    checkpoint = checkpoints.find_checkpoint(args.out) if args.resume else None
 
     try:
         model = load_model(args, rank, device, bf16)
@@ -682,7 +574,7 @@ def main():
         train(args)
     except (RuntimeError, CheckpointException) as e:
         # gloo raises when a collective waits past --timeout (NCCL's watchdog ends the process itself)
-        if "RANK" not in os.environ or not any("timed out" in str(x).lower() for x in causes(e)):
+        if "RANK" not in os.environ or not any("timed out" in str(x).lower() for x in checkpoints.causes(e)):
             raise
         fail(f"rank {os.environ['RANK']}: another process gave no word for --timeout {args.timeout:g} minutes (it "
              f"stopped, hangs, or waits for a slow disk); the run stops, and {kept(args.out)}. Run the same command "
