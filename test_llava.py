@@ -1847,7 +1847,8 @@ def test_a_full_disk_while_a_checkpoint_is_written_says_so_and_leaves_no_tmp(use
 @pytest.mark.slow
 def test_a_stopped_rank_ends_the_run_after_timeout_with_one_line(train_setup, tmp_path):
     """torchrun --nproc_per_node 2 on CPU (gloo); rank 1 is stopped with SIGSTOP once training runs. Rank 0
-    waits --timeout 0.1 minutes (6 s), not torch's 30, and ends with one line naming the flag; torchrun
+    waits --timeout 0.1 minutes (6 s), not torch's 30, and ends with one line naming rank 1 (its heartbeat
+    stopped) and the flag; torchrun
     then ends rank 1 (SIGTERM, then SIGKILL after its 30 s grace) and the run, within bounded time.
     (On GPUs NCCL's watchdog ends a rank that waits past --timeout with its own message.)"""
     import signal
@@ -1877,10 +1878,10 @@ def test_a_stopped_rank_ends_the_run_after_timeout_with_one_line(train_setup, tm
     assert child.returncode != 0 and time.time() - stopped < 120
     assert 'train.py", line' not in err, err[-3000:]  # torchrun's summary is its own; train.py's is one line
     lines = [line for line in err.splitlines() if line.startswith("train.py: ")]
-    assert lines and re.fullmatch(r"train.py: rank 0: another process gave no word for --timeout 0.1 minutes \(it "
-                                  r"stopped, hangs, or waits for a slow disk\); the run stops, and no checkpoint was "
-                                  r"written yet. Run the same command with --resume, or a larger --timeout if the "
-                                  r"wait was expected", lines[-1]), err[-3000:]
+    assert lines and re.fullmatch(r"train.py: rank 0: rank 1 stopped answering \(\d+ s without a heartbeat: stopped, "
+                                  r"killed, or its node is gone\); the collective waited --timeout 0.1 minutes. The run "
+                                  r"stops, and no checkpoint was written yet. Run the same command with --resume, or a "
+                                  r"larger --timeout if the wait was expected", lines[-1]), err[-3000:]
 
 
 def test_content_fingerprint_of_a_large_file_reads_blocks_across_it(tmp_path):

@@ -411,6 +411,8 @@ def train(args):
              f"x {world_size} processes")
     accumulation = args.global_batch // (args.batch_size * world_size)  # gradient accumulation steps
     run = check_out(args, rank)  # its settings; resumed: as run.json has them
+    if world_size > 1:  # so that a rank left waiting in a collective can name the one that went silent
+        utils.heartbeat(args.out, rank, every=min(10.0, args.timeout * 60 / 4))
     checkpoint = checkpoints.find_checkpoint(args.out) if args.resume else None
 
     try:
@@ -576,9 +578,13 @@ def main():
         # gloo raises when a collective waits past --timeout (NCCL's watchdog ends the process itself)
         if "RANK" not in os.environ or not any("timed out" in str(x).lower() for x in checkpoints.causes(e)):
             raise
-        fail(f"rank {os.environ['RANK']}: another process gave no word for --timeout {args.timeout:g} minutes (it "
-             f"stopped, hangs, or waits for a slow disk); the run stops, and {kept(args.out)}. Run the same command "
-             f"with --resume, or a larger --timeout if the wait was expected")
+        silent = utils.silent_ranks(args.out, int(os.environ["WORLD_SIZE"]), min(30.0, args.timeout * 30))
+        who = (f"rank {', '.join(map(str, silent))} stopped answering ({max(silent.values()):.0f} s without a "
+               f"heartbeat: stopped, killed, or its node is gone)" if silent else
+               "another process gave no word (every rank is alive: one hangs, or waits for a slow disk)")
+        fail(f"rank {os.environ['RANK']}: {who}; the collective waited --timeout {args.timeout:g} minutes. The run "
+             f"stops, and {kept(args.out)}. Run the same command with --resume, or a larger --timeout if the wait "
+             f"was expected")
     except KeyboardInterrupt:  # Ctrl-C: say where the run stopped and how to go on
         if not os.path.exists(os.path.join(args.out, "run.json")):
             fail("stopped by Ctrl-C before the first step; nothing was saved")
