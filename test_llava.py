@@ -242,7 +242,9 @@ def test_a_saved_model_keeps_every_setting_and_transformers_reads_it(uneven_part
     (tmp_path / "m.tmp" / "model-00002-of-00002.safetensors").write_bytes(b"stale")
     llava.save(model, str(tmp_path / "m"))
     assert sorted(os.listdir(tmp_path)) == ["m"]
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    assert config["image_seq_length"] == model.num_image_tokens  # what llava-hf's processor expands <image> to
     assert [f for f in os.listdir(tmp_path / "m") if f.endswith(".safetensors")] == ["model.safetensors"]
     stored = load_file(tmp_path / "m" / "model.safetensors")
     assert not any(k.endswith("lm_head.weight") for k in stored)  # tied: the embedding matrix is the head
@@ -307,6 +309,11 @@ def test_stage1_writes_w_alone_and_stage2_reads_it_back(parts, tmp_path):
     assert torch.equal(fresh.projector[2].weight, trained.projector[2].weight)
     with pytest.raises(ValueError, match=r"projector.safetensors: does not fit this model's linear projector"):
         llava.load_projector(make_model(parts, projector="linear"), path)
+    wide = make_model(parts, projector="linear")  # W of another vision width: one weight of another shape
+    wide.projector[0] = torch.nn.Linear(32, 64)
+    llava.save_projector(wide, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ValueError, match=r"wide.safetensors: does not fit .* \(weight 0.weight\)"):
+        llava.load_projector(make_model(parts, projector="linear"), str(tmp_path / "wide.safetensors"))
 
 
 def test_authors_layout_loads(parts, tmp_path):
