@@ -19,9 +19,9 @@ import transformers
 from PIL import Image
 
 import data
+import disk
 import llava
 import toy
-import utils
 
 SIZES = {  # vision: image, patch, width, layers; LM: width, layers; batch, text tokens per sample (of
     # them, the answer: the trained ones)
@@ -215,7 +215,7 @@ def bench_data(ours, root, workers, n=256):
         samples.append({"id": str(i), "image": f"{i}.jpg", "conversations": [
             {"from": "human", "value": "<image>\nWhat is shown in the image?"},
             {"from": "gpt", "value": "A scene with many colors and shapes, " * 8}]})
-    utils.write_json(os.path.join(root, "samples.json"), samples)
+    disk.write_json(os.path.join(root, "samples.json"), samples)
     for px in (224, 336):
         ours.image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": px},
                                                                crop_size={"height": px, "width": px})

@@ -14,9 +14,9 @@ import sys
 
 import torch
 
+import cli
 import data
 import llava
-import utils
 
 DEFAULT_MODELS = ["out/stage2/model", "out/toy/stage2/model"]  # the last training run, the toy demo
 COMMANDS = "/image PATH: another image   /reset: start over   /quit: leave   /help: this"
@@ -149,10 +149,10 @@ def main(argv=None):
     p.add_argument("image", nargs="?", help="the image to talk about (optional)")
     p.add_argument("--model", default=None, help="model directory or hub id (ours or llava-hf)")
     p.add_argument("-p", "--prompt", default=None, help="one question: print the answer and exit")
-    p.add_argument("--temperature", type=utils.number(float, 0), default=0.2, help="0 is greedy")
-    p.add_argument("--top-p", type=utils.number(float, 0, 1, above=True), default=1.0,
+    p.add_argument("--temperature", type=cli.number(float, 0), default=0.2, help="0 is greedy")
+    p.add_argument("--top-p", type=cli.number(float, 0, 1, above=True), default=1.0,
                    help="nucleus sampling: keep this much probability")
-    p.add_argument("--max-new-tokens", type=utils.number(int, 1), default=512, help="the longest answer")
+    p.add_argument("--max-new-tokens", type=cli.number(int, 1), default=512, help="the longest answer")
     p.add_argument("--device", choices=["cuda", "cpu"], help="cuda or cpu (default: cuda when there is one)")
     args = p.parse_args(argv)
     if args.prompt is not None and problem(args.prompt):
@@ -167,7 +167,7 @@ def main(argv=None):
     try:
         model = llava.load(path, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device).eval()
     except (OSError, ValueError) as e:
-        sys.exit(f"chat.py: cannot load --model {path}: {utils.one_line(e)}")
+        sys.exit(f"chat.py: cannot load --model {path}: {cli.one_line(e)}")
     image = None
     if args.image:
         image, error = open_image(args.image)
@@ -193,4 +193,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.cli(main, "chat.py")
+    cli.cli(main, "chat.py")

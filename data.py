@@ -19,8 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-import utils
-from utils import SampleError
+import chat_api
+import cli
+import disk
+import formats
+from cli import SampleError
 
 IGNORE = -100  # label of a position that is not trained (PyTorch's cross_entropy ignore_index)
 IMAGE = "<image>"  # where the image stands in the first human turn of LLaVA's JSON
@@ -274,7 +277,7 @@ def teacher_messages(captions, boxes, kind):
 def coco_annotations(captions_file, instances_file):
     """COCO's captions_*.json and instances_*.json -> {image id: (file name, captions, boxes)} with
     boxes as `category: [x1, y1, x2, y2]` normalized by the image size."""
-    captions, instances = utils.load_json_object(captions_file), utils.load_json_object(instances_file)
+    captions, instances = disk.load_json_object(captions_file), disk.load_json_object(instances_file)
     for path, obj, keys in [(captions_file, captions, ["annotations"]),
                             (instances_file, instances, ["images", "categories", "annotations"])]:
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), list) for k in keys):
@@ -361,7 +364,7 @@ def teacher_rows(out_jsonl, kind, model):
         start = f.read(64).lstrip()
     if start.startswith(b"["):
         raise SystemExit(f"--out {out_jsonl}: a JSON list (LLaVA JSON?), not the teacher's JSONL; pass another --out")
-    rows = utils.read_jsonl(out_jsonl)  # a line cut short by a crash is ignored: asked again
+    rows = disk.read_jsonl(out_jsonl)  # a line cut short by a crash is ignored: asked again
     if start and not rows:
         raise SystemExit(f"--out {out_jsonl}: holds no JSONL rows of the teacher; pass another --out")
     for number, row in enumerate(rows, 1):
@@ -400,14 +403,14 @@ def generate_with_teacher(annotations, kind, out_jsonl, base_url, model, api_key
         sample_id = f"{image_id}_{kind}"
         if sample_id in done:
             continue
-        reply = utils.chat_completion(teacher_messages(captions, boxes, kind), base_url, model, api_key, **kwargs)
+        reply = chat_api.chat_completion(teacher_messages(captions, boxes, kind), base_url, model, api_key, **kwargs)
         try:
             conversations = parse_teacher_reply(reply, kind, rng)
         except ValueError as e:
             print(f"skipped {sample_id}: malformed teacher reply ({e})", file=sys.stderr)
             skipped += 1
             continue
-        utils.append_jsonl(out_jsonl, {"id": sample_id, "image": file_name, "conversations": conversations,
+        disk.append_jsonl(out_jsonl, {"id": sample_id, "image": file_name, "conversations": conversations,
                                        "teacher": {"model": model, "kind": kind}})  # a full disk names the file
         new += 1
     return new, skipped
@@ -423,8 +426,8 @@ SQA_TEXTS = ["question", "hint", "lecture", "solution"]  # the fields that must 
 
 def scienceqa_problems(root, split):
     """{pid: problem} of one split of ScienceQA's release, in pid_splits.json's order."""
-    problems = utils.load_json_object(os.path.join(root, "problems.json"))
-    splits = utils.load_json_object(os.path.join(root, "pid_splits.json"))
+    problems = disk.load_json_object(os.path.join(root, "problems.json"))
+    splits = disk.load_json_object(os.path.join(root, "pid_splits.json"))
     if split not in splits:
         raise SystemExit(f"{os.path.join(root, 'pid_splits.json')}: no split {split!r}; choose one of {sorted(splits)}")
     return {pid: problems.get(pid) for pid in splits[split]}
@@ -534,7 +537,7 @@ class LazyDataset:
     def __init__(self, json_path, image_folder, model, max_length=2048, pad_to_square=False, strict=False,
                  samples=None):
         self.path, self.image_folder, self.max_length = json_path, image_folder, max_length
-        self.samples = utils.load_json(json_path) if samples is None else samples  # samples: the file, read already
+        self.samples = disk.load_json(json_path) if samples is None else samples  # samples: the file, read already
         self.tokenizer, self.template = model.tokenizer, model.template
         self.image_processor, self.image_token_id = model.image_processor, model.image_token_id
         self.num_image_tokens, self.pad_to_square, self.strict = model.num_image_tokens, pad_to_square, strict
@@ -633,7 +636,7 @@ def main(argv=None):
                    "--kind skips the ids in it")
     p.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     p.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4"), help="the teacher model")
-    p.add_argument("--limit", type=utils.number(int, 1), default=None, help="at most this many images")
+    p.add_argument("--limit", type=cli.number(int, 1), default=None, help="at most this many images")
     p = sub.add_parser("scienceqa", help="§5.2: one split of ScienceQA's release as LLaVA JSON")
     p.add_argument("--root", required=True, help="the folder of problems.json, pid_splits.json and images/")
     p.add_argument("--split", default="train", help="train, val, test, minival or minitest")
@@ -643,7 +646,7 @@ def main(argv=None):
 
     if args.command == "scienceqa":
         samples = scienceqa(scienceqa_problems(args.root, args.split), args.root, args.split, args.answer_first)
-        utils.write_json(args.out, samples)
+        disk.write_json(args.out, samples)
         print(f"{args.out}: {len(samples)} samples, {sum('image' in s for s in samples)} with an image "
               f"(--image-folder {os.path.join(args.root, 'images')})")
     elif args.command == "teacher":
@@ -652,25 +655,25 @@ def main(argv=None):
         teacher_rows(args.out, args.kind, args.model)  # not the teacher's file: refused before a lock file is made
         if os.path.isdir(os.path.dirname(os.path.abspath(args.out))):  # else the next step names the missing folder
             # two teachers on one --out would mix their rows
-            utils.hold_lock_file(args.out + ".lock", "data.py teacher", args.out, "file")
+            disk.hold_lock_file(args.out + ".lock", "data.py teacher", args.out, "file")
         try:
             new, skipped = generate_with_teacher(annotations, args.kind, args.out, args.base_url, args.model, key,
                                                  limit=args.limit)
         except RuntimeError as e:  # the endpoint gave up: every sample so far is saved
-            sys.exit(f"the teacher failed ({e}); {len(utils.read_jsonl(args.out))} samples are saved in {args.out}: "
+            sys.exit(f"the teacher failed ({e}); {len(disk.read_jsonl(args.out))} samples are saved in {args.out}: "
                      f"run the same command again to continue")
         print(f"{args.out}: {new} new samples, {skipped} malformed replies skipped")
     elif args.command == "show":
-        samples = utils.load_json(args.file)
+        samples = disk.load_json(args.file)
         if not 0 <= args.index < len(samples):
             sys.exit(f"{args.file}: --index {args.index} is out of range (0..{len(samples) - 1})")
         sample = samples[args.index]
         if not isinstance(sample, dict) or "conversations" not in sample:
             raise SampleError(f"sample {args.index} of {args.file}: no 'conversations'")
         try:
-            tokenizer, config = utils.load_tokenizer_and_config(args.model)
+            tokenizer, config = formats.load_tokenizer_and_config(args.model)
         except (OSError, ValueError) as e:  # missing, not a model, asks to run its own code
-            sys.exit(f"cannot load --model {args.model}: {utils.one_line(e)}")
+            sys.exit(f"cannot load --model {args.model}: {cli.one_line(e)}")
         has_image = "image" in sample
         ids, labels = render(sample["conversations"], tokenizer, args.template or config["template"],
                              image_token_id=config["image_token_id"] if has_image else None,
@@ -680,4 +683,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.cli(main, "data.py")
+    cli.cli(main, "data.py")

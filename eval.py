@@ -34,9 +34,12 @@ from collections import defaultdict
 
 import torch
 
+import chat_api
+import cli
 import data
+import disk
+import formats
 import llava
-import utils
 
 
 def extract_answer(text, n_options=5):
@@ -143,7 +146,7 @@ def parse_scores(review):
     return scores if all(1 <= score <= 10 for score in scores) else None
 
 
-append_jsonl = utils.append_jsonl
+append_jsonl = disk.append_jsonl
 
 
 def evaluate_bench(model, questions, contexts, references, image_folder, out, judge_url, judge_model,
@@ -178,7 +181,7 @@ def evaluate_bench(model, questions, contexts, references, image_folder, out, ju
         if q["question_id"] in reviews:
             continue
         try:
-            review = utils.chat_completion(requests[q["question_id"]], judge_url, judge_model, api_key,
+            review = chat_api.chat_completion(requests[q["question_id"]], judge_url, judge_model, api_key,
                                            **client_options) or ""
         except RuntimeError as e:  # the judge gave up or answered nonsense: what came before is saved
             raise SystemExit(f"question {q['question_id']}: the judge failed ({e}); {len(reviews)} reviews are saved "
@@ -252,7 +255,7 @@ def table7(runs):
 def saved_rows(path, **made_by):
     """The rows of a JSONL output so far. Rows another model (or teacher) made are refused, so
     that one output folder never mixes two models' answers."""
-    rows = utils.read_jsonl(path)
+    rows = disk.read_jsonl(path)
     for row in rows:
         for key, value in made_by.items():
             if row.get(key) != value:
@@ -288,7 +291,7 @@ def model_fingerprint(path):
     """Who answers: the model's directory, and its files' names, sizes and times (a model trained
     again in the same place is another model)."""
     import hashlib
-    path = os.path.abspath(utils.resolve(path))
+    path = os.path.abspath(formats.resolve(path))
     listing = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in os.scandir(path) if f.is_file())
     return f"{path}@{hashlib.sha1(repr(listing).encode()).hexdigest()[:12]}"
 
@@ -354,7 +357,7 @@ def sqa_ensembles(samples, problems, answers, path, url, teacher, api_key, model
             del rows[kind, pid]
         if (kind, pid) not in rows:
             try:
-                reply = utils.chat_completion(messages, url, teacher, api_key, **client_options) or ""  # null: none
+                reply = chat_api.chat_completion(messages, url, teacher, api_key, **client_options) or ""  # null: none
             except RuntimeError as e:  # the endpoint gave up: what came before is saved
                 raise SystemExit(f"problem {pid}: the teacher failed ({e}); {len(rows)} replies are saved in "
                                  f"{path}: run the same command again to continue")
@@ -399,7 +402,7 @@ def evaluate_scienceqa(root, split, out, model_id, load_model, teacher=None, url
                                           teacher, api_key, model_id, **client_options)
         runs[f"LLaVA+{teacher} (complement)"] = score_table7(problems, complement)
         runs[f"LLaVA+{teacher} (judge)"] = score_table7(problems, judge)
-    utils.write_json(os.path.join(out, "results.json"), {"model": model_id, "split": split, "results": runs})
+    disk.write_json(os.path.join(out, "results.json"), {"model": model_id, "split": split, "results": runs})
     return runs
 
 
@@ -421,16 +424,16 @@ def main(argv=None):
     bench.add_argument("--out", default="out/bench", help="answers.jsonl, reviews.jsonl, results.json")
     bench.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     bench.add_argument("--judge-model", default="gpt-4")
-    bench.add_argument("--timeout", type=utils.number(float, 0, above=True), default=60,
+    bench.add_argument("--timeout", type=cli.number(float, 0, above=True), default=60,
                        help="seconds per try, the whole reply however slowly it comes")
-    bench.add_argument("--retries", type=utils.number(int, 0), default=5, help="tries after the first, then stop")
+    bench.add_argument("--retries", type=cli.number(int, 0), default=5, help="tries after the first, then stop")
     sqa = sub.add_parser("scienceqa", help="§5.2: ScienceQA in Table 7's columns, alone and with a teacher")
     sqa.add_argument("--model", required=True, help="model directory or hub id")
     sqa.add_argument("--root", required=True, help="the folder of problems.json, pid_splits.json and images/")
     sqa.add_argument("--split", default="test")
     sqa.add_argument("--out", default="out/sqa", help="answers.jsonl, teacher.jsonl, results.json; a rerun resumes")
-    sqa.add_argument("--batch-size", type=utils.number(int, 1), default=32, help="questions answered at once")
-    sqa.add_argument("--max-new-tokens", type=utils.number(int, 1), default=1024,
+    sqa.add_argument("--batch-size", type=cli.number(int, 1), default=32, help="questions answered at once")
+    sqa.add_argument("--max-new-tokens", type=cli.number(int, 1), default=1024,
                      help="the reasoning comes before the answer")
     sqa.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     sqa.add_argument("--judge-model", default=None, help="the text-only teacher (e.g. gpt-4); none: LLaVA alone")
@@ -466,10 +469,10 @@ def main(argv=None):
         if missing:  # the judge gave no two scores for some: results.json waits for all of them
             sys.exit(f"{missing} of {len(questions)} questions have no review yet (see above); run the same "
                      f"command again to ask the judge again")
-        utils.write_json(os.path.join(args.out, "results.json"), dict(results, model=model_id, judge=args.judge_model))
+        disk.write_json(os.path.join(args.out, "results.json"), dict(results, model=model_id, judge=args.judge_model))
         return
 
-    questions = utils.load_json(args.questions)
+    questions = disk.load_json(args.questions)
     if not questions:
         sys.exit(f"{args.questions}: no questions")
     for i, q in enumerate(questions):  # every question is checked before the model loads
@@ -490,7 +493,7 @@ def main(argv=None):
     if args.out:  # one evaluation writes it at a time, and it can be written: known before the model loads
         hold_out(args.out, "eval.py mc", folder=False)
     if args.out and os.path.exists(args.out):  # only the same model's results are replaced
-        made_by = utils.load_json_object(args.out)
+        made_by = disk.load_json_object(args.out)
         made_by = made_by.get("model") if isinstance(made_by, dict) else None
         if made_by != model_id:
             sys.exit(f"--out {args.out}: made by model {made_by!r}, not {model_id!r}; pass another --out, "
@@ -500,13 +503,13 @@ def main(argv=None):
     blind = None if args.no_blind else evaluate_mc(model, questions, args.image_folder, blank=True, progress=True)[0]
     print(table(results, blind))
     if args.out:
-        utils.write_json(args.out, {"model": model_id, "results": results, "blind": blind, "outputs": rows})
+        disk.write_json(args.out, {"model": model_id, "results": results, "blind": blind, "outputs": rows})
 
 
 def read_rows(path, *keys):
     """An input JSONL file: each line an object with `keys`, text (a question_id may be a number); a
     line that is not is named. The first key names the row: two rows with the same are refused."""
-    rows, seen = utils.read_jsonl(path, required=True), {}
+    rows, seen = disk.read_jsonl(path, required=True), {}
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not all(k in row for k in keys):
             sys.exit(f"{path}: row {i} needs {', '.join(keys)}")
@@ -535,7 +538,7 @@ def question_image(folder, image, question, what="question", saved=None):
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         kept = f"; the answers so far are kept in {saved}, and the same command goes on from them" \
             if saved and os.path.exists(saved) else ""
-        raise SystemExit(f"{what} {question}: cannot read its image {path} ({utils.one_line(e)}): replace the "
+        raise SystemExit(f"{what} {question}: cannot read its image {path} ({cli.one_line(e)}): replace the "
                          f"file or remove the {what}{kept}") from None
 
 
@@ -547,9 +550,9 @@ def hold_out(out, program, folder=True):
             os.makedirs(out, exist_ok=True)
         else:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        utils.hold_lock_file(os.path.join(out, ".lock") if folder else out + ".lock", program, f"--out {out}", "--out")
+        disk.hold_lock_file(os.path.join(out, ".lock") if folder else out + ".lock", program, f"--out {out}", "--out")
     except OSError as e:
-        raise SystemExit(f"{program}: --out {out}: cannot write there ({utils.one_line(e)}); pass another --out") \
+        raise SystemExit(f"{program}: --out {out}: cannot write there ({cli.one_line(e)}); pass another --out") \
             from None
 
 
@@ -558,8 +561,8 @@ def loaded(path, load=llava.load):
     try:
         return load(path)
     except (OSError, ValueError) as e:
-        sys.exit(f"cannot load --model {path}: {utils.one_line(e)}")
+        sys.exit(f"cannot load --model {path}: {cli.one_line(e)}")
 
 
 if __name__ == "__main__":
-    utils.cli(main, "eval.py")
+    cli.cli(main, "eval.py")

@@ -27,7 +27,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelFo
                           AutoTokenizer, LlavaConfig)
 
 import data
-import utils
+import formats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ class LLaVA(nn.Module):
         self.projector_kind, self.feature_layer, self.keep_cls = projector, feature_layer, keep_cls
         self.image_token_id = image_token_id
         self.template = data.get_template(template)
-        self.num_image_tokens = utils.count_image_tokens(vision_tower.config.image_size, vision_tower.config.patch_size,
+        self.num_image_tokens = formats.count_image_tokens(vision_tower.config.image_size, vision_tower.config.patch_size,
                                                    keep_cls)  # N_v: how many positions the image takes
 
     def train(self, mode=True):
@@ -267,7 +267,7 @@ def load_vision_tower(name_or_path, dtype=torch.float32, empty=False):
     """The vision half of a CLIP-like model (or a vision model on its own), by hub id or directory.
     empty: its layout only, weights not read (to be built on the meta device)."""
     if os.path.isdir(name_or_path):
-        utils.refuse_remote_code(name_or_path)
+        formats.refuse_remote_code(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
     vision_config = getattr(config, "vision_config", config)
     if not hasattr(vision_config, "image_size"):
@@ -275,7 +275,7 @@ def load_vision_tower(name_or_path, dtype=torch.float32, empty=False):
                          f"(--vision and --llm swapped?)")
     if empty:
         return AutoModel.from_config(vision_config, dtype=dtype)
-    with utils.quiet_transformers():  # a CLIP checkpoint also holds the text tower we leave out
+    with formats.quiet_transformers():  # a CLIP checkpoint also holds the text tower we leave out
         return AutoModel.from_pretrained(name_or_path, config=vision_config, dtype=dtype, trust_remote_code=False)
 
 
@@ -284,17 +284,17 @@ def build(vision, llm, projector="mlp2x_gelu", feature_layer=-2, keep_cls=False,
     """A new LLaVA: g and f_phi from pretrained models (hub ids or directories), W random (FP32).
     dtype: f_phi's; vision_dtype: g's (default: the same). Checkpoints are converted as read (Vicuna
     ships float16). empty: the same model without reading any weights (for the meta device)."""
-    for folder in (vision, llm):  # before utils.named, which would name the folder twice
+    for folder in (vision, llm):  # before formats.named, which would name the folder twice
         if os.path.isdir(folder):
-            utils.refuse_remote_code(folder)
-    vision_tower = utils.named(vision, lambda: load_vision_tower(vision, vision_dtype or dtype, empty))
-    config = utils.named(llm, lambda: AutoConfig.from_pretrained(llm, trust_remote_code=False))
+            formats.refuse_remote_code(folder)
+    vision_tower = formats.named(vision, lambda: load_vision_tower(vision, vision_dtype or dtype, empty))
+    config = formats.named(llm, lambda: AutoConfig.from_pretrained(llm, trust_remote_code=False))
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"{llm}: a {config.model_type} model, not a language model (--vision and --llm swapped?)")
     if empty:
         language_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        language_model = utils.named(llm, lambda: AutoModelForCausalLM.from_pretrained(
+        language_model = formats.named(llm, lambda: AutoModelForCausalLM.from_pretrained(
             llm, dtype=dtype, trust_remote_code=False))
     tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=False)
     # An <image> token in the vocabulary, so that transformers' Llava can read what we save.
@@ -319,7 +319,7 @@ def save(model, path, state_dict=None, max_shard_size="5GB"):
     """
     from huggingface_hub import save_torch_state_dict
     state_dict = model.state_dict() if state_dict is None else state_dict
-    weights = {utils.rename(k, utils.TO_HF): utils.own_storage(v) for k, v in state_dict.items()}
+    weights = {formats.rename(k, formats.TO_HF): formats.own_storage(v) for k, v in state_dict.items()}
     lm = model.language_model.config
     if lm.tie_word_embeddings:
         weights.pop("language_model.lm_head.weight", None)
@@ -343,7 +343,7 @@ def save(model, path, state_dict=None, max_shard_size="5GB"):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_torch_state_dict(weights, tmp, max_shard_size=max_shard_size)
-    utils.usual_mode(*[os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".safetensors")])
+    formats.usual_mode(*[os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".safetensors")])
     config.save_pretrained(tmp)
     model.tokenizer.save_pretrained(tmp)
     model.image_processor.save_pretrained(tmp)
@@ -362,11 +362,11 @@ def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
     Strict: a missing, unexpected or mis-shaped weight is an error that names it.
     vision: for the authors' layout, where to find the vision tower if not `mm_vision_tower`.
     """
-    path = utils.resolve(path)
+    path = formats.resolve(path)
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    weight_files = utils.checkpoint_files(path)
+    weight_files = formats.checkpoint_files(path)
     if config.get("model_type") == "llava":  # llava-hf, or ours
         llava_config = LlavaConfig.from_dict(config)
         projector = config.get("llava_projector", "mlp2x_gelu")
@@ -380,7 +380,7 @@ def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
                           projector, llava_config.vision_feature_layer,
                           llava_config.vision_feature_select_strategy == "full",
                           llava_config.image_token_index, template or config.get("llava_template", "llava15"))
-        rules = utils.FROM_CHECKPOINT
+        rules = formats.FROM_CHECKPOINT
     elif "mm_vision_tower" in config:  # the authors' LlavaLlamaForCausalLM
         text_config = AutoConfig.for_model("llama", **{k: v for k, v in config.items() if k != "model_type"})
         vision = vision or config["mm_vision_tower"]
@@ -391,21 +391,21 @@ def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
             model = LLaVA(vision_tower, language_model, tokenizer, processor,
                           config.get("mm_projector_type", "linear"), config.get("mm_vision_select_layer", -2),
                           config.get("mm_vision_select_feature", "patch") == "cls_patch",
-                          utils.AUTHORS_IMAGE_TOKEN_ID, template or utils.authors_template(config))
-        rules = utils.FROM_AUTHORS
+                          formats.AUTHORS_IMAGE_TOKEN_ID, template or formats.authors_template(config))
+        rules = formats.FROM_AUTHORS
     else:
         raise ValueError(f"{path}/config.json: neither a LLaVA (model_type 'llava') nor the authors' "
                          f"layout (mm_vision_tower); got model_type {config.get('model_type')!r}")
-    linear = model.projector_kind == "linear" and rules is utils.FROM_CHECKPOINT  # save() wrote W as Linear, I, Linear
-    shapes = {utils.rename(k, rules): v for k, v in utils.stored_shapes(weight_files).items()}
+    linear = model.projector_kind == "linear" and rules is formats.FROM_CHECKPOINT  # save() wrote W as Linear, I, Linear
+    shapes = {formats.rename(k, rules): v for k, v in formats.stored_shapes(weight_files).items()}
     if linear:
         shapes = {k: v for k, v in shapes.items() if not k.startswith("projector.2.")}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if rules is utils.FROM_AUTHORS and not any(k.startswith("vision_tower.") for k in shapes):
+    if rules is formats.FROM_AUTHORS and not any(k.startswith("vision_tower.") for k in shapes):
         expected = {k: v for k, v in expected.items() if not k.startswith("vision_tower.")}  # from mm_vision_tower
-    utils.check_weights(expected, shapes, model.language_model.config.tie_word_embeddings, path)
+    formats.check_weights(expected, shapes, model.language_model.config.tie_word_embeddings, path)
     for file in weight_files:  # one file in memory at a time
-        weights = {utils.rename(k, rules): v for k, v in utils.read_file(file, device).items()}
+        weights = {formats.rename(k, rules): v for k, v in formats.read_file(file, device).items()}
         if linear:
             eye, bias = weights.pop("projector.2.weight", None), weights.pop("projector.2.bias", None)
             if eye is not None and not torch.equal(eye, torch.eye(eye.shape[0], dtype=eye.dtype, device=eye.device)) \
@@ -424,7 +424,7 @@ def save_projector(model, path, state_dict=None):
     state_dict = model.projector.state_dict() if state_dict is None else state_dict
     save_file({k: v.contiguous() for k, v in state_dict.items()}, path + ".tmp",
               metadata={"projector": model.projector_kind})
-    utils.usual_mode(path + ".tmp")
+    formats.usual_mode(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -435,7 +435,7 @@ def load_projector(model, path):
         path = os.path.join(path, "projector.safetensors")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no stage-1 projector here; run stage 1 or pass --projector")
-    weights = utils.read_file(path)
+    weights = formats.read_file(path)
     weights = {re.sub(r"^(model\.)?mm_projector\.", "", k): v for k, v in weights.items()}
     weights = {"0." + k if k in ("weight", "bias") else k: v for k, v in weights.items()}  # the authors' linear W
     expected = model.projector.state_dict()

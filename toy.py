@@ -31,10 +31,10 @@ from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPMod
                           get_cosine_schedule_with_warmup)
 
 import data
+import disk
 import eval as evaluation
 import llava
 import train
-import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAND_INS = os.path.join(HERE, "stand_ins")
@@ -368,7 +368,7 @@ def make_world(out, n_images=2000, n_eval=500, seed=0, mc_train=1, mc_eval=2):
     files["instruct"] = files["conversation"] + files["detail"] + files["reasoning"] + files["mc_train"]
     rng.shuffle(files["instruct"])
     for key, samples in files.items():
-        utils.write_json(os.path.join(out, f"{key}.json"), samples)
+        disk.write_json(os.path.join(out, f"{key}.json"), samples)
     return {f"{k}.json": len(v) for k, v in files.items()}
 
 
@@ -460,7 +460,7 @@ def pretrain_clip(path, world, tokenizer, steps=800, batch=128, lr=1e-3):
     end = len(tokenizer)  # the text tower's own end-of-text id: CLIP pools its features there
     model = make_clip(path, GRID * CELL, CELL, width=128, layers=3, heads=4, vocab_size=end + 1, eos_token_id=end)
     processor = CLIPImageProcessor.from_pretrained(path, trust_remote_code=False)
-    reps = utils.load_json(os.path.join(world, "symbolic.json"))
+    reps = disk.load_json(os.path.join(world, "symbolic.json"))
     pixels = processor(images=[data.load_image(os.path.join(world, "images", r["image"])) for r in reps],
                        return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
     captions = [tokenizer.encode(r["captions"][1]) + [end] for r in reps]
@@ -578,7 +578,7 @@ def pretrain(out=STAND_INS, lm_steps=16000, clip_steps=800, seed=0, images=2000)
     start = time.time()
     world = os.path.join(out, "world.tmp")
     make_world(world, images, 0, seed=1000 + seed, mc_train=2)
-    samples = [s for f in ("instruct", "stage1") for s in utils.load_json(os.path.join(world, f"{f}.json"))]
+    samples = [s for f in ("instruct", "stage1") for s in disk.load_json(os.path.join(world, f"{f}.json"))]
     # The system message comes with every sample: weighted so that BPE gives it few tokens.
     texts = [t.system for t in data.TEMPLATES.values()] * 200 + [turn["value"] for s in samples for turn in s["conversations"]]
     tokenizer = make_tokenizer(os.path.join(out, "tokenizer.tmp"), texts, vocab_size=1000)
@@ -648,8 +648,8 @@ def demo(args):
     stage2_data = os.path.join(world, "instruct.json")
     if args.instruct == "conversation":  # ablation: conversation data only (and the MC training questions)
         stage2_data = os.path.join(world, "instruct_conversation.json")
-        utils.write_json(stage2_data, utils.load_json(os.path.join(world, "conversation.json")) +
-                        utils.load_json(os.path.join(world, "mc_train.json")))
+        disk.write_json(stage2_data, disk.load_json(os.path.join(world, "conversation.json")) +
+                        disk.load_json(os.path.join(world, "mc_train.json")))
     common = ["--vision", args.vision, "--llm", args.llm, "--image-folder", os.path.join(world, "images"),
               "--projector-type", "mlp2x_gelu", "--feature-layer", str(args.feature_layer), "--template", "paper",
               "--workers", "0", "--checkpoint-every", "0", "--seed", str(args.seed), "--dtype", "fp32"]
@@ -670,15 +670,15 @@ def demo(args):
     print("[4/5] evaluation (§5): held-out multiple choice, the image last and first, and the chat's answers")
     model = llava.load(os.path.join(out, "stage2", "model"))
     images = os.path.join(world, "images")
-    questions = utils.load_json(os.path.join(world, "eval.json"))
+    questions = disk.load_json(os.path.join(world, "eval.json"))
     last, rows = evaluation.evaluate_mc(model, questions, images, progress=True)
     first, _ = evaluation.evaluate_mc(model, image_first(questions), images, progress=True)
     blind, _ = evaluation.evaluate_mc(model, questions, images, blank=True, progress=True)
-    chat, chat_rows = chat_eval(model, utils.load_json(os.path.join(world, "eval_chat.json")), images)
+    chat, chat_rows = chat_eval(model, disk.load_json(os.path.join(world, "eval_chat.json")), images)
     print(results_table(last, first, blind, chat))
     minutes = (time.time() - start) / 60
     results = {"image_last": last, "image_first": first, "blind": blind, "chat": chat, "minutes": minutes}
-    utils.write_json(os.path.join(out, "results.json"), dict(results, outputs=rows, chat_outputs=chat_rows))
+    disk.write_json(os.path.join(out, "results.json"), dict(results, outputs=rows, chat_outputs=chat_rows))
     print(f"[5/5] a picture of it -> {os.path.join(out, 'demo.png')}")
     picture(os.path.join(out, "demo.png"), images, chat_rows, out)
     print(f"done in {minutes:.1f} min. Chat with it: python chat.py {os.path.join(images, questions[0]['image'])}")
@@ -760,7 +760,7 @@ def picture(path, images, chat_rows, out, shown=4):
         pen.text((180, y + 55), f"model: {r['answer']}", fill="darkgreen" if r["right"] else "red", font=font)
         pen.text((180, y + 90), f"teacher: {r['teacher']}", fill="gray", font=font)
     for k, stage in enumerate(["stage1", "stage2"]):
-        losses = [r["loss"] for r in utils.read_jsonl(os.path.join(out, stage, "metrics.jsonl"))]
+        losses = [r["loss"] for r in disk.read_jsonl(os.path.join(out, stage, "metrics.jsonl"))]
         x0, y0, w, h = 680, 40 + 300 * k, 380, 200
         pen.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
         pen.text((x0, y0 - 20), f"{stage} loss ({len(losses)} steps)" if losses else f"{stage}: skipped", fill="black", font=font)

@@ -39,9 +39,12 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 import checkpoints
+import cli
 import data
+import disk
+import distributed
+import formats
 import llava
-import utils
 
 # ----------------------------------------------------------------------------------------------
 # Settings. Defaults are the paper's (Appendix C); a stage's defaults fill what is not given.
@@ -57,7 +60,7 @@ STAGE_DEFAULTS = {
 
 
 def get_args(argv=None):
-    count, natural, positive = utils.number(int, 1), utils.number(int, 0), utils.number(float, 0, above=True)
+    count, natural, positive = cli.number(int, 1), cli.number(int, 0), cli.number(float, 0, above=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: align W; 2: fine-tune W and the LLM")
     p.add_argument("--vision", default="openai/clip-vit-large-patch14", help="vision encoder g (hub id or dir)")
@@ -76,9 +79,9 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=count, help="samples per GPU per forward pass")
     p.add_argument("--epochs", type=positive, help="passes over the data (1 / 3)")
     p.add_argument("--max-steps", type=count, default=None, help="stop after this many steps (default: epochs)")
-    p.add_argument("--warmup-ratio", type=utils.number(float, 0, 1), default=0.03,
+    p.add_argument("--warmup-ratio", type=cli.number(float, 0, 1), default=0.03,
                    help="linear warm-up share of the cosine schedule")
-    p.add_argument("--grad-clip", type=utils.number(float, 0), default=1.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--grad-clip", type=cli.number(float, 0), default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--max-length", type=count, default=2048, help="tokens per sample at most")
     p.add_argument("--pad-to-square", action="store_true", help="LLaVA-1.5's padding of images to squares")
     p.add_argument("--group-by-length", action="store_true", help="sort each global batch by length: less padding")
@@ -259,7 +262,7 @@ def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=Fal
         if kill:
             os._exit(3)  # tests: die with the new checkpoint half done
         if rank == 0:
-            utils.write_json(os.path.join(tmp, "meta.json"), {"step": step, "scheduler": scheduler.state_dict()})
+            disk.write_json(os.path.join(tmp, "meta.json"), {"step": step, "scheduler": scheduler.state_dict()})
             # A run resumed from an earlier checkpoint writes this step again: the folder left by the first
             # try (damaged, or complete but never named latest) goes; latest never names it.
             shutil.rmtree(final, ignore_errors=True)
@@ -274,7 +277,7 @@ def save_checkpoint(out, step, model, optimizer, scheduler, rank, keep, kill=Fal
                 os.remove(os.path.join(root, "latest.tmp"))
         errors = [x for x in checkpoints.causes(e) if isinstance(x, OSError)]
         why = ("the disk is full" if any(x.errno == errno.ENOSPC for x in errors)
-               else utils.one_line(errors[0]) if errors else utils.one_line(checkpoints.causes(e)[-1]))
+               else cli.one_line(errors[0]) if errors else cli.one_line(checkpoints.causes(e)[-1]))
         fail(f"step {step}: cannot write the checkpoint {os.path.basename(final)} in {root} ({why}); its .tmp "
              f"is removed, and {kept(out)}. Free space (or pass a smaller --keep), then run the same command "
              f"with --resume")
@@ -303,7 +306,7 @@ def load_checkpoint(out, checkpoint, model, optimizer, scheduler, rank):
     try:
         dcp.load(state, storage_reader=checkpoints.CheckedReader(path, metadata))
     except (Exception, CheckpointException) as e:  # DCP wraps what failed (bytes damaged in a shard) in its own
-        fail(f"--resume: cannot read the checkpoint {path} ({utils.one_line(checkpoints.causes(e)[-1])}); point "
+        fail(f"--resume: cannot read the checkpoint {path} ({cli.one_line(checkpoints.causes(e)[-1])}); point "
              f"{os.path.join(out, 'checkpoints', 'latest')} at an earlier step_* folder, or start a new --out")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: not saved
@@ -335,7 +338,7 @@ def check_out(args, rank):
     # its model would pass the checks below. Rank 0 holds it for all ranks (one node or several).
     # It makes --out: a read-only or missing place fails now, before any work.
     if rank == 0:
-        utils.hold_lock(args.out, "train.py")
+        disk.hold_lock(args.out, "train.py")
     if args.resume:
         if not os.path.exists(run_file):
             fail(f"--resume: {args.out} holds no run to resume; start without --resume")
@@ -355,14 +358,14 @@ def check_out(args, rank):
 
 
 def input_fingerprints(args):
-    """The content of the inputs at the run's paths (utils.content_fingerprint): the --data file, hashed
+    """The content of the inputs at the run's paths (disk.content_fingerprint): the --data file, hashed
     whole, and the weight, config and tokenizer files of --vision and --llm."""
-    inputs = {"data": {os.path.basename(args.data): utils.content_fingerprint(args.data, whole=math.inf)}}
+    inputs = {"data": {os.path.basename(args.data): disk.content_fingerprint(args.data, whole=math.inf)}}
     for flag in ("vision", "llm"):
-        folder = utils.resolve(getattr(args, flag))
-        files = set(utils.checkpoint_files(folder)) | {os.path.join(folder, f) for f in os.listdir(folder)
+        folder = formats.resolve(getattr(args, flag))
+        files = set(formats.checkpoint_files(folder)) | {os.path.join(folder, f) for f in os.listdir(folder)
                                                         if f.endswith((".json", ".model", ".txt"))}
-        inputs[flag] = {os.path.basename(f): utils.content_fingerprint(f) for f in sorted(files) if os.path.isfile(f)}
+        inputs[flag] = {os.path.basename(f): disk.content_fingerprint(f) for f in sorted(files) if os.path.isfile(f)}
     return inputs
 
 
@@ -402,7 +405,7 @@ def train(args):
     for path, flag in [(args.data, "--data"), (args.image_folder, "--image-folder")]:
         if not os.path.exists(path):
             fail(f"{flag} {path} not found; pass {flag} (or try the offline demo: python toy.py)")
-    samples = utils.load_json(args.data)  # what can be checked is checked before the model loads
+    samples = disk.load_json(args.data)  # what can be checked is checked before the model loads
     data.check_images(samples, args.image_folder, args.data)
     if len(samples) < args.global_batch:
         fail(f"{args.data} has {len(samples)} samples, fewer than --global-batch {args.global_batch}")
@@ -412,13 +415,13 @@ def train(args):
     accumulation = args.global_batch // (args.batch_size * world_size)  # gradient accumulation steps
     run = check_out(args, rank)  # its settings; resumed: as run.json has them
     if world_size > 1:  # so that a rank left waiting in a collective can name the one that went silent
-        utils.heartbeat(args.out, rank, every=min(10.0, args.timeout * 60 / 4))
+        distributed.heartbeat(args.out, rank, every=min(10.0, args.timeout * 60 / 4))
     checkpoint = checkpoints.find_checkpoint(args.out) if args.resume else None
 
     try:
         model = load_model(args, rank, device, bf16)
     except (OSError, ValueError, SafetensorError) as e:  # missing, corrupt, swapped, made for other models
-        fail(f"cannot build the model (--vision, --llm, --projector): {utils.one_line(e)}")
+        fail(f"cannot build the model (--vision, --llm, --projector): {cli.one_line(e)}")
     loaded_peak = peak_host_memory()
     inputs = input_fingerprints(args) if master else None  # rank 0 alone has read the weights
     problem = check_inputs(args, run.get("inputs"), inputs) if master and args.resume else None
@@ -440,9 +443,9 @@ def train(args):
     start_step = load_checkpoint(args.out, checkpoint, model, optimizer, scheduler, rank) if args.resume else 0
     if master and not args.resume:
         # The run starts: its settings and its inputs' content stay.
-        utils.write_json(os.path.join(args.out, "run.json"), dict(run, inputs=inputs))
+        disk.write_json(os.path.join(args.out, "run.json"), dict(run, inputs=inputs))
     if master and args.resume:  # the metrics of steps after the checkpoint are written again
-        rows = [r for r in utils.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r["step"] <= start_step]
+        rows = [r for r in disk.read_jsonl(os.path.join(args.out, "metrics.jsonl")) if r["step"] <= start_step]
         with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -489,7 +492,7 @@ def train(args):
             samples_per_s = (step + 1 - start_step) * args.global_batch / (time.time() - t0)
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                  samples_s=f"{samples_per_s:.1f}")
-            utils.append_jsonl(os.path.join(args.out, "metrics.jsonl"), {
+            disk.append_jsonl(os.path.join(args.out, "metrics.jsonl"), {
                 "stage": args.stage, "step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": samples_per_s, "skipped": skipped})
         if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < total_steps:
@@ -578,7 +581,7 @@ def main():
         # gloo raises when a collective waits past --timeout (NCCL's watchdog ends the process itself)
         if "RANK" not in os.environ or not any("timed out" in str(x).lower() for x in checkpoints.causes(e)):
             raise
-        silent = utils.silent_ranks(args.out, int(os.environ["WORLD_SIZE"]), min(30.0, args.timeout * 30))
+        silent = distributed.silent_ranks(args.out, int(os.environ["WORLD_SIZE"]), min(30.0, args.timeout * 30))
         who = (f"rank {', '.join(map(str, silent))} stopped answering ({max(silent.values()):.0f} s without a "
                f"heartbeat: stopped, killed, or its node is gone)" if silent else
                "another process gave no word (every rank is alive: one hangs, or waits for a slow disk)")
@@ -588,7 +591,7 @@ def main():
     except KeyboardInterrupt:  # Ctrl-C: say where the run stopped and how to go on
         if not os.path.exists(os.path.join(args.out, "run.json")):
             fail("stopped by Ctrl-C before the first step; nothing was saved")
-        steps = [r["step"] for r in utils.read_jsonl(os.path.join(args.out, "metrics.jsonl"))]
+        steps = [r["step"] for r in disk.read_jsonl(os.path.join(args.out, "metrics.jsonl"))]
         latest = os.path.join(args.out, "checkpoints", "latest")
         saved = f"its checkpoint {open(latest).read()}" if os.path.exists(latest) else "step 0 (no checkpoint yet)"
         fail(f"stopped by Ctrl-C after step {max(steps, default=0)}; the same command with --resume continues "
@@ -604,4 +607,4 @@ def main():
 
 
 if __name__ == "__main__":
-    utils.cli(main, "train.py")
+    cli.cli(main, "train.py")
