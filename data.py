@@ -41,6 +41,7 @@ class Template:
     assistant: str
     sep: str  # after the system message and after each human turn
     stop: str  # <STOP> after each answer; generation stops here
+    image_first: bool  # <image> moved to the start of the first turn (LLaVA-1.5), or left where the data put it
 
     def __str__(self):
         return self.name
@@ -52,13 +53,13 @@ TEMPLATES = {
         name="paper",
         system="A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-        human="Human", assistant="Assistant", sep="###", stop="###"),
+        human="Human", assistant="Assistant", sep="###", stop="###", image_first=False),
     # LLaVA-1.5 (the authors' `conv_vicuna_v1`, and llava-hf checkpoints): <STOP> is the EOS "</s>".
     "llava15": Template(
         name="llava15",
         system="A chat between a curious user and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-        human="USER", assistant="ASSISTANT", sep=" ", stop="</s>"),
+        human="USER", assistant="ASSISTANT", sep=" ", stop="</s>", image_first=True),
 }
 
 
@@ -74,14 +75,14 @@ def get_template(name):
 
 def conversation_text(conversations, template, image=False):
     """Table 2 as one string, and the (start, end) character spans of what is trained: each answer
-    X_a with the space before it and its <STOP>. LLaVA-1.5 puts the image first in the first turn
-    (the authors' preprocess_multimodal, llava-hf's prompts); the paper's template keeps it where
-    the data put it. A conversation ending in a human turn ends with "Assistant:", the chat prompt."""
+    X_a with the space before it and its <STOP>. A template with image_first puts the image first in
+    the first turn (LLaVA-1.5: the authors' preprocess_multimodal, llava-hf's prompts); the paper's
+    keeps it where the data put it. A conversation ending in a human turn ends with "Assistant:", the chat prompt."""
     text, trained = template.system + template.sep, []
     for i, turn in enumerate(conversations):
         value = turn["value"]
         if turn["from"] == "human":
-            if i == 0 and image and template.name == "llava15":
+            if i == 0 and image and template.image_first:
                 value = IMAGE + "\n" + value.replace(IMAGE, "").strip()
             text += f"{template.human}: {value}{template.sep}{template.assistant}:"
         else:  # the answer and its <STOP>: the only trained text
@@ -90,9 +91,10 @@ def conversation_text(conversations, template, image=False):
     return text, trained
 
 
-def image_placeholder(tokenizer):
-    """The id of <image> in the tokenizer, added as a special token if it is missing: one token that
-    never merges with its neighbours, later replaced by the image's positions."""
+def add_image_token(tokenizer):
+    """Add <image> to the tokenizer as a special token if it is missing, and return its id: one token
+    that never merges with its neighbours, which render() replaces by the image's positions. Called
+    once where a tokenizer is loaded (llava.build, llava.load, `data.py show`), never by render()."""
     if IMAGE not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]}, replace_extra_special_tokens=False)
     return tokenizer.convert_tokens_to_ids(IMAGE)
@@ -116,13 +118,16 @@ def render(conversations, tokenizer, template, image_token_id=None, num_image_to
     check_conversation(conversations, sample_id, image=image_token_id is not None, for_generation=for_generation,
                        stop=template.stop)
     text, trained = conversation_text(conversations, template, image=image_token_id is not None)
-    placeholder = image_placeholder(tokenizer)
+    placeholder = tokenizer.convert_tokens_to_ids(IMAGE)
     encoded = tokenizer(text, return_offsets_mapping=True)
+    # <image> must be one token of its own, or the image's positions would silently be missing
+    assert image_token_id is None or encoded["input_ids"].count(placeholder) == 1, \
+        "the tokenizer has no <image> token: call add_image_token(tokenizer) where it is loaded"
     input_ids, labels = [], []
     for position, (token, (start, end)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
         if token == tokenizer.eos_token_id and start == end and position > 0:
             continue  # an EOS the tokenizer appends: the text already ends where it should
-        if token == placeholder:  # X_v, never trained
+        if image_token_id is not None and token == placeholder:  # X_v, never trained
             input_ids += [image_token_id] * num_image_tokens
             labels += [IGNORE] * num_image_tokens
             continue
@@ -674,6 +679,7 @@ def main(argv=None):
             tokenizer, config = formats.load_tokenizer_and_config(args.model)
         except (OSError, ValueError) as e:  # missing, not a model, asks to run its own code
             sys.exit(f"cannot load --model {args.model}: {cli.one_line(e)}")
+        add_image_token(tokenizer)  # the authors' tokenizer has none
         has_image = "image" in sample
         ids, labels = render(sample["conversations"], tokenizer, args.template or config["template"],
                              image_token_id=config["image_token_id"] if has_image else None,

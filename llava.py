@@ -298,7 +298,7 @@ def build(vision, llm, projector="mlp2x_gelu", feature_layer=-2, keep_cls=False,
             llm, dtype=dtype, trust_remote_code=False))
     tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=False)
     # An <image> token in the vocabulary, so that transformers' Llava can read what we save.
-    image_token_id = data.image_placeholder(tokenizer)
+    image_token_id = data.add_image_token(tokenizer)
     if tokenizer.pad_token is None:  # LLaMA has none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
@@ -366,6 +366,7 @@ def load(path, dtype=torch.float32, vision=None, template=None, device="cpu"):
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    data.add_image_token(tokenizer)  # the authors' tokenizer has none (they mark the image with id -200)
     weight_files = formats.checkpoint_files(path)
     if config.get("model_type") == "llava":  # llava-hf, or ours
         llava_config = LlavaConfig.from_dict(config)

@@ -583,7 +583,7 @@ def test_training_ids_are_the_whole_text_tokenized_at_once(tokenizers, name, tem
     if name not in tokenizers:
         pytest.skip("npm cannot fetch llama-tokenizer-js here")
     tok, t, n = tokenizers[name], data.TEMPLATES[template], 5
-    image_id = data.image_placeholder(tok)
+    image_id = data.add_image_token(tok)
     ids, labels = data.render(CONVERSATION, tok, template, image_id, n)
     text = {"paper": f"{t.system}###Human: <image>\nWhat color is the square?###Assistant: The square is red.###"
                      "Human: How many circles are there?###Assistant: There are two circles.###",
@@ -606,7 +606,7 @@ def test_llava15_puts_the_image_first_and_the_paper_keeps_it_in_place(tokenizers
     text = lambda template: data.conversation_text(suffix, data.TEMPLATES[template], image=True)[0]  # noqa: E731
     assert "USER: <image>\nWhat color is the square? ASSISTANT:" in text("llava15")
     assert "Human: What color is the square?\n<image>###Assistant:" in text("paper")
-    ids, _ = data.render(suffix, tok, "llava15", data.image_placeholder(tok), 3)
+    ids, _ = data.render(suffix, tok, "llava15", data.add_image_token(tok), 3)
     assert tok.decode(ids).count("<image>") == 3
 
 
