@@ -21,7 +21,7 @@ from PIL import Image
 import data
 import disk
 import llava
-import toy
+import make_stand_ins
 
 SIZES = {  # vision: image, patch, width, layers; LM: width, layers; batch, text tokens per sample (of
     # them, the answer: the trained ones)
@@ -71,11 +71,13 @@ def matmul_peak(n=1024, repeats=10):
 
 def make_models(size, root):
     s = SIZES[size]
-    tokenizer = toy.make_tokenizer(os.path.join(root, "tokenizer"), ["A chat between a curious human and an artificial "
-                                   "intelligence assistant. What color is the square? The square is red."] * 20, 400)
-    toy.make_clip(os.path.join(root, "clip"), s["image"], s["patch"], s["v_width"], s["v_layers"], heads=4,
-                  vocab_size=len(tokenizer))
-    toy.make_vicuna(os.path.join(root, "lm"), tokenizer, s["width"], s["layers"], heads=8, vocab_size=VOCABULARY)
+    tokenizer = make_stand_ins.make_tokenizer(os.path.join(root, "tokenizer"), [
+        "A chat between a curious human and an artificial intelligence assistant. What color is the square? "
+        "The square is red."] * 20, 400)
+    make_stand_ins.make_clip(os.path.join(root, "clip"), s["image"], s["patch"], s["v_width"], s["v_layers"], heads=4,
+                             vocab_size=len(tokenizer))
+    make_stand_ins.make_vicuna(os.path.join(root, "lm"), tokenizer, s["width"], s["layers"], heads=8,
+                               vocab_size=VOCABULARY)
     torch.manual_seed(0)
     ours = llava.build(os.path.join(root, "clip"), os.path.join(root, "lm"), "mlp2x_gelu")
     llava.save(ours, os.path.join(root, "llava"))

@@ -20,6 +20,7 @@ import data
 import disk
 import formats
 import llava
+import make_stand_ins
 import toy
 import train
 
@@ -39,9 +40,9 @@ TEXTS = ["A chat between a curious human and an artificial intelligence assistan
 def parts(tmp_path_factory):
     """A tiny CLIP and a tiny LLaMA saved as model directories, like hub models."""
     root = tmp_path_factory.mktemp("parts")
-    tokenizer = toy.make_tokenizer(str(root / "tokenizer"), TEXTS, vocab_size=320)
-    toy.make_clip(str(root / "clip"), image_size=32, patch_size=8)
-    toy.make_vicuna(str(root / "lm"), tokenizer)
+    tokenizer = make_stand_ins.make_tokenizer(str(root / "tokenizer"), TEXTS, vocab_size=320)
+    make_stand_ins.make_clip(str(root / "clip"), image_size=32, patch_size=8)
+    make_stand_ins.make_vicuna(str(root / "lm"), tokenizer)
     return str(root / "clip"), str(root / "lm")
 
 
@@ -223,11 +224,11 @@ def uneven_parts(parts, tmp_path_factory):
     """A CLIP 32 wide beside an LM 64 wide whose head is its embedding matrix (tied word embeddings):
     W is not square, and the head is never stored on its own."""
     root = tmp_path_factory.mktemp("uneven")
-    toy.make_clip(str(root / "clip"), image_size=32, patch_size=8, width=32)
+    make_stand_ins.make_clip(str(root / "clip"), image_size=32, patch_size=8, width=32)
     lm = transformers.AutoModelForCausalLM.from_pretrained(parts[1], dtype=torch.float32)
     lm.config.tie_word_embeddings = True
     lm.tie_weights()
-    toy.make_vicuna(str(root / "lm"), transformers.AutoTokenizer.from_pretrained(parts[1]), model=lm)
+    make_stand_ins.make_vicuna(str(root / "lm"), transformers.AutoTokenizer.from_pretrained(parts[1]), model=lm)
     return str(root / "clip"), str(root / "lm")
 
 
@@ -559,7 +560,7 @@ def tokenizers(parts, tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     root = tmp_path_factory.mktemp("tokenizers")
     found = {"vicuna": transformers.AutoTokenizer.from_pretrained(parts[1]),
-             "sentencepiece-legacy": toy.make_tokenizer(str(root / "legacy"), TEXTS, 320, legacy=True)}
+             "sentencepiece-legacy": make_stand_ins.make_tokenizer(str(root / "legacy"), TEXTS, 320, legacy=True)}
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     bpe.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
@@ -882,7 +883,7 @@ def test_scene_words_describe_the_patch_the_image_puts_there(toy_world):
     for rep in read(out / "symbolic.json"):
         image = data.load_image(out / "images" / rep["image"])
         side = image.width // toy.GRID
-        for k, words in enumerate(toy.scene_words(toy.parse_boxes(rep["boxes"]))):
+        for k, words in enumerate(make_stand_ins.scene_words(toy.parse_boxes(rep["boxes"]))):
             row, col = divmod(k, toy.GRID)
             drawn = by_rgb.get(image.getpixel((col * side + side // 2, row * side + side // 2 + 1)))
             assert [w for w in words.split() if w in toy.COLORS] == ([drawn] if drawn else []), (rep["image"], k)
@@ -893,7 +894,7 @@ def test_lm_reading_is_right_about_its_scene_and_skips_held_out_scenes():
     """lm_reading's conversations agree with the scene it puts at the image positions, and a
     held-out scene is never read."""
     import re
-    reading = list(itertools.islice(toy.lm_reading(0, ["mc", "conversation", "reasoning"]), 300))
+    reading = list(itertools.islice(make_stand_ins.lm_reading(0, ["mc", "conversation", "reasoning"]), 300))
     for conversations, cells in reading:
         objects = []
         for cell in cells:
@@ -918,15 +919,15 @@ def test_lm_stand_in_pretraining_reads_the_scene(toy_world, tmp_path):
     out, _ = toy_world
     samples = read(out / "conversation.json")
     objects = {r["image"]: toy.parse_boxes(r["boxes"]) for r in read(out / "symbolic.json")}
-    scenes = [toy.scene_words(objects[s["image"]]) for s in samples]
+    scenes = [make_stand_ins.scene_words(objects[s["image"]]) for s in samples]
     right = [(s["conversations"], cells) for s, cells in zip(samples, scenes)]
     shuffled = [(s["conversations"], cells) for s, cells in zip(samples, scenes[1:] + scenes[:1])]
-    tokenizer = toy.make_tokenizer(str(tmp_path / "tok"), [t["value"] for s in samples for t in s["conversations"]], 400)
-    toy.pretrain_lm(str(tmp_path / "lm"), tokenizer, itertools.cycle(right), steps=60, batch=16, lr=3e-3, width=64,
+    tokenizer = make_stand_ins.make_tokenizer(str(tmp_path / "tok"), [t["value"] for s in samples for t in s["conversations"]], 400)
+    make_stand_ins.pretrain_lm(str(tmp_path / "lm"), tokenizer, itertools.cycle(right), steps=60, batch=16, lr=3e-3, width=64,
                     layers=2)
     lm = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "lm"), dtype=torch.float32)
     with torch.no_grad():
-        losses = [lm(**toy.scene_inputs(lm, tokenizer, toy.scene_rows(tokenizer, pairs))).loss.item()
+        losses = [lm(**make_stand_ins.scene_inputs(lm, tokenizer, make_stand_ins.scene_rows(tokenizer, pairs))).loss.item()
                   for pairs in (right, shuffled)]
     assert losses[0] < losses[1], losses
 
@@ -3165,7 +3166,7 @@ def test_gradients_stay_sharded_while_they_accumulate(train_setup, tmp_path):
 def vicuna_sized_vocabulary(parts, tmp_path_factory):
     """A Vicuna-format LM with Vicuna's 32,000-word vocabulary: 40M parameters, 80 MB in float16."""
     path = str(tmp_path_factory.mktemp("big") / "lm")
-    toy.make_vicuna(path, transformers.AutoTokenizer.from_pretrained(parts[1]), width=512, layers=2, heads=8,
+    make_stand_ins.make_vicuna(path, transformers.AutoTokenizer.from_pretrained(parts[1]), width=512, layers=2, heads=8,
                     vocab_size=32000)
     return path
 
@@ -3263,12 +3264,12 @@ def test_no_file_imports_another_that_imports_it_and_only_the_toy_world_imports_
                 todo.append(m)
         return seen
     assert [m for m in graph if m in reaches(m)] == []  # no circle, however long
-    assert [m for m in graph if "toy" in graph[m] and m not in ("bench",)] == []  # the paper's files never need it
+    assert [m for m in graph if "toy" in graph[m] and m not in ("make_stand_ins",)] == []  # the paper's files never need it
     assert {m: graph[m] - PLUMBING for m in PLUMBING} == {m: set() for m in PLUMBING}  # the plumbing sits under the sections
 
 
 # ----------------------------------------------------------------------------------------------
-# The toy demo's stand-ins: made by `python toy.py pretrain`, in the formats of CLIP and Vicuna
+# The toy demo's stand-ins: made by `python make_stand_ins.py`, in the formats of CLIP and Vicuna
 # ----------------------------------------------------------------------------------------------
 
 def check_stand_ins(root):
@@ -3294,7 +3295,7 @@ def check_stand_ins(root):
 
 @pytest.mark.slow
 def test_the_stand_ins_are_made_by_a_command_in_the_real_formats(tmp_path):
-    result = subprocess.run([sys.executable, "toy.py", "pretrain", "--out", str(tmp_path), "--lm-steps", "4",
+    result = subprocess.run([sys.executable, "make_stand_ins.py", "pretrain", "--out", str(tmp_path), "--lm-steps", "4",
                              "--clip-steps", "2", "--images", "64"], cwd=HERE, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(os.listdir(tmp_path)) == ["clip", "vicuna"]
@@ -3308,9 +3309,9 @@ def test_the_committed_stand_ins_are_the_real_formats():
 
 @pytest.mark.slow
 def test_the_committed_lm_stand_in_reads_scenes_in_words():
-    """`python toy.py probe`: the LM stand-in alone, held-out scenes in words where the image goes.
+    """`python make_stand_ins.py probe`: the LM stand-in alone, held-out scenes in words where the image goes.
     It has learned to read them: colors, shapes and places right."""
-    result = subprocess.run([sys.executable, "toy.py", "probe", "--n", "4"], cwd=HERE, capture_output=True,
+    result = subprocess.run([sys.executable, "make_stand_ins.py", "probe", "--n", "4"], cwd=HERE, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     header, last, first = result.stdout.splitlines()[-3:]
@@ -3322,7 +3323,7 @@ def test_the_committed_lm_stand_in_reads_scenes_in_words():
         # existence by the teacher's answer: the same questions, counted again by kind
         kinds = next(l for l in result.stdout.splitlines() if l.startswith(f"existence, {order}: ")).split(": ", 1)[1]
         counts = [tuple(map(int, part.rsplit(" ", 1)[1].split("/"))) for part in kinds.split("; ")]
-        assert len(counts) == len(toy.EXISTENCE_KINDS) and sum(a for _, a in counts) == 4
+        assert len(counts) == len(make_stand_ins.EXISTENCE_KINDS) and sum(a for _, a in counts) == 4
         assert sum(r for r, _ in counts) == right["existence"], (kinds, line)
 
 
