@@ -45,6 +45,7 @@ import disk
 import distributed
 import formats
 import llava
+import sample_checks
 
 # ----------------------------------------------------------------------------------------------
 # Settings. Defaults are the paper's (Appendix C); a stage's defaults fill what is not given.
@@ -406,7 +407,7 @@ def train(args):
         if not os.path.exists(path):
             fail(f"{flag} {path} not found; pass {flag} (or try the offline demo: python toy.py)")
     samples = disk.load_json(args.data)  # what can be checked is checked before the model loads
-    data.check_images(samples, args.image_folder, args.data)
+    sample_checks.check_images(samples, args.image_folder, args.data)
     if len(samples) < args.global_batch:
         fail(f"{args.data} has {len(samples)} samples, fewer than --global-batch {args.global_batch}")
     if args.global_batch % (args.batch_size * world_size):
