@@ -58,7 +58,7 @@ def saved(parts, tmp_path_factory):
     model = make_model(parts)
     path = str(tmp_path_factory.mktemp("saved") / "llava")
     llava.save(model, path)
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(path, trust_remote_code=False).eval()
     return model, path, hf
 
 
@@ -210,7 +210,7 @@ def test_linear_projector_loads_in_transformers(parts, tmp_path):
     """The paper's single linear W, written as Linear, identity, Linear, gives the same logits."""
     model = make_model(parts, projector="linear")
     llava.save(model, str(tmp_path / "m"))
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m", trust_remote_code=False).eval()
     reloaded = llava.load(str(tmp_path / "m")).eval()
     assert reloaded.projector_kind == "linear" and len(reloaded.projector) == 1
     input_ids, pixel_values = model.prepare(CONVERSATION[:1], image())
@@ -226,10 +226,11 @@ def uneven_parts(parts, tmp_path_factory):
     W is not square, and the head is never stored on its own."""
     root = tmp_path_factory.mktemp("uneven")
     make_stand_ins.make_clip(str(root / "clip"), image_size=32, patch_size=8, width=32)
-    lm = transformers.AutoModelForCausalLM.from_pretrained(parts[1], dtype=torch.float32)
+    lm = transformers.AutoModelForCausalLM.from_pretrained(parts[1], dtype=torch.float32, trust_remote_code=False)
     lm.config.tie_word_embeddings = True
     lm.tie_weights()
-    make_stand_ins.make_vicuna(str(root / "lm"), transformers.AutoTokenizer.from_pretrained(parts[1]), model=lm)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(parts[1], trust_remote_code=False)
+    make_stand_ins.make_vicuna(str(root / "lm"), tokenizer, model=lm)
     return str(root / "clip"), str(root / "lm")
 
 
@@ -266,7 +267,8 @@ def test_a_saved_model_keeps_every_setting_and_transformers_reads_it(uneven_part
         # Ours and transformers' on the saved folder, both loaded, then compared in float64 (see saved_fp64).
         import copy
         ours64 = copy.deepcopy(reloaded).double()
-        hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval().double()
+        hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m", trust_remote_code=False)
+        hf = hf.eval().double()
         logits = ours64(input_ids, pixel_values.double())[0]
         assert (logits - hf(input_ids=input_ids, pixel_values=pixel_values.double()).logits).abs().max() <= 1e-10
     llava.save(model, str(tmp_path / "shards"), max_shard_size="100KB")
@@ -560,7 +562,7 @@ def tokenizers(parts, tmp_path_factory):
     with legacy true, LLaMA's real vocabulary both ways, and a byte-level BPE without BOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     root = tmp_path_factory.mktemp("tokenizers")
-    found = {"vicuna": transformers.AutoTokenizer.from_pretrained(parts[1]),
+    found = {"vicuna": transformers.AutoTokenizer.from_pretrained(parts[1], trust_remote_code=False),
              "sentencepiece-legacy": make_stand_ins.make_tokenizer(str(root / "legacy"), TEXTS, 320, legacy=True)}
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
@@ -926,7 +928,8 @@ def test_lm_stand_in_pretraining_reads_the_scene(toy_world, tmp_path):
     tokenizer = make_stand_ins.make_tokenizer(str(tmp_path / "tok"), [t["value"] for s in samples for t in s["conversations"]], 400)
     make_stand_ins.pretrain_lm(str(tmp_path / "lm"), tokenizer, itertools.cycle(right), steps=60, batch=16, lr=3e-3, width=64,
                     layers=2)
-    lm = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "lm"), dtype=torch.float32)
+    lm = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "lm"), trust_remote_code=False,
+                                                       dtype=torch.float32)
     with torch.no_grad():
         losses = [lm(**make_stand_ins.scene_inputs(lm, tokenizer, make_stand_ins.scene_rows(tokenizer, pairs))).loss.item()
                   for pairs in (right, shuffled)]
@@ -1484,7 +1487,8 @@ def test_bf16_mixed_precision_under_fsdp_runs(train_setup, tmp_path):
     losses = [m["loss"] for m in metrics(tmp_path)]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert {w.dtype for w in exported(tmp_path).values()} == {torch.bfloat16}
-    assert transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "model").dtype == torch.bfloat16
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "model", trust_remote_code=False)
+    assert hf.dtype == torch.bfloat16
 
 
 @pytest.mark.slow
@@ -3028,7 +3032,7 @@ def test_the_papers_gpu_commands_on_the_real_formats(parts, toy_world, tmp_path)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
     model_dir = str(tmp_path / "s2" / "model")
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(model_dir, trust_remote_code=False).eval()
     ours = llava.load(model_dir).eval()
     question = [{"from": "human", "value": "What color is the circle?\n<image>"}]
     picture = data.load_image(world / "images" / samples[0]["image"])
@@ -3060,19 +3064,21 @@ def llava_hf(parts, tmp_path_factory):
     """A llava-hf checkpoint as transformers writes one: LlavaForConditionalGeneration in float16, the
     Vicuna tokenizer with <image> and <pad> added, a LlavaProcessor with its chat template."""
     path = tmp_path_factory.mktemp("llava_hf")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(parts[1])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(parts[1], trust_remote_code=False)
     tokenizer.add_tokens([transformers.AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    text_config = transformers.AutoConfig.from_pretrained(parts[1])
+    text_config = transformers.AutoConfig.from_pretrained(parts[1], trust_remote_code=False)
     text_config.vocab_size = len(tokenizer)
-    config = transformers.LlavaConfig(vision_config=transformers.AutoConfig.from_pretrained(parts[0]).vision_config,
+    vision_config = transformers.AutoConfig.from_pretrained(parts[0], trust_remote_code=False).vision_config
+    config = transformers.LlavaConfig(vision_config=vision_config,
                                       text_config=text_config, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                                       image_seq_length=16, vision_feature_layer=-2, projector_hidden_act="gelu",
                                       vision_feature_select_strategy="default", pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(5)
     transformers.LlavaForConditionalGeneration(config).to(torch.float16).save_pretrained(path)
-    transformers.LlavaProcessor(image_processor=transformers.CLIPImageProcessor.from_pretrained(parts[0]),
-                                tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+    image_processor = transformers.CLIPImageProcessor.from_pretrained(parts[0], trust_remote_code=False)
+    transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                vision_feature_select_strategy="default",
                                 num_additional_image_tokens=1, chat_template=LLAVA_HF_CHAT_TEMPLATE).save_pretrained(path)
     return str(path)
 
@@ -3085,7 +3091,7 @@ def test_a_llava_hf_checkpoint_reads_and_answers_as_transformers_does(llava_hf, 
     assert ours.template.name == "llava15"
     question = [{"from": "human", "value": "What is in the image?\n<image>"}]  # the data's suffix form
     text, _ = data.conversation_text(question, ours.template, image=True)
-    processor = transformers.AutoProcessor.from_pretrained(llava_hf)
+    processor = transformers.AutoProcessor.from_pretrained(llava_hf, trust_remote_code=False)
     chat_prompt = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "What is in the image?"}]}], add_generation_prompt=True)
     assert text.endswith(" " + chat_prompt)  # "USER: <image>\nWhat is in the image? ASSISTANT:"
@@ -3094,7 +3100,8 @@ def test_a_llava_hf_checkpoint_reads_and_answers_as_transformers_does(llava_hf, 
     input_ids, pixel_values = ours.prepare(question, picture)
     assert input_ids.tolist() == inputs["input_ids"].tolist()
     assert torch.allclose(pixel_values, inputs["pixel_values"])
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(llava_hf, dtype=torch.float32).eval()
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(llava_hf, trust_remote_code=False,
+                                                                    dtype=torch.float32).eval()
     ref = hf.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=[], pad_token_id=0)
     assert list(ours.generate(input_ids, pixel_values, max_new_tokens=8, stop="")) == ref[0, input_ids.shape[1]:].tolist()
     picture.save(tmp_path / "green.png")
@@ -3167,8 +3174,8 @@ def test_gradients_stay_sharded_while_they_accumulate(train_setup, tmp_path):
 def vicuna_sized_vocabulary(parts, tmp_path_factory):
     """A Vicuna-format LM with Vicuna's 32,000-word vocabulary: 40M parameters, 80 MB in float16."""
     path = str(tmp_path_factory.mktemp("big") / "lm")
-    make_stand_ins.make_vicuna(path, transformers.AutoTokenizer.from_pretrained(parts[1]), width=512, layers=2, heads=8,
-                    vocab_size=32000)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(parts[1], trust_remote_code=False)
+    make_stand_ins.make_vicuna(path, tokenizer, width=512, layers=2, heads=8, vocab_size=32000)
     return path
 
 
@@ -3285,7 +3292,7 @@ def check_stand_ins(root):
     assert os.path.exists(os.path.join(lm, "tokenizer.model")) and not os.path.exists(os.path.join(lm, "tokenizer.json"))
     tokenizer_config = json.load(open(os.path.join(lm, "tokenizer_config.json")))
     assert tokenizer_config["legacy"] is False and tokenizer_config["pad_token"] is None
-    tokenizer = transformers.AutoTokenizer.from_pretrained(lm)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(lm, trust_remote_code=False)
     assert tokenizer("The circle").input_ids[0] == tokenizer.bos_token_id and tokenizer.pad_token is None
     towers = {k.split(".")[0] for k in load_file(os.path.join(clip, "model.safetensors"))}
     assert {"text_model", "vision_model"} <= towers
