@@ -14,38 +14,38 @@ def coco_annotations(captions_file, instances_file):
                             (instances_file, instances, ["images", "categories", "annotations"])]:
         if not isinstance(obj, dict) or not all(isinstance(obj.get(k), list) for k in keys):
             raise SystemExit(f"{path}: not a COCO file (needs lists {', '.join(keys)})")
-    where = instances_file, "images"
+    reading = instances_file, "images"
     try:
-        images = {im["id"]: im for im in instances["images"]}
-        where = instances_file, "categories"
+        images = {image["id"]: image for image in instances["images"]}
+        reading = instances_file, "categories"
         names = {c["id"]: c["name"] for c in instances["categories"]}
-        out = {}
-        for i, im in images.items():
-            if not all(isinstance(im.get(k), (int, float)) and im[k] > 0 for k in ("width", "height")):
-                print(f"skipped image {i} ({instances_file}): width {im.get('width')!r}, height "
-                      f"{im.get('height')!r}; its boxes cannot be normalized", file=sys.stderr)
+        found = {}
+        for image_id, image in images.items():
+            if not all(isinstance(image.get(k), (int, float)) and image[k] > 0 for k in ("width", "height")):
+                print(f"skipped image {image_id} ({instances_file}): width {image.get('width')!r}, height "
+                      f"{image.get('height')!r}; its boxes cannot be normalized", file=sys.stderr)
                 continue
-            out[i] = (im["file_name"], [], [])
-        where = captions_file, "annotations"
-        for a in captions["annotations"]:
-            if a["image_id"] in out:
-                out[a["image_id"]][1].append(a["caption"].strip())
-        where = instances_file, "annotations"
-        for a in instances["annotations"]:
-            if a["image_id"] not in out:  # instances of an image that is not listed (or was skipped above)
+            found[image_id] = (image["file_name"], [], [])
+        reading = captions_file, "annotations"
+        for entry in captions["annotations"]:
+            if entry["image_id"] in found:
+                found[entry["image_id"]][1].append(entry["caption"].strip())
+        reading = instances_file, "annotations"
+        for entry in instances["annotations"]:
+            if entry["image_id"] not in found:  # instances of an image that is not listed (or was skipped above)
                 continue
-            W, H = images[a["image_id"]]["width"], images[a["image_id"]]["height"]
-            x, y, w, h = (float(v) for v in a["bbox"])
+            W, H = images[entry["image_id"]]["width"], images[entry["image_id"]]["height"]
+            x, y, w, h = (float(v) for v in entry["bbox"])
             box = [x / W, y / H, (x + w) / W, (y + h) / H]
-            out[a["image_id"]][2].append(f"{names[a['category_id']]}: [{', '.join(f'{v:.3f}' for v in box)}]")
+            found[entry["image_id"]][2].append(f"{names[entry['category_id']]}: [{', '.join(f'{v:.3f}' for v in box)}]")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise SystemExit(f"{where[0]}: not a COCO file: an entry of its {where[1]} is malformed "
+        raise SystemExit(f"{reading[0]}: not a COCO file: an entry of its {reading[1]} is malformed "
                          f"({type(e).__name__}: {e})") from None
-    uncaptioned = [i for i, (_, captions, _) in out.items() if not captions]
+    uncaptioned = [i for i, (_, captions, _) in found.items() if not captions]
     if uncaptioned:  # the teacher would describe them from boxes alone: a subset of the captions was given
         print(f"skipped {len(uncaptioned)} images of {instances_file} that {captions_file} has no caption for "
               f"(e.g. image {uncaptioned[0]})", file=sys.stderr)
-    return {i: a for i, a in out.items() if a[1]}
+    return {i: image for i, image in found.items() if image[1]}  # (file name, captions, boxes)
 
 
 TEACHER_FIELDS = ["id", "image", "conversations", "teacher"]  # a row of the teacher's JSONL
