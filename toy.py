@@ -171,7 +171,7 @@ def exists_question(objects, rng, hard=False):
     return f"{color} {shape}", "no", is_trap
 
 
-def listed(objects):
+def objects_in_words(objects):
     """'a red circle', 'a red circle and a blue square', ... in reading order."""
     return and_list([f"a {name(o)}" for o in sorted(objects, key=lambda o: (o["row"], o["col"]))])
 
@@ -194,7 +194,8 @@ def ask_shape(objects, rng):
 def ask_count(objects, rng):
     what = rng.choice(SHAPES + ["object"])
     matching = [o for o in objects if what in ("object", o["shape"])]
-    told = f"I see {listed(matching)}: {plural(len(matching), what)}." if matching else f"There are no {what}s."
+    told = f"I see {objects_in_words(matching)}: {plural(len(matching), what)}." if matching else \
+        f"There are no {what}s."
     return f"How many {what}s are there?", told, str(len(matching))
 
 
@@ -208,31 +209,31 @@ def ask_existence(objects, rng, hard=False):
     thing, answer, _ = exists_question(objects, rng, hard)
     color = thing.split()[0]
     same_color = [o for o in objects if o["color"] == color]  # a trap has these, in other shapes
-    seen = f"I see {listed(same_color)}" if same_color else f"I see nothing {color}"
+    seen = f"I see {objects_in_words(same_color)}" if same_color else f"I see nothing {color}"
     told = f"{seen}, so yes, there is a {thing} in the image." if answer == "yes" else \
         f"{seen}, so no, there is no {thing} in the image."
     return f"Is there a {thing} in the image?", told, answer
 
 
-ASK = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
+QUESTION_MAKERS = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
        "existence": ask_existence}
 
 
 def conversation_turns(objects, rng):
     """Questions with definite answers: colors, shapes, counts, positions, existence."""
-    turns = [qa[:2] for ask in ASK.values() if (qa := ask(objects, rng))]
+    turns = [qa[:2] for ask in QUESTION_MAKERS.values() if (qa := ask(objects, rng))]
     rng.shuffle(turns)
     return turns[:rng.randint(2, 4)]
 
 
-def describe(objects):
+def description(objects):
     parts = [f"The image shows {plural(len(objects), 'object')} on a white background."]
     for o in objects:
         parts.append(f"A {o['size']} {name(o)} is {where(o)}.")
     return " ".join(parts)
 
 
-def reason(objects, rng):
+def reasoning_turn(objects, rng):
     """One question that needs a step: comparing positions or sizes, or counting after a change."""
     named_once = [o for o in objects if sum(name(p) == name(o) for p in objects) == 1]  # "the red circle" is one
     if len(named_once) >= 2 and rng.random() < 0.7:
@@ -260,9 +261,9 @@ def teacher(symbolic_rep, kind, rng):
     if kind == "conversation":
         turns = conversation_turns(objects, rng)
     elif kind == "detail":
-        turns = [(rng.choice(data.DETAILED), describe(objects))]
+        turns = [(rng.choice(data.DETAILED), description(objects))]
     elif kind == "reasoning":
-        turns = [reason(objects, rng)]
+        turns = [reasoning_turn(objects, rng)]
     elif kind == "brief":  # stage 1: a brief instruction answered by the caption
         turns = [(rng.choice(data.BRIEF), symbolic_rep["captions"][0])]
     else:
@@ -302,7 +303,7 @@ def mc_sample(objects, category, rng, image_first=False, hard=False):
         fact = f"The {name(o)} is {where(o)}, so it is in the {right} {axis}."  # the place, then the axis
         options = OPTIONS[axis]
     else:
-        asked = ask_existence(objects, rng, hard) if category == "existence" else ASK[category](objects, rng)
+        asked = ask_existence(objects, rng, hard) if category == "existence" else QUESTION_MAKERS[category](objects, rng)
         if asked is None:
             return None
         question, fact, right = asked
@@ -348,8 +349,8 @@ def make_world(out, n_images=2000, n_eval=500, seed=0, mc_train=1, mc_eval=2):
         image_id = f"toy_{i:06d}"
         image_file = f"{image_id}.png"
         draw(objects).save(os.path.join(out, "images", image_file))
-        rep = symbolic(objects)
-        files["symbolic"].append({"id": image_id, "image": image_file, **rep})
+        symbolic_rep = symbolic(objects)
+        files["symbolic"].append({"id": image_id, "image": image_file, **symbolic_rep})
         for j, mc in enumerate(questions):
             extra = {"category": mc["category"], "answer": mc["letter"]} if is_eval else {}
             files["eval" if is_eval else "mc_train"].append(
@@ -357,7 +358,8 @@ def make_world(out, n_images=2000, n_eval=500, seed=0, mc_train=1, mc_eval=2):
         kinds = ["conversation"] if is_eval else ["brief", "conversation", "detail", "reasoning"]
         for kind in kinds:
             key = "eval_chat" if is_eval else {"brief": "stage1"}.get(kind, kind)
-            files[key].append({"id": f"{image_id}_{kind}", "image": image_file, "conversations": teacher(rep, kind, rng)})
+            files[key].append({"id": f"{image_id}_{kind}", "image": image_file,
+                               "conversations": teacher(symbolic_rep, kind, rng)})
     files["instruct"] = files["conversation"] + files["detail"] + files["reasoning"] + files["mc_train"]
     rng.shuffle(files["instruct"])
     for key, samples in files.items():
@@ -425,7 +427,8 @@ def image_first(questions):
 
 
 FACT_WORDS = set(COLORS) | set(SHAPES) | set(ROWS) | set(COLS) | {"0", "1", "2", "3", "yes", "no", "nothing"}
-ASKED = {"What color": "color", "What shape": "shape", "How many": "count", "Where is": "position", "Is there": "existence"}
+CATEGORY_BY_QUESTION = {"What color": "color", "What shape": "shape", "How many": "count", "Where is": "position",
+                        "Is there": "existence"}
 
 
 def facts(text):
@@ -453,7 +456,7 @@ def chat_eval(model, samples, images, batch_size=32):
             for k, answer in zip(batch, answers):
                 conversations[k].append({"from": "gpt", "value": answer})
                 question, teacher_answer = conversations[k][-2]["value"], samples[k]["conversations"][2 * turn + 1]["value"]
-                category = next(c for q, c in ASKED.items() if q in question)
+                category = next(c for q, c in CATEGORY_BY_QUESTION.items() if q in question)
                 rows.append({"id": samples[k]["id"], "image": samples[k]["image"], "turn": turn, "category": category,
                              "question": question.replace(f"{data.IMAGE}\n", ""), "answer": answer,
                              "teacher": teacher_answer, "right": facts(answer) == facts(teacher_answer)})
