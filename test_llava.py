@@ -614,6 +614,21 @@ def test_llava15_puts_the_image_first_and_the_paper_keeps_it_in_place(tokenizers
     assert tok.decode(ids).count("<image>") == 3
 
 
+def test_render_never_changes_the_tokenizer(parts):
+    """render() is pure: a tokenizer without <image> renders text alone, and is refused an image rather than
+    grown; add_image_token, called where a tokenizer is loaded, adds it once."""
+    tok = transformers.AutoTokenizer.from_pretrained(parts[1], trust_remote_code=False)
+    size = len(tok)
+    ids, labels = data.render(CONVERSATION[2:], tok, "paper")
+    assert len(ids) == len(labels) and len(tok) == size
+    with pytest.raises(AssertionError, match="add_image_token"):
+        data.render(CONVERSATION, tok, "paper", 7, 3)
+    assert len(tok) == size
+    image_id = data.add_image_token(tok)
+    assert data.add_image_token(tok) == image_id and len(tok) == size + 1
+    assert data.render(CONVERSATION, tok, "paper", image_id, 3)[0].count(image_id) == 3
+
+
 @pytest.mark.parametrize("template,stop", [("paper", "###"), ("llava15", "</s>")])
 def test_an_answer_holding_the_stop_string_is_a_bad_sample(tokenizers, template, stop):
     conversation = [CONVERSATION[0], {"from": "gpt", "value": f"Red.{stop} Human: more"}]
