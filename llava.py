@@ -36,25 +36,6 @@ def shifted_targets(labels):
     return targets, targets != data.IGNORE
 
 
-def layers_needed(n_layers, feature_layer):
-    """How many of a tower's n layers Z_v needs: hidden state i is the output of layer i (0: the input)."""
-    return range(n_layers + 1)[feature_layer]
-
-
-def pass_through(hidden_states, *args, **kwargs):
-    return hidden_states
-
-
-def skip_layers_after(vision_tower, feature_layer):
-    """An optimisation, made once where the model is built or loaded: Z_v is one hidden state, and
-    the layers after it cannot change it, so they pass their input on instead of running (for the
-    paper's -2, CLIP's last layer: its FLOPs and activations). Their weights stay: a saved model is
-    whole, and hidden_states[feature_layer] is still Z_v."""
-    layers = getattr(getattr(vision_tower, "encoder", None), "layers", [])
-    for layer in layers[layers_needed(len(layers), feature_layer):]:
-        layer.forward = pass_through
-
-
 class LLaVA(nn.Module):
     def __init__(self, vision_tower, language_model, tokenizer, image_processor, projector="mlp2x_gelu",
                  feature_layer=-2, keep_cls=False, image_token_id=None, template="paper"):
@@ -79,15 +60,12 @@ class LLaVA(nn.Module):
         self.vision_tower.eval()  # frozen: no dropout, whatever the rest does
         return self
 
-    @property
-    def context_size(self):  # the most positions f_phi reads: prompt and answer together
-        return getattr(self.language_model.config, "max_position_embeddings", None) or 4096
-
     def encode_images(self, pixel_values):
         """X_v (B, 3, H, W) -> H_v (B, N_v, D), the visual tokens in the word-embedding space."""
         with torch.no_grad():  # g is frozen: no activations kept for backward
             # Z_v = g(X_v): the grid features of one layer; the paper's default is the one before
-            # the last (feature_layer=-2). Position 0 is CLS, dropped unless keep_cls.
+            # the last (feature_layer=-2), and the layers after it do not run (skip_layers_after).
+            # Position 0 is CLS, dropped unless keep_cls.
             out = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True)
             Z_v = out.hidden_states[self.feature_layer]  # (B, 1 + N, D_v)
             Z_v = Z_v if self.keep_cls else Z_v[:, 1:]  # (B, N_v, D_v)
@@ -130,13 +108,17 @@ class LLaVA(nn.Module):
         targets, has_target = shifted_targets(labels)  # (B, T) each
         logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                      logits_to_keep=has_target).logits  # (N, V)
-        loss = F.cross_entropy(logits.float(), targets[has_target], reduction="sum")
+        loss = F.cross_entropy(logits.float(), targets[has_target], reduction="sum")  # Eq. 3, summed
         assert reduction in ("mean", "sum"), reduction
         return logits, loss / has_target.sum().clamp(min=1) if reduction == "mean" else loss
 
     # ------------------------------------------------------------------------------------------
     # Generation (§5.1): one loop, a batch of rows, one token at a time, with a KV cache
     # ------------------------------------------------------------------------------------------
+
+    @property
+    def context_size(self):  # the most positions f_phi reads: prompt and answer together
+        return getattr(self.language_model.config, "max_position_embeddings", None) or 4096
 
     def prepare(self, conversation, image=None):
         """A conversation ending in a human turn (and a PIL image) -> input_ids (1, T), pixel_values."""
@@ -205,8 +187,9 @@ class LLaVA(nn.Module):
     def ends_answer(self, ids, stop):
         """Whether an answer's last token ends it: EOS, or the token that completes the stop string (a
         stop string that has just appeared lies in the last few tokens: only those are decoded)."""
-        return ids[-1] == self.tokenizer.eos_token_id or bool(stop) and stop in self.tokenizer.decode(
-            ids[-len(stop) - 4:])
+        if ids[-1] == self.tokenizer.eos_token_id:
+            return True
+        return bool(stop) and stop in self.tokenizer.decode(ids[-len(stop) - 4:])
 
     def answer_text(self, ids, stop):
         """The text of an answer's ids: without its EOS, up to the stop string."""
@@ -248,6 +231,29 @@ class LLaVA(nn.Module):
     def answer(self, conversation, image=None, **kwargs):
         """The whole answer at once (the one-shot mode): a batch of one."""
         return self.answer_batch([conversation], [image], **kwargs)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# g runs up to its feature layer only
+# ----------------------------------------------------------------------------------------------
+
+def layers_needed(n_layers, feature_layer):
+    """How many of a tower's n layers Z_v needs: hidden state i is the output of layer i (0: the input)."""
+    return range(n_layers + 1)[feature_layer]
+
+
+def pass_through(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+def skip_layers_after(vision_tower, feature_layer):
+    """An optimisation, made once where the model is built or loaded: Z_v is one hidden state, and
+    the layers after it cannot change it, so they pass their input on instead of running (for the
+    paper's -2, CLIP's last layer: its FLOPs and activations). Their weights stay: a saved model is
+    whole, and hidden_states[feature_layer] is still Z_v."""
+    layers = getattr(getattr(vision_tower, "encoder", None), "layers", [])
+    for layer in layers[layers_needed(len(layers), feature_layer):]:
+        layer.forward = pass_through
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1475,7 +1475,7 @@ def metrics(path):
 
 def stage2_args(train_setup, out, *extra):
     common, world = train_setup
-    return common + ["--stage", "2", "--data", str(world / "instruct.json"), "--projector", "none",
+    return common + ["--stage", "2", "--data", str(world / "instruct.json"), "--projector", "random",
                      "--out", str(out), "--global-batch", "8", "--batch-size", "2", "--lr", "1e-3",
                      "--max-steps", "4", "--checkpoint-every", "0", *extra]
 
@@ -3122,7 +3122,7 @@ def test_same_optimizer_step_however_the_global_batch_is_split(train_setup, part
     mix, _ = llava15_mix(world, tmp_path)
     common = ["--vision", parts[0], "--llm", parts[1], "--image-folder", str(world / "images"), "--template", "paper",
               "--workers", "0", "--projector-type", "mlp2x_gelu", "--checkpoint-every", "0", "--stage", "2",
-              "--data", str(mix), "--projector", "none", "--global-batch", "8", "--lr", "1e-3", "--max-steps", "2"]
+              "--data", str(mix), "--projector", "random", "--global-batch", "8", "--lr", "1e-3", "--max-steps", "2"]
     runs = {"1x8": (1, 8), "1x4x2": (1, 4), "2x4": (2, 4), "2x2x2": (2, 2)}
     for name, (nproc, batch) in runs.items():
         run_train(common + ["--batch-size", str(batch), "--out", str(tmp_path / name)], nproc=nproc)
@@ -3160,7 +3160,7 @@ def test_gradients_stay_sharded_while_they_accumulate(train_setup, tmp_path):
     (tmp_path / "check.py").write_text(SHARDED_GRADIENTS)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(tmp_path / "check.py"), *common, "--stage", "2", "--data", str(world / "instruct.json"),
-                             "--projector", "none", "--out", str(tmp_path / "unused")],
+                             "--projector", "random", "--out", str(tmp_path / "unused")],
                             cwd=HERE, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -3593,7 +3593,7 @@ def expand(u, o, command):
     """A case's command line with {placeholders}: the user's files, o (the case's own folder), {train}."""
     import shlex
     train_args = ("train.py --vision {clip} --llm {lm} --image-folder {images} --template paper --workers 0 "
-                  "--projector-type mlp2x_gelu --stage 2 --projector none --data {world}/instruct.json "
+                  "--projector-type mlp2x_gelu --stage 2 --projector random --data {world}/instruct.json "
                   "--global-batch 4 --batch-size 2 --max-steps 1 --checkpoint-every 0 --lr 1e-3 --out {o}/run")
     bench = ("eval.py bench --model {model} --questions {root}/questions.jsonl --context {root}/context.jsonl "
              "--references {root}/references.jsonl --image-folder {root}/bench_images --out {o} --retries 0 "

@@ -67,7 +67,8 @@ def get_args(argv=None):
     p.add_argument("--llm", default="lmsys/vicuna-13b-v1.5", help="language model f_phi (hub id or dir)")
     p.add_argument("--projector-type", choices=["linear", "mlp2x_gelu"],
                    help="linear (the paper; the default) or mlp2x_gelu (LLaVA-1.5; the toy's)")
-    p.add_argument("--projector", default="out/stage1", help="stage 2: the stage-1 output W starts from")
+    p.add_argument("--projector", default="out/stage1",
+                   help="stage 2: the stage-1 output W starts from, or random (stage 1 skipped)")
     p.add_argument("--feature-layer", type=int, default=-2, help="which vision layer gives Z_v (-2: penultimate)")
     p.add_argument("--template", default="paper", choices=list(data.TEMPLATES),
                    help="paper (###) or llava15 (USER:/ASSISTANT:)")
@@ -168,7 +169,7 @@ def load_model(args, rank, device, bf16):
     weights = None
     if rank == 0:
         weights = llava.build(args.vision, args.llm, **options)  # W: random, seeded
-        if args.stage == 2 and args.projector != "none":
+        if args.stage == 2 and args.projector != "random":  # random: stage 1 skipped
             formats.load_projector(weights, args.projector)  # W from stage 1
     if dist.is_initialized():
         with torch.device("meta"):
