@@ -20,6 +20,7 @@ from PIL import Image
 
 import data
 import disk
+import formats
 import llava
 import make_stand_ins
 
@@ -80,7 +81,7 @@ def make_models(size, root):
                                vocab_size=VOCABULARY)
     torch.manual_seed(0)
     ours = llava.build(os.path.join(root, "clip"), os.path.join(root, "lm"), "mlp2x_gelu")
-    llava.save(ours, os.path.join(root, "llava"))
+    formats.save(ours, os.path.join(root, "llava"))
     reference = transformers.LlavaForConditionalGeneration.from_pretrained(os.path.join(root, "llava"), trust_remote_code=False)
     # An untrained model soon writes EOS; let both stop at <unk> instead, which it does not write,
     # so that both generate every token asked for.
@@ -139,8 +140,9 @@ def bench_training(ours, reference, size, stage, repeats, peak):
     lm = ours.language_model
     n_head = lm.get_output_embeddings().weight.numel()
     n_body = sum(p.numel() for p in lm.parameters()) - n_head - lm.get_input_embeddings().weight.numel()
-    n_vision = sum(p.numel() for module in [ours.vision_tower.embeddings, *ours.feature_layers()]
-                   for p in module.parameters())
+    layers = ours.vision_tower.encoder.layers
+    run = [ours.vision_tower.embeddings, *layers[:llava.layers_needed(len(layers), ours.feature_layer)]]
+    n_vision = sum(p.numel() for module in run for p in module.parameters())
     per_param_token = 6 if stage == 2 else 4
     flops = (2 * n_vision * s["batch"] * (n_v + 1) + per_param_token * n_body * ids.numel()
              + per_param_token * n_head * int((labels != data.IGNORE).sum()))
@@ -162,7 +164,7 @@ def profile_training(ours, size, repeats=5):
         optimizer.zero_grad()
 
     with torch.no_grad():
-        vision = statistics.median(timed(lambda: ours.vision_features(pixel_values), repeats))
+        vision = statistics.median(timed(lambda: ours.vision_tower(pixel_values, output_hidden_states=True), repeats))
     forward = statistics.median(timed(lambda: ours(ids, pixel_values, labels=labels)[1], repeats))
     forward_backward = statistics.median(timed(lambda: ours(ids, pixel_values, labels=labels)[1].backward(), repeats))
     whole = statistics.median(timed(step, repeats))
@@ -184,7 +186,7 @@ def bench_generation(ours, reference, size, repeats):
                                      Image.new("RGB", (64, 48), (200, 30, 30)))
 
     def first_ours():
-        next(iter(ours.generate(ids, pixel_values, max_new_tokens=1, stop="")))
+        next(ours.generate(ids, pixel_values, max_new_tokens=1, stop=""))
 
     def first_reference():
         reference.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=1, do_sample=False,

@@ -24,6 +24,7 @@ import chat_api
 import cli
 import data_cli
 import disk
+import formats
 import teacher_files
 from cli import SampleError
 from image_files import load_image
@@ -31,7 +32,7 @@ from sample_checks import (check_conversation, check_image_name, check_scienceqa
                            scienceqa_problems)
 
 IGNORE = -100  # label of a position that is not trained (PyTorch's cross_entropy ignore_index)
-IMAGE = "<image>"  # where the image stands in the first human turn of LLaVA's JSON
+IMAGE = formats.IMAGE  # where the image stands in the first human turn of LLaVA's JSON
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,15 +95,6 @@ def conversation_text(conversations, template, image=False):
     return text, trained
 
 
-def add_image_token(tokenizer):
-    """Add <image> to the tokenizer as a special token if missing, and return its id: one token that never
-    merges with its neighbours, which render() replaces by the image's positions. Called once where a
-    tokenizer is loaded (llava.build, llava.load, `data.py show`), never by render()."""
-    if IMAGE not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]}, replace_extra_special_tokens=False)
-    return tokenizer.convert_tokens_to_ids(IMAGE)
-
-
 def render(conversations, tokenizer, template, image_token_id=None, num_image_tokens=0,
            for_generation=False, max_length=None, sample_id="?"):
     """Turn LLaVA's `conversations` list into (input_ids, labels), the Table 2 sequence, two lists of ints.
@@ -122,7 +114,7 @@ def render(conversations, tokenizer, template, image_token_id=None, num_image_to
     encoded = tokenizer(text, return_offsets_mapping=True)
     # <image> must be one token of its own, or the image's positions would silently be missing
     assert image_token_id is None or encoded["input_ids"].count(placeholder) == 1, \
-        "the tokenizer has no <image> token: call add_image_token(tokenizer) where it is loaded"
+        "the tokenizer has no <image> token: call formats.add_image_token(tokenizer) where it is loaded"
     input_ids, labels = [], []
     for position, (token, (start, end)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
         if token == tokenizer.eos_token_id and start == end and position > 0:
@@ -424,7 +416,6 @@ def main(argv=None):
         print(f"{args.out}: {new} new samples, {skipped} malformed replies skipped")
     elif args.command == "show":
         sample, tokenizer, config = data_cli.show_inputs(args)
-        add_image_token(tokenizer)  # the authors' tokenizer has none
         ids, labels = render(sample["conversations"], tokenizer, args.template or config["template"],
                              config["image_token_id"] if "image" in sample else None, config["num_image_tokens"],
                              sample_id=f"{sample.get('id', args.index)} ({args.file}[{args.index}])")

@@ -296,12 +296,6 @@ def model_fingerprint(path):
     return f"{path}@{hashlib.sha1(repr(listing).encode()).hexdigest()[:12]}"
 
 
-def load_on_device(path):
-    """A saved model to answer with: BF16 on a GPU (as chat.py loads it), FP32 on a CPU."""
-    cuda = torch.cuda.is_available()
-    return llava.load(path, torch.bfloat16 if cuda else torch.float32).to("cuda" if cuda else "cpu").eval()
-
-
 def llava_answers(samples, image_folder, path, model_id, load_model, batch_size=32, max_new_tokens=1024):
     """LLaVA's greedy answer to each sample's question, appended to `path` a batch at a time: a
     rerun answers only what is missing, or what was asked with another question or image since, and loads the
@@ -444,7 +438,7 @@ def main(argv=None):
     except FileNotFoundError as e:
         sys.exit(f"eval.py {args.command}: --model {e}")
     if args.command == "scienceqa":
-        runs = evaluate_scienceqa(args.root, args.split, args.out, model_id, lambda: loaded(args.model, load_on_device),
+        runs = evaluate_scienceqa(args.root, args.split, args.out, model_id, lambda: model_or_exit(args.model),
                                   args.judge_model, args.judge_url, os.environ.get("OPENAI_API_KEY"),
                                   args.batch_size, args.max_new_tokens, temperature=0)
         print(table7(runs))
@@ -462,7 +456,7 @@ def main(argv=None):
         saved_rows(os.path.join(args.out, "reviews.jsonl"), model=model_id, judge=args.judge_model)  # or refused now
         results = evaluate_bench(None, questions, contexts, references, args.image_folder, args.out,
                                  args.judge_url, args.judge_model, os.environ.get("OPENAI_API_KEY"), model_id,
-                                 load_model=lambda: loaded(args.model), timeout=args.timeout, retries=args.retries)
+                                 load_model=lambda: model_or_exit(args.model), timeout=args.timeout, retries=args.retries)
         if results:
             print(bench_table(results))
         missing = len(questions) - results.get("overall", {}).get("n", 0)
@@ -498,7 +492,7 @@ def main(argv=None):
         if made_by != model_id:
             sys.exit(f"--out {args.out}: made by model {made_by!r}, not {model_id!r}; pass another --out, "
                      f"or delete it to start over")
-    model = loaded(args.model)
+    model = model_or_exit(args.model)
     results, rows = evaluate_mc(model, questions, args.image_folder, progress=True)
     blind = None if args.no_blind else evaluate_mc(model, questions, args.image_folder, blank=True, progress=True)[0]
     print(table(results, blind))
@@ -556,10 +550,10 @@ def hold_out(out, program, folder=True):
             from None
 
 
-def loaded(path, load=llava.load):
-    """The model at `path`, or one line that says why it cannot be loaded."""
+def model_or_exit(path):
+    """The model at `path` on this machine's GPU (BF16) or CPU, or one line that says why it cannot be loaded."""
     try:
-        return load(path)
+        return llava.load(path, device="cuda" if torch.cuda.is_available() else "cpu")
     except (OSError, ValueError) as e:
         sys.exit(f"cannot load --model {path}: {cli.one_line(e)}")
 

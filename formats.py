@@ -1,10 +1,12 @@
 """Model folders on disk: a hub id or a path; our layout, llava-hf's and the authors'; weight files
 read one at a time and checked, never a pickle run; configs that ask to run code refused."""
+import contextlib
 import errno
 import json
 import os
 import pickle
 import re
+import shutil
 
 import huggingface_hub
 import torch
@@ -12,6 +14,9 @@ import transformers
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM,
+                          AutoTokenizer)
+from transformers.initialization import no_init_weights
 
 from cli import one_line
 
@@ -40,26 +45,6 @@ def refuse_remote_code(folder):
         if isinstance(config, dict) and "auto_map" in config:
             raise RemoteCodeError(errno.EPERM, f"its configs ask to run their own code (auto_map); this project "
                                                f"never runs it (see {name})", folder)
-
-
-def load_tokenizer_and_config(path):
-    """What data.py needs to render samples for a saved model, without loading its weights."""
-    path = resolve(path)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    if config.get("model_type") == "llava":
-        vc = config["vision_config"]
-        keep_cls = config.get("vision_feature_select_strategy", "default") == "full"
-        return tokenizer, {"template": config.get("llava_template", "llava15"),
-                           "image_token_id": config["image_token_index"],
-                           "num_image_tokens": count_image_tokens(vc["image_size"], vc["patch_size"], keep_cls)}
-    if os.path.isdir(config["mm_vision_tower"]):
-        refuse_remote_code(config["mm_vision_tower"])
-    vision = transformers.AutoConfig.from_pretrained(config["mm_vision_tower"], trust_remote_code=False)
-    vision = getattr(vision, "vision_config", vision)
-    return tokenizer, {"template": authors_template(config), "image_token_id": AUTHORS_IMAGE_TOKEN_ID,
-                       "num_image_tokens": count_image_tokens(vision.image_size, vision.patch_size)}
 
 
 def count_image_tokens(image_size, patch_size, keep_cls=False):
@@ -93,18 +78,243 @@ def weight_patterns(files):
     return ["*.safetensors"] if files is not None else ["*.safetensors", "pytorch_model*.bin"]
 
 
+# ----------------------------------------------------------------------------------------------
+# A saved model's settings: its config.json, read in one place
+# ----------------------------------------------------------------------------------------------
+
+def read_settings(path):
+    """config.json of a saved LLaVA, ours or llava-hf's (model_type "llava") or the authors'
+    ("llava_llama"), as the settings LLaVA takes (projector, feature_layer, keep_cls, image_token_id,
+    template) and its parts: layout, text_config, vision_config (llava-hf's) or vision (the
+    authors': where the vision tower is)."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    if config.get("model_type") == "llava":  # llava-hf, or ours
+        llava = transformers.LlavaConfig.from_dict(config)
+        projector = config.get("llava_projector", "mlp2x_gelu")
+        if projector != "linear" and config.get("projector_hidden_act", "gelu") != "gelu":
+            raise ValueError(f"{path}: projector_hidden_act {config['projector_hidden_act']!r} is not supported")
+        return dict(layout="llava", projector=projector, feature_layer=llava.vision_feature_layer,
+                    keep_cls=llava.vision_feature_select_strategy == "full", image_token_id=llava.image_token_index,
+                    template=config.get("llava_template", "llava15"), text_config=llava.text_config,
+                    vision_config=llava.vision_config, vision=None)
+    if "mm_vision_tower" in config:  # the authors' LlavaLlamaForCausalLM
+        text_config = AutoConfig.for_model("llama", **{k: v for k, v in config.items() if k != "model_type"})
+        return dict(layout="authors", projector=config.get("mm_projector_type", "linear"),
+                    feature_layer=config.get("mm_vision_select_layer", -2),
+                    keep_cls=config.get("mm_vision_select_feature", "patch") == "cls_patch",
+                    image_token_id=AUTHORS_IMAGE_TOKEN_ID, template=authors_template(config), text_config=text_config,
+                    vision_config=None, vision=config["mm_vision_tower"])
+    raise ValueError(f"{path}/config.json: neither a LLaVA (model_type 'llava') nor the authors' "
+                     f"layout (mm_vision_tower); got model_type {config.get('model_type')!r}")
+
+
+IMAGE = "<image>"  # where the image stands in the first human turn of LLaVA's JSON
+
+
+def add_image_token(tokenizer):
+    """Add <image> to the tokenizer as a special token if missing, and return its id: one token that never
+    merges with its neighbours, which render() replaces by the image's positions. Called once where a
+    tokenizer is loaded (load_language_model, load, load_tokenizer_and_config), never by render()."""
+    if IMAGE not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(IMAGE)
+
+
+def load_tokenizer_and_config(path):
+    """What data.py needs to render samples for a saved model, without loading its weights."""
+    path = resolve(path)
+    settings = read_settings(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    add_image_token(tokenizer)  # the authors' tokenizer has none (they mark the image with id -200)
+    vision = settings["vision_config"] or vision_config(settings["vision"])
+    n_v = count_image_tokens(vision.image_size, vision.patch_size, settings["keep_cls"])
+    return tokenizer, {"template": settings["template"], "image_token_id": settings["image_token_id"],
+                       "num_image_tokens": n_v}
+
+
 def authors_template(config):
     return "llava15" if config.get("mm_projector_type", "linear") != "linear" else "paper"
+
+
+# ----------------------------------------------------------------------------------------------
+# g and f_phi from pretrained models, by hub id or folder
+# ----------------------------------------------------------------------------------------------
+
+def vision_config(name_or_path):
+    """The config of a CLIP-like model's vision half (or of a vision model on its own)."""
+    if os.path.isdir(name_or_path):  # before errors_naming, which would name the folder twice
+        refuse_remote_code(name_or_path)
+    with errors_naming(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    if not hasattr(getattr(config, "vision_config", config), "image_size"):
+        raise ValueError(f"{name_or_path}: a {config.model_type} model, not a vision encoder "
+                         f"(--vision and --llm swapped?)")
+    return getattr(config, "vision_config", config)
+
+
+def load_vision_tower(name_or_path, dtype=torch.float32, empty=False):
+    """g and its image processor. empty: its layout only, weights not read (for the meta device)."""
+    config = vision_config(name_or_path)
+    if empty:
+        tower = AutoModel.from_config(config, dtype=dtype)
+    else:
+        with errors_naming(name_or_path), quiet_transformers():  # a CLIP checkpoint also holds a text tower
+            tower = AutoModel.from_pretrained(name_or_path, config=config, dtype=dtype, trust_remote_code=False)
+    return tower, AutoImageProcessor.from_pretrained(name_or_path, backend="pil", trust_remote_code=False)
+
+
+def load_language_model(name_or_path, dtype=torch.float32, empty=False):
+    """f_phi (a causal LM with its head) and its tokenizer, which pads. empty: as load_vision_tower's."""
+    if os.path.isdir(name_or_path):
+        refuse_remote_code(name_or_path)
+    with errors_naming(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{name_or_path}: a {config.model_type} model, not a language model "
+                         f"(--vision and --llm swapped?)")
+    if empty:
+        language_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        with errors_naming(name_or_path):
+            language_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    add_image_token(tokenizer)
+    if tokenizer.pad_token is None:  # LLaMA has none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return language_model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole LLaVA in the llava-hf layout (and the authors' read), W alone after stage 1
+# ----------------------------------------------------------------------------------------------
+
+def save(model, path, state_dict=None, max_shard_size="5GB"):
+    """Write `path` in the llava-hf layout, atomically: a crash leaves the old directory intact.
+
+    state_dict: a full state dict gathered elsewhere (FSDP); default the model's own.
+    """
+    from huggingface_hub import save_torch_state_dict
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    weights = {rename(k, TO_HF): standalone(v) for k, v in state_dict.items()}
+    lm = model.language_model.config
+    if lm.tie_word_embeddings:
+        weights.pop("language_model.lm_head.weight", None)
+    if model.projector_kind == "linear":
+        # transformers' projector is always Linear, act, Linear: write the paper's single Linear W
+        # as Linear W, identity act, Linear I. It computes exactly W · Z_v.
+        W = weights["multi_modal_projector.linear_1.weight"]
+        weights["multi_modal_projector.linear_2.weight"] = torch.eye(W.shape[0], dtype=W.dtype)
+        weights["multi_modal_projector.linear_2.bias"] = torch.zeros(W.shape[0], dtype=W.dtype)
+    config = transformers.LlavaConfig(
+        vision_config=model.vision_tower.config.to_dict(), text_config=lm.to_dict(),
+        image_token_index=model.image_token_id, image_seq_length=model.num_image_tokens,
+        projector_hidden_act="gelu" if model.projector_kind == "mlp2x_gelu" else "linear",
+        vision_feature_layer=model.feature_layer,
+        vision_feature_select_strategy="full" if model.keep_cls else "default",
+        tie_word_embeddings=lm.tie_word_embeddings,
+        llava_projector=model.projector_kind, llava_template=model.template.name)  # ours; transformers ignores them
+    config.architectures = ["LlavaForConditionalGeneration"]
+
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_torch_state_dict(weights, tmp, max_shard_size=max_shard_size)
+    apply_umask(*[os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".safetensors")])
+    config.save_pretrained(tmp)
+    model.tokenizer.save_pretrained(tmp)
+    model.image_processor.save_pretrained(tmp)
+    old = path.rstrip("/") + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(path, make_model, dtype=torch.float32, device="cpu", vision=None, template=None):
+    """A saved LLaVA: ours or llava-hf's, or the authors'. make_model: llava.LLaVA, passed in (the
+    plumbing imports no section file). vision: for the authors' layout, where the tower is if not at
+    `mm_vision_tower`. The model is built on `device` with its weights uninitialized, then filled
+    one weight file at a time: memory holds the model and one file, never a second copy.
+    Strict: a missing, unexpected or mis-shaped weight is an error that names it."""
+    path = resolve(path)
+    settings = read_settings(path)
+    layout, text_config, config = settings.pop("layout"), settings.pop("text_config"), settings.pop("vision_config")
+    vision = vision or settings.pop("vision")
+    settings.update(template=template or settings["template"])
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    add_image_token(tokenizer)  # the authors' tokenizer has none (they mark the image with id -200)
+    files = checkpoint_files(path)
+    if layout == "authors":  # the tower's weights are the pretrained CLIP's
+        vision_tower, processor = load_vision_tower(vision, dtype)
+        vision_tower = vision_tower.to(device)
+    with torch.device(device), no_init_weights():  # the weights come from the files
+        if layout == "llava":
+            vision_tower = AutoModel.from_config(config, dtype=dtype)
+            processor = AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
+        language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+        model = make_model(vision_tower, language_model, tokenizer, processor, **settings)
+    renames = FROM_CHECKPOINT if layout == "llava" else FROM_AUTHORS
+    w_then_identity = model.projector_kind == "linear" and layout == "llava"  # as save() writes W
+    shapes = {rename(k, renames): v for k, v in stored_shapes(files).items()}
+    if w_then_identity:
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("projector.2.")}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if layout == "authors" and not any(k.startswith("vision_tower.") for k in shapes):
+        expected = {k: v for k, v in expected.items() if not k.startswith("vision_tower.")}  # from mm_vision_tower
+    tied = model.language_model.config.tie_word_embeddings
+    check_weights(expected, shapes, tied, path)
+    for file in files:  # one file in memory at a time
+        weights = {rename(k, renames): v for k, v in read_file(file, device).items()}
+        if w_then_identity:
+            I, bias = weights.pop("projector.2.weight", None), weights.pop("projector.2.bias", None)
+            if I is not None and not torch.equal(I, torch.eye(len(I), dtype=I.dtype, device=I.device)) \
+                    or bias is not None and bias.any():
+                raise ValueError(f"{path}: a linear projector needs multi_modal_projector.linear_2 = identity")
+        model.load_state_dict(weights, strict=False)
+        del weights
+    if tied:
+        model.language_model.tie_weights()
+    return model
+
+
+def save_projector(model, path, state_dict=None):
+    """Stage 1's output: W alone (keys 0.weight, 0.bias, ...), written atomically."""
+    from safetensors.torch import save_file
+    state_dict = model.projector.state_dict() if state_dict is None else state_dict
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, path + ".tmp",
+              metadata={"projector": model.projector_kind})
+    apply_umask(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_projector(model, path):
+    """W from stage 1: our projector.safetensors (or a directory holding it), or the authors'
+    mm_projector.bin (read with weights_only=True)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "projector.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no stage-1 projector here; run stage 1 or pass --projector")
+    weights = read_file(path)
+    weights = {re.sub(r"^(model\.)?mm_projector\.", "", k): v for k, v in weights.items()}
+    weights = {"0." + k if k in ("weight", "bias") else k: v for k, v in weights.items()}  # the authors' linear W
+    expected = model.projector.state_dict()
+    misfits = sorted(set(expected) ^ set(weights)) or [k for k in expected if weights[k].shape != expected[k].shape]
+    if misfits:
+        raise ValueError(f"{path}: does not fit this model's {model.projector_kind} projector "
+                         f"(weight {misfits[0]}); was it made for other models?")
+    model.projector.load_state_dict(weights)
 
 
 # ----------------------------------------------------------------------------------------------
 # Weight files: names in each layout, read one file at a time
 # ----------------------------------------------------------------------------------------------
 
-def named(path, read):
-    """read() from `path`; an error that does not say where names it (a corrupt weight file)."""
+@contextlib.contextmanager
+def errors_naming(path):
+    """Reading `path` inside: an error that does not say where (a corrupt weight file) names it."""
     try:
-        return read()
+        yield
     except (OSError, SafetensorError) as e:
         raise ValueError(f"{path}: {one_line(e)}") from None
 
@@ -135,15 +345,15 @@ FROM_AUTHORS = [(r"^model\.mm_projector\.(weight|bias)$", r"projector.0.\1"),  #
                 (r"^lm_head\.", "language_model.lm_head.")]
 
 
-def rename(key, rules):
-    for pattern, replacement in rules:
+def rename(key, renames):
+    for pattern, replacement in renames:
         new_key, n = re.subn(pattern, replacement, key)
         if n:
             return new_key
     return key
 
 
-def usual_mode(*paths):
+def apply_umask(*paths):
     """safetensors writes its files readable by their owner alone; give them what the user's umask
     gives any new file."""
     umask = os.umask(0)
@@ -152,7 +362,7 @@ def usual_mode(*paths):
         os.chmod(path, 0o666 & ~umask)
 
 
-def own_storage(tensor):
+def standalone(tensor):
     """A tensor that safetensors can write: a copy if it is a view into a larger storage (as the
     full state dict gathered from FSDP shards can hold)."""
     tensor = tensor.detach().contiguous()
@@ -175,7 +385,8 @@ def read_file(file, device="cpu"):
     """One weight file's tensors: safetensors straight onto `device`; a .bin read with
     weights_only=True (no code from the file is run) and memory-mapped."""
     if file.endswith(".safetensors"):
-        return named(file, lambda: load_file(file, device=str(device)))
+        with errors_naming(file):
+            return load_file(file, device=str(device))
     try:
         return torch.load(file, map_location=device, weights_only=True, mmap=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:  # empty, cut short, or code in it
@@ -190,7 +401,7 @@ def stored_shapes(files):
     shapes = {}
     for file in files:
         if file.endswith(".safetensors"):
-            with named(file, lambda: safe_open(file, "pt")) as f:
+            with errors_naming(file), safe_open(file, "pt") as f:
                 shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         else:
             shapes.update({k: tuple(v.shape) for k, v in read_file(file).items()})
@@ -219,6 +430,3 @@ class quiet_transformers:
 
     def __exit__(self, *exc):
         transformers.logging.set_verbosity(self.level)
-
-
-# ----------------------------------------------------------------------------------------------

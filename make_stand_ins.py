@@ -25,6 +25,7 @@ from transformers import (AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPMod
 import data
 import disk
 import eval as evaluation
+import formats
 import llava
 from toy import (CATEGORIES, CELL, COLS, GRID, ROWS, STAND_INS, held_out, make_world, mc_sample, scene, symbolic,
                  teacher)
@@ -215,7 +216,7 @@ def pretrain_lm(path, tokenizer, reading, steps=1000, batch=16, lr=1e-3, noise=0
     the paper's "visual tokenizer for the frozen LLM". The cells are read through a little noise,
     so that the LM leans on the words' own directions, the ones stage 1's captions constrain."""
     model = make_vicuna(path, tokenizer, width=width, layers=layers, heads=4)
-    data.add_image_token(tokenizer)  # after the LM is made: <image> is never embedded, the cells are
+    formats.add_image_token(tokenizer)  # after the LM is made: <image> is never embedded, the cells are
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
     for _ in tqdm(range(steps), desc="LM stand-in", dynamic_ncols=True):
@@ -261,7 +262,7 @@ def probe(lm_dir, n=60, seed=12345):
     the compositional trap: "I see a red square, so no, there is no red circle")."""
     tokenizer = AutoTokenizer.from_pretrained(lm_dir, trust_remote_code=False)
     lm = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32, trust_remote_code=False).eval()
-    data.add_image_token(tokenizer)
+    formats.add_image_token(tokenizer)
     rng, results, existence = random.Random(seed), {}, {}
     for order in ("image last", "image first"):
         results[order] = {}

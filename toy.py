@@ -399,7 +399,7 @@ def demo(args):
         print("[2/5] stage 1 skipped (--no-stage1): W starts random")
     print("[3/5] stage 2: fine-tuning end to end (W and the LLM)")
     train.train(train.get_args(["--stage", "2", "--data", stage2_data, "--out", os.path.join(out, "stage2"),
-                                "--projector", "none" if args.no_stage1 else os.path.join(out, "stage1"),
+                                "--projector", "random" if args.no_stage1 else os.path.join(out, "stage1"),
                                 "--lr", "1e-3", "--global-batch", "16", "--batch-size", "16", "--epochs", "1"] + common))
 
     print("[4/5] evaluation (§5): held-out multiple choice, the image last and first, and the chat's answers")

@@ -68,7 +68,8 @@ def get_args(argv=None):
     p.add_argument("--llm", default="lmsys/vicuna-13b-v1.5", help="language model f_phi (hub id or dir)")
     p.add_argument("--projector-type", choices=["linear", "mlp2x_gelu"],
                    help="linear (the paper; the default) or mlp2x_gelu (LLaVA-1.5; the toy's)")
-    p.add_argument("--projector", default="out/stage1", help="stage 2: the stage-1 output W starts from")
+    p.add_argument("--projector", default="out/stage1",
+                   help="stage 2: the stage-1 output W starts from, or random (stage 1 skipped)")
     p.add_argument("--feature-layer", type=int, default=-2, help="which vision layer gives Z_v (-2: penultimate)")
     p.add_argument("--template", default="paper", choices=list(data.TEMPLATES),
                    help="paper (###) or llava15 (USER:/ASSISTANT:)")
@@ -169,8 +170,8 @@ def load_model(args, rank, device, bf16):
     weights = None
     if rank == 0:
         weights = llava.build(args.vision, args.llm, **options)  # W: random, seeded
-        if args.stage == 2 and args.projector != "none":
-            llava.load_projector(weights, args.projector)  # W from stage 1
+        if args.stage == 2 and args.projector != "random":  # random: stage 1 skipped
+            formats.load_projector(weights, args.projector)  # W from stage 1
     if dist.is_initialized():
         with torch.device("meta"):
             model = llava.build(args.vision, args.llm, empty=True, **options)
@@ -524,8 +525,8 @@ def accumulate(model, micro_batches, n_tokens, world_size, device, autocast):
     for batch in micro_batches:
         pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
         with autocast:
-            _, loss, _ = model(batch["input_ids"].to(device), pixel_values, batch["attention_mask"].to(device),
-                               labels=batch["labels"].to(device), num_items=1)  # the summed token loss
+            _, loss = model(batch["input_ids"].to(device), pixel_values, batch["attention_mask"].to(device),
+                            labels=batch["labels"].to(device), reduction="sum")
         (loss * world_size / n_tokens).backward()
         loss_sum += loss.item()
     return loss_sum
@@ -569,9 +570,9 @@ def export(model, args, rank, dtype):
             state[name] = full.detach().to("cpu", dtype if full.is_floating_point() else full.dtype)
     if rank == 0:
         if args.stage == 1:
-            llava.save_projector(model, os.path.join(args.out, "projector.safetensors"), state)
+            formats.save_projector(model, os.path.join(args.out, "projector.safetensors"), state)
         else:
-            llava.save(model, os.path.join(args.out, "model"), state_dict=state)
+            formats.save(model, os.path.join(args.out, "model"), state_dict=state)
 
 
 def main():
