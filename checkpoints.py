@@ -192,6 +192,16 @@ def check_inputs(args, saved, now):
     return None
 
 
+def fingerprint_inputs(args, run, rank):
+    """The inputs' fingerprints on rank 0, which alone has read the weights (None on the others). A resumed
+    run whose inputs changed since it started stops, every rank together."""
+    inputs = input_fingerprints(args) if rank == 0 else None
+    problem = check_inputs(args, run.get("inputs"), inputs) if rank == 0 and args.resume else None
+    if distributed.all_sum(problem is not None):
+        raise SystemExit(problem or f"rank {rank}: rank 0 refuses to resume (see its message)")
+    return inputs
+
+
 def record_start(args, run, inputs, start_step):
     """A new run keeps its settings and its inputs' content in run.json; a resumed one drops the metrics
     of the steps after its checkpoint, which it trains again."""
@@ -202,6 +212,17 @@ def record_start(args, run, inputs, start_step):
     rows = [r for r in disk.read_jsonl(metrics) if r["step"] <= start_step]
     with open(metrics, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def stopped_by_ctrl_c(out):
+    """The one line of a run stopped by Ctrl-C: after which step, and how to go on."""
+    if not os.path.exists(os.path.join(out, "run.json")):
+        return "stopped by Ctrl-C before the first step; nothing was saved"
+    steps = [r["step"] for r in disk.read_jsonl(os.path.join(out, "metrics.jsonl"))]
+    latest = os.path.join(out, "checkpoints", "latest")
+    saved = f"its checkpoint {open(latest).read()}" if os.path.exists(latest) else "step 0 (no checkpoint yet)"
+    return (f"stopped by Ctrl-C after step {max(steps, default=0)}; the same command with --resume continues "
+            f"from {saved} in {out}")
 
 
 def left_to_resume(out):

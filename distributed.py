@@ -113,10 +113,12 @@ def timed_out(e):
     return "RANK" in os.environ and any("timed out" in str(x).lower() for x in cli.causes(e))
 
 
-def who_went_silent(folder, timeout):
-    """What a rank whose collective timed out after `timeout` minutes says about the others."""
+def timed_out_message(folder, timeout, kept):
+    """The one line of a rank whose collective waited `timeout` minutes: which ranks went silent (their
+    heartbeats in `folder`), and what the run keeps (`kept`, a phrase)."""
     silent = silent_ranks(folder, int(os.environ["WORLD_SIZE"]), min(30.0, timeout * 30))
-    if not silent:
-        return "another process gave no word (every rank is alive: one hangs, or waits for a slow disk)"
-    return (f"rank {', '.join(map(str, silent))} stopped answering ({max(silent.values()):.0f} s without a "
-            f"heartbeat: stopped, killed, or its node is gone)")
+    who = (f"rank {', '.join(map(str, silent))} stopped answering ({max(silent.values()):.0f} s without a "
+           f"heartbeat: stopped, killed, or its node is gone)" if silent else
+           "another process gave no word (every rank is alive: one hangs, or waits for a slow disk)")
+    return (f"rank {os.environ['RANK']}: {who}; the collective waited --timeout {timeout:g} minutes. The run stops, "
+            f"and {kept}. Run the same command with --resume, or a larger --timeout if the wait was expected")

@@ -12,7 +12,7 @@ Many GPUs, one node or several (FSDP2, BF16):
 Resume an interrupted run exactly where it stopped: add --resume.
 """
 import argparse
-import dataclasses
+import collections
 import math
 import os
 import time
@@ -37,25 +37,16 @@ import llava
 
 # ----------------------------------------------------------------------------------------------
 # §4.2: what each stage trains, in which dtype, and what it exports. This table alone decides
-# load_model's freezing and dtypes, and export's part and dtype.
+# load_model's freezing and dtypes and export's part and dtype. What trains is FP32, and so is Adam's
+# state; what stays frozen (g, always) is in the compute dtype: BF16 with --dtype bf16 (the GPUs'
+# default), half the memory. "compute": the dtype it was computed in.
 # ----------------------------------------------------------------------------------------------
 
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    trains: frozenset  # the parts of the model whose weights change; the rest (always g) is frozen
-    starts_from_w: bool  # W is read from --projector (stage 1's export) instead of starting random
-    exports: str  # "projector": W alone, which stage 2 starts from; "model": the whole model, llava-hf layout
-    export_dtype: str  # "fp32", or "compute": the dtype it was computed in (BF16 on GPUs: half of FP32)
-
-
-STAGES = {
-    1: Stage(trains=frozenset({"projector"}), starts_from_w=False, exports="projector", export_dtype="fp32"),
-    2: Stage(trains=frozenset({"projector", "language_model"}), starts_from_w=True, exports="model",
-             export_dtype="compute"),
-}
-# What trains is FP32, and so is Adam's state; what stays frozen is in the compute dtype (BF16 with
-# --dtype bf16, the default on GPUs), where it takes half the memory.
+Stage = collections.namedtuple("Stage", "trains starts_from_w exports export_dtype")
+STAGES = {  # trains (the rest is frozen)               W from --projector  exports      in
+    1: Stage(frozenset({"projector"}),                   False,              "projector", "fp32"),
+    2: Stage(frozenset({"projector", "language_model"}), True,               "model",     "compute"),
+}  # 1: pre-training for feature alignment; 2: end-to-end fine-tuning
 
 # ----------------------------------------------------------------------------------------------
 # Settings. Defaults are the paper's (Appendix C); a stage's defaults fill what is not given.
@@ -141,10 +132,7 @@ def train(args):
         model = load_model(args, rank, device, bf16)
     except (OSError, ValueError, SafetensorError) as e:  # missing, corrupt, swapped, made for other models
         fail(f"cannot build the model (--vision, --llm, --projector): {cli.one_line(e)}")
-    inputs = checkpoints.input_fingerprints(args) if master else None  # rank 0 alone has read the weights
-    problem = checkpoints.check_inputs(args, run.get("inputs"), inputs) if master and args.resume else None
-    if distributed.all_sum(problem is not None):  # every rank stops together
-        fail(problem or f"rank {rank}: rank 0 refuses to resume (see its message)")
+    inputs = checkpoints.fingerprint_inputs(args, run, rank)  # resumed: stops if they changed since
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Adam without weight decay; cosine schedule with 3% warm-up (Appendix C). fused: one kernel for
@@ -231,16 +219,15 @@ def count_tokens(batches, step, strict_data):
 
 
 def accumulate(model, micro_batches, n_tokens, world_size, device, autocast):
-    """Forward and backward over this rank's micro-batches; gradients add up in .grad. Under FSDP each
-    backward reduce-scatters at once, so each rank accumulates only its shard of the gradients.
-    Every rank runs as many micro-batches as the others: the collectives stay in step.
-    Returns the summed token loss."""
+    """The summed token loss of forward and backward over this rank's micro-batches; gradients add up in
+    .grad. Under FSDP each backward reduce-scatters at once, so each rank accumulates only its shard of
+    the gradients. Every rank runs as many micro-batches as the others: the collectives stay in step."""
     loss_sum = 0.0
     for batch in micro_batches:
         pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
         with autocast:
             _, loss, _ = model(batch["input_ids"].to(device), pixel_values, batch["attention_mask"].to(device),
-                               labels=batch["labels"].to(device), num_items=1)  # the summed token loss
+                               labels=batch["labels"].to(device), num_items=1)  # ids (B, T); loss: a sum
         (loss * world_size / n_tokens).backward()
         loss_sum += loss.item()
     return loss_sum
@@ -256,9 +243,8 @@ def gradient_norm(parameters, clip):
 def log_step(args, progress, step, loss, lr, samples_per_s, skipped):
     """Step `step`'s numbers: on the progress bar, and a row of metrics.jsonl."""
     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
-    disk.append_jsonl(os.path.join(args.out, "metrics.jsonl"), {
-        "stage": args.stage, "step": step, "loss": loss, "lr": lr, "samples_per_s": samples_per_s,
-        "skipped": skipped})
+    disk.append_jsonl(os.path.join(args.out, "metrics.jsonl"), dict(
+        stage=args.stage, step=step, loss=loss, lr=lr, samples_per_s=samples_per_s, skipped=skipped))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,20 +252,14 @@ def log_step(args, progress, step, loss, lr, samples_per_s, skipped):
 # ----------------------------------------------------------------------------------------------
 
 def load_model(args, rank, device, bf16):
-    """g, W and f_phi for this stage, frozen and typed as STAGES says, sharded under torchrun.
-
-    Only rank 0 reads the checkpoints: every rank builds the model on the meta device (no memory),
-    shards it, and receives its shards of rank 0's weights. Host memory holds one copy, and no GPU
-    ever holds a full replica.
-    """
+    """g, W and f_phi for this stage, frozen and typed as STAGES says, sharded under torchrun. Only rank 0
+    reads the checkpoints: every rank builds the model on the meta device (no memory), shards it, and
+    receives its shards of rank 0's weights. Host memory holds one copy; no GPU holds a full replica."""
     stage = STAGES[args.stage]
-    compute = torch.bfloat16 if bf16 else torch.float32
-
-    def dtype(part):
-        return torch.float32 if part in stage.trains else compute
-
+    dtype = {part: torch.float32 if part in stage.trains else torch.bfloat16 if bf16 else torch.float32
+             for part in ("vision_tower", "language_model")}  # W: FP32 from llava.build
     options = dict(projector=args.projector_type, feature_layer=args.feature_layer, template=args.template,
-                   dtype=dtype("language_model"), vision_dtype=dtype("vision_tower"))
+                   dtype=dtype["language_model"], vision_dtype=dtype["vision_tower"])
     weights = None
     if rank == 0:
         weights = llava.build(args.vision, args.llm, **options)  # W: random, seeded, FP32
@@ -310,18 +290,18 @@ def load_model(args, rank, device, bf16):
 
 
 def shard(model, bf16):
-    """FSDP2: each decoder layer of the LLM is one shard group; the rest (the vision tower, W, the
-    embeddings and the head) is the root group. A group's parameters are sharded across ranks and
-    gathered for its forward and backward; its gradients are reduce-scattered, so that each rank
-    keeps only its shard, also while gradients accumulate over micro-batches. The vision tower is
-    gathered with the root at every step: a rank whose batch holds no image then takes part in the
-    same collectives as the others. BF16: compute in BF16, reduce gradients in FP32."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    """FSDP2: each decoder layer of the LLM is a shard group; the rest (g, W, the embeddings, the head) is
+    the root group. A group is gathered for its forward and backward, and its gradients reduce-scattered:
+    each rank keeps only its shard, also while gradients accumulate. g is gathered with the root at
+    every step, so a rank whose batch holds no image takes part in the same collectives as the others.
+    BF16: compute in BF16, reduce gradients in FP32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
     layer_names = set(model.language_model._no_split_modules or [])  # e.g. LlamaDecoderLayer
     for module in model.language_model.modules():
         if type(module).__name__ in layer_names:
-            fully_shard(module, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 def export(model, args, rank, bf16):
@@ -350,9 +330,7 @@ def export(model, args, rank, bf16):
 
 def micro_batches(n_samples, global_batch, batch_size, world_size, rank, start_step, total_steps, seed,
                   lengths=None):
-    """Index lists for this rank's micro-batches, from start_step on.
-
-    Step s of epoch e takes global batch s of a permutation seeded by (seed, e). Each global batch
+    """Index lists for this rank's micro-batches, from start_step on. Step s of epoch e takes global batch s of a permutation seeded by (seed, e). Each global batch
     is cut into micro-batches of batch_size; rank r takes every world_size-th one. The gradient
     summed over all micro-batches of all ranks is the same for any world size.
     lengths: sort each global batch by length before cutting it (LLaVA-1.5's length grouping, inside
@@ -360,6 +338,7 @@ def micro_batches(n_samples, global_batch, batch_size, world_size, rank, start_s
     """
     steps_per_epoch = n_samples // global_batch
     accumulation = global_batch // (batch_size * world_size)
+    assert accumulation * batch_size * world_size == global_batch, "read_samples checks --global-batch"
     batches, permutation, epoch = [], None, None
     for step in range(start_step, total_steps):
         if step // steps_per_epoch != epoch:
@@ -390,17 +369,9 @@ def main():
     except (RuntimeError, CheckpointException) as e:
         if not distributed.timed_out(e):
             raise
-        fail(f"rank {os.environ['RANK']}: {distributed.who_went_silent(args.out, args.timeout)}; the collective "
-             f"waited --timeout {args.timeout:g} minutes. The run stops, and {checkpoints.left_to_resume(args.out)}. "
-             f"Run the same command with --resume, or a larger --timeout if the wait was expected")
+        fail(distributed.timed_out_message(args.out, args.timeout, checkpoints.left_to_resume(args.out)))
     except KeyboardInterrupt:  # Ctrl-C: say where the run stopped and how to go on
-        if not os.path.exists(os.path.join(args.out, "run.json")):
-            fail("stopped by Ctrl-C before the first step; nothing was saved")
-        steps = [r["step"] for r in disk.read_jsonl(os.path.join(args.out, "metrics.jsonl"))]
-        latest = os.path.join(args.out, "checkpoints", "latest")
-        saved = f"its checkpoint {open(latest).read()}" if os.path.exists(latest) else "step 0 (no checkpoint yet)"
-        fail(f"stopped by Ctrl-C after step {max(steps, default=0)}; the same command with --resume continues "
-             f"from {saved} in {args.out}")
+        fail(checkpoints.stopped_by_ctrl_c(args.out))
     distributed.close()  # the model is gone with train's frame: the process group goes before the interpreter
 
 
