@@ -43,7 +43,7 @@ import llava
 # ----------------------------------------------------------------------------------------------
 
 Stage = collections.namedtuple("Stage", "trains starts_from_w exports export_dtype")
-STAGES = {  # trains (the rest is frozen)               W from --projector  exports      in
+STAGES = {  # trains (the rest is frozen)               W from --projector  exports      export dtype
     1: Stage(frozenset({"projector"}),                   False,              "projector", "fp32"),
     2: Stage(frozenset({"projector", "language_model"}), True,               "model",     "compute"),
 }  # 1: pre-training for feature alignment; 2: end-to-end fine-tuning
