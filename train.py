@@ -159,7 +159,7 @@ def train(args):
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master,
                     desc=f"stage {args.stage}", dynamic_ncols=True)
     skipped, started, loss = 0, time.time(), float("nan")
-    for step in progress:  # step + 1 optimizer steps are done at the end of the body
+    for step in progress:  # from 0: the body makes optimizer step step + 1
         batches = [next(loader) for _ in range(accumulation)]  # this rank's share of the global batch
         n_tokens, n_skipped = count_tokens(batches, step, args.strict_data)  # all ranks: the same numbers
         loss_sum = accumulate(model, batches, n_tokens, world_size, device, autocast)
