@@ -10,6 +10,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
 import cli
 
@@ -41,7 +42,6 @@ def close():
         return
     dist.barrier()
     dist.destroy_process_group()
-    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
     _clear_sharding_prop_cache()
     gc.collect()  # FSDP's modules and hooks hold one another: a cycle
 

@@ -344,12 +344,12 @@ def micro_batches(n_samples, global_batch, batch_size, world_size, rank, start_s
         if step // steps_per_epoch != epoch:
             epoch = step // steps_per_epoch
             permutation = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        chunk = permutation[(step % steps_per_epoch) * global_batch:][:global_batch].tolist()
+        step_samples = permutation[(step % steps_per_epoch) * global_batch:][:global_batch].tolist()
         if lengths is not None:
-            chunk.sort(key=lambda i: lengths[i])
-        for a in range(accumulation):
-            i = a * world_size + rank
-            batches.append(chunk[i * batch_size:(i + 1) * batch_size])
+            step_samples.sort(key=lambda i: lengths[i])
+        for j in range(accumulation):
+            i = j * world_size + rank  # this rank's j-th micro-batch is the step's i-th
+            batches.append(step_samples[i * batch_size:(i + 1) * batch_size])
     return batches
 
 
