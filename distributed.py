@@ -10,6 +10,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import _collective_utils, _redistribute
 from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
 import cli
@@ -35,14 +36,18 @@ def setup(timeout=30):
 
 
 def close():
-    """Leave the process group once every rank is done, and let go of what holds it (DTensor's caches
-    keep FSDP's device mesh, and the mesh its process groups): gloo's threads are then joined here,
-    not torn down during interpreter exit, where that can abort a finished run."""
+    """Leave the process group once every rank is done, and let go of what holds it: DTensor's caches keep
+    FSDP's device mesh, and the mesh its process groups. gloo's threads are then joined here, not torn
+    down during interpreter exit, where that can abort a finished run (once in CI). Call it once the
+    model and its optimizer are gone."""
     if not dist.is_initialized():
         return
     dist.barrier()
     dist.destroy_process_group()
     _clear_sharding_prop_cache()
+    _redistribute.clear_redistribute_planner_cache()
+    _redistribute._gen_transform_infos.cache_clear()
+    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
     gc.collect()  # FSDP's modules and hooks hold one another: a cycle
 
 

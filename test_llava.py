@@ -3214,8 +3214,19 @@ for name, p in model.named_parameters():  # after one micro-batch of an accumula
     assert not p.requires_grad or p.grad.to_local().shape[0] <= -(-p.shape[0] // world_size), name
 sys.stdout.write(f"sharded gradients on rank {rank}\\n")  # one write: the two ranks share the pipe
 sys.stdout.flush()
-del model
+del model, dataset, batch, p
 distributed.close()  # as train.py leaves under torchrun
+"""
+
+
+# train.py's main under torchrun, then the threads gloo started that are left when the interpreter
+# would begin to exit.
+MAIN_THEN_THREADS = """
+import os, sys, train
+sys.argv = ["train.py", *sys.argv[1:]]
+train.main()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"rank {os.environ['RANK']}: gloo threads left {[n for n in names if 'gloo' in n]}", flush=True)
 """
 
 
@@ -3232,6 +3243,23 @@ def test_gradients_stay_sharded_while_they_accumulate(train_setup, tmp_path):
                             env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded gradients on rank 0" in result.stdout and "sharded gradients on rank 1" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_finished_torchrun_run_has_joined_gloos_threads_before_the_interpreter_exits(train_setup, tmp_path):
+    """train.py under torchrun ends without a special exit: distributed.close() destroys the process group
+    and lets go of DTensor's caches, which held it, so gloo's threads are joined before the interpreter
+    exits (torn down during its exit, they once aborted a finished run in CI: "terminate called without
+    an active exception"). The run exits 0 and no gloo thread is left."""
+    (tmp_path / "main.py").write_text(MAIN_THEN_THREADS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "main.py"), *stage2_args(train_setup, tmp_path / "run", "--max-steps", "2",
+                                                                     "--checkpoint-every", "1")],
+                            cwd=HERE, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d: gloo threads left \[\]", result.stdout)) == [
+        "rank 0: gloo threads left []", "rank 1: gloo threads left []"], result.stdout[-3000:]
 
 
 @pytest.fixture(scope="session")
