@@ -1573,6 +1573,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(train_se
         crashed = run_train(stage2_args(train_setup, crash, "--max-steps", "5", "--checkpoint-every", "2"),
                             check=False, kill_when=writing_checkpoint(crash, 4))
         if (crash / "checkpoints" / "step_0000004.tmp").exists():
+            print(f"killed while step_0000004.tmp was there, on try {attempt + 1}")
             break
     checkpoints = crash / "checkpoints"
     assert crashed.returncode != 0 and (checkpoints / "step_0000004.tmp").exists()
