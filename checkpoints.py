@@ -1,14 +1,24 @@
-"""Checkpoint folders as train.py writes them (step_NNNNNNN/ with DCP's shards, .metadata and meta.json),
-checked before a resume: complete, and holding nothing that would run code when read."""
+"""A run's --out: one run at a time, its settings and inputs (run.json), its checkpoints written, checked, read back."""
+import contextlib
+import errno
 import json
+import math
 import os
 import pickle
 import re
+import shutil
 import sys
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+import cli
+import disk
+import distributed
+import formats
 
 STEP_FOLDER = re.compile(r"step_\d{7,}")  # the name of each checkpoint's folder: step_{step:07d}
 
@@ -108,13 +118,196 @@ def find_checkpoint(out):
     return path, metadata
 
 
-def causes(e):
-    """An error, the errors it wraps (DCP's failures of each rank) and what caused each, outermost first."""
-    todo, found = [e], []
-    while todo:
-        x = todo.pop(0)
-        if x is not None and not any(x is y for y in found):
-            found.append(x)
-            failures = getattr(x, "failures", None) or {}  # CheckpointException: {rank: error}
-            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()] + [x.__cause__, x.__context__]
-    return found
+# ----------------------------------------------------------------------------------------------
+# The run's folder: one run at a time, on the settings and inputs it started with
+# ----------------------------------------------------------------------------------------------
+
+# What a resumed run must share with the run it continues; any other flag may change.
+RUN_SETTINGS = ["stage", "vision", "llm", "projector_type", "feature_layer", "template", "data", "lr", "global_batch",
+                "epochs", "max_steps", "warmup_ratio", "grad_clip", "max_length", "pad_to_square", "group_by_length",
+                "seed"]
+
+
+def open_run(args, rank):
+    """The run's settings, as run.json has them when it resumes. A new run needs an --out of its own: it
+    never mixes its metrics and checkpoints with another run's, nor replaces another run's model.
+    --resume continues the run in --out, on its settings. A run that stopped before its first step left
+    only run.json: a new run may take its place."""
+    run_file = os.path.join(args.out, "run.json")
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out} is a file; pass a directory")
+    if args.resume and not os.path.isdir(args.out):
+        raise SystemExit(f"--resume: {args.out} holds no run to resume; start without --resume")
+    # One run at a time in --out, from here to the end: another one that starts while this one loads
+    # its model would pass the checks below. Rank 0 holds it for all ranks (one node or several).
+    # It makes --out: a read-only or missing place fails now, before any work.
+    if rank == 0:
+        disk.hold_lock(args.out, "train.py")
+    if args.resume:
+        if not os.path.exists(run_file):
+            raise SystemExit(f"--resume: {args.out} holds no run to resume; start without --resume")
+        with open(run_file) as f:
+            saved = json.load(f)
+        for k, v in settings.items():
+            if saved.get(k) != v:
+                raise SystemExit(f"--resume: --{k.replace('_', '-')} {v} differs from the run in {args.out} "
+                                 f"({saved.get(k)}); resume with the same settings or start a new --out")
+        return saved
+    used = [f for f in ("metrics.jsonl", "checkpoints", "model", "projector.safetensors")
+            if os.path.exists(os.path.join(args.out, f))]
+    if used:
+        raise SystemExit(f"--out {args.out} already holds a run ({used[0]}); pass --resume to continue it, or "
+                         f"another --out")
+    distributed.barrier()  # every rank has looked before rank 0 writes
+    return settings
+
+
+def input_fingerprints(args):
+    """The content of the inputs at the run's paths (disk.content_fingerprint): the --data file, hashed
+    whole, and the weight, config and tokenizer files of --vision and --llm."""
+    inputs = {"data": {os.path.basename(args.data): disk.content_fingerprint(args.data, whole=math.inf)}}
+    for flag in ("vision", "llm"):
+        folder = formats.resolve(getattr(args, flag))
+        files = set(formats.checkpoint_files(folder)) | {os.path.join(folder, f) for f in os.listdir(folder)
+                                                        if f.endswith((".json", ".model", ".txt"))}
+        inputs[flag] = {os.path.basename(f): disk.content_fingerprint(f) for f in sorted(files) if os.path.isfile(f)}
+    return inputs
+
+
+def check_inputs(args, saved, now):
+    """Why a resumed run cannot go on with the inputs it finds (None: it can): one named in run.json has
+    other content now. run.json written before it recorded the inputs: they go unchecked, and it says so."""
+    if saved is None:
+        print(f"--resume: {args.out}/run.json records no fingerprint of the inputs (an older train.py wrote it); "
+              f"whether --data, --vision and --llm changed is not checked")
+        return None
+    for flag, files in now.items():
+        for name in sorted(set(files) | set(saved.get(flag, {}))):
+            then, found = saved.get(flag, {}).get(name), files.get(name)
+            if then != found:
+                what = "is new" if then is None else "is gone" if found is None else "has other content"
+                return (f"--resume: --{flag} {getattr(args, flag)} changed since the run in {args.out} started "
+                        f"({name} {what}); resume with the inputs it started from, or start a new --out")
+    return None
+
+
+def fingerprint_inputs(args, run, rank):
+    """The inputs' fingerprints on rank 0, which alone has read the weights (None on the others). A resumed
+    run whose inputs changed since it started stops, every rank together."""
+    inputs = input_fingerprints(args) if rank == 0 else None
+    problem = check_inputs(args, run.get("inputs"), inputs) if rank == 0 and args.resume else None
+    if distributed.all_sum(problem is not None):
+        raise SystemExit(problem or f"rank {rank}: rank 0 refuses to resume (see its message)")
+    return inputs
+
+
+def record_start(args, run, inputs, start_step):
+    """A new run keeps its settings and its inputs' content in run.json; a resumed one drops the metrics
+    of the steps after its checkpoint, which it trains again."""
+    metrics = os.path.join(args.out, "metrics.jsonl")
+    if not args.resume:
+        disk.write_json(os.path.join(args.out, "run.json"), dict(run, inputs=inputs))
+        return
+    rows = [r for r in disk.read_jsonl(metrics) if r["step"] <= start_step]
+    with open(metrics, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def stopped_by_ctrl_c(out):
+    """The one line of a run stopped by Ctrl-C: after which step, and how to go on."""
+    if not os.path.exists(os.path.join(out, "run.json")):
+        return "stopped by Ctrl-C before the first step; nothing was saved"
+    steps = [r["step"] for r in disk.read_jsonl(os.path.join(out, "metrics.jsonl"))]
+    latest = os.path.join(out, "checkpoints", "latest")
+    saved = f"its checkpoint {open(latest).read()}" if os.path.exists(latest) else "step 0 (no checkpoint yet)"
+    return (f"stopped by Ctrl-C after step {max(steps, default=0)}; the same command with --resume continues "
+            f"from {saved} in {out}")
+
+
+def left_to_resume(out):
+    """What a run that stops now leaves to resume from, as a phrase of its one line."""
+    latest = os.path.join(out, "checkpoints", "latest")
+    if not os.path.exists(latest):
+        return "no checkpoint was written yet"
+    with open(latest) as f:
+        return f"its last checkpoint, {f.read().strip()}, is kept for --resume"
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing and reading a checkpoint: sharded with torch.distributed.checkpoint, visible only when complete
+# ----------------------------------------------------------------------------------------------
+
+def save(out, step, model, optimizer, scheduler, rank, keep):
+    """out/checkpoints/step_N: each rank writes its shards of the trainable weights and of Adam's
+    state, and its RNG state; rank 0 then renames step_N.tmp to step_N and points `latest` at it.
+    A crash before the rename leaves the previous checkpoint as the latest. Then only the `keep`
+    newest step_N folders stay."""
+    root = os.path.join(out, "checkpoints")
+    final, tmp = os.path.join(root, f"step_{step:07d}"), os.path.join(root, f"step_{step:07d}.tmp")
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        distributed.barrier()
+        options = StateDictOptions(ignore_frozen_params=True)  # the frozen weights are in their own files
+        model_state, optim_state = get_state_dict(model, optimizer, options=options)
+        dcp.save({"model": model_state, "optim": optim_state, f"rng_{rank}": torch.get_rng_state()},
+                 checkpoint_id=tmp)
+        distributed.barrier()
+        if rank == 0:
+            disk.write_json(os.path.join(tmp, "meta.json"), {"step": step, "scheduler": scheduler.state_dict()})
+            # A run resumed from an earlier checkpoint writes this step again: the folder left by the first
+            # try (damaged, or complete but never named latest) goes; latest never names it.
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            with open(os.path.join(root, "latest.tmp"), "w") as f:
+                f.write(os.path.basename(final))
+            os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+    except (Exception, CheckpointException) as e:  # DCP's error of every rank: torch's text, from C++
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(root, "latest.tmp"))
+        errors = [x for x in cli.causes(e) if isinstance(x, OSError)]
+        why = ("the disk is full" if any(x.errno == errno.ENOSPC for x in errors)
+               else cli.one_line(errors[0]) if errors else cli.one_line(cli.causes(e)[-1]))
+        raise SystemExit(f"step {step}: cannot write the checkpoint {os.path.basename(final)} in {root} ({why}); "
+                         f"its .tmp is removed, and {left_to_resume(out)}. Free space (or pass a smaller --keep), "
+                         f"then run the same command with --resume")
+    if rank == 0:
+        # Only the folders this run writes rotate: a user's copy (step_0000002.bak) is the user's.
+        done = sorted((d for d in os.listdir(root) if STEP_FOLDER.fullmatch(d)), key=lambda d: int(d[5:]))
+        for old in done[:-keep]:
+            shutil.rmtree(os.path.join(root, old))
+    distributed.barrier()
+
+
+def load(out, checkpoint, model, optimizer, scheduler, rank):
+    """The step to continue from, with the model, Adam and the schedule as `checkpoint` (find_checkpoint's
+    answer) has them. A run resumed on another number of processes gets its weights and Adam's state
+    resharded by DCP; a rank that had no RNG state keeps its seed."""
+    path, metadata = checkpoint
+    if path is None:
+        if rank == 0:
+            print(f"--resume: no checkpoint in {out} yet; the run starts again from step 0")
+        return 0
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    state = {"model": model_state, "optim": optim_state}
+    if f"rng_{rank}" in metadata.state_dict_metadata:
+        state[f"rng_{rank}"] = torch.get_rng_state()
+    try:
+        dcp.load(state, storage_reader=CheckedReader(path, metadata))
+    except (Exception, CheckpointException) as e:  # DCP wraps what failed (bytes damaged in a shard) in its own
+        raise SystemExit(f"--resume: cannot read the checkpoint {path} ({cli.one_line(cli.causes(e)[-1])}); point "
+                         f"{os.path.join(out, 'checkpoints', 'latest')} at an earlier step_* folder, or start a "
+                         f"new --out")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # frozen: not saved
+    if f"rng_{rank}" in state:
+        torch.set_rng_state(state[f"rng_{rank}"])
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    scheduler.load_state_dict(meta["scheduler"])
+    return meta["step"]

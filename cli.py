@@ -48,3 +48,15 @@ def number(kind, low, high=math.inf, above=False):
         return value
     parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
     return parse
+
+
+def causes(e):
+    """An error, the errors it wraps (DCP's failures of each rank) and what caused each, outermost first."""
+    todo, found = [e], []
+    while todo:
+        x = todo.pop(0)
+        if x is not None and not any(x is y for y in found):
+            found.append(x)
+            failures = getattr(x, "failures", None) or {}  # CheckpointException: {rank: error}
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()] + [x.__cause__, x.__context__]
+    return found

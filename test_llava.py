@@ -15,9 +15,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import chat_api
+import checkpoints
 import cli
 import data
 import disk
+import distributed
 import formats
 import llava
 import make_stand_ins
@@ -1472,17 +1474,76 @@ def train_setup(parts, toy_world):
             "--template", "paper", "--workers", "0", "--projector-type", "mlp2x_gelu"], out
 
 
-def run_train(args, nproc=1, check=True):
-    """train.py as a user runs it: `python train.py` or `torchrun --nproc_per_node N train.py`."""
+def run_train(args, nproc=1, check=True, kill_when=None):
+    """train.py as a user runs it: `python train.py` or `torchrun --nproc_per_node N train.py`.
+    kill_when: a crash, from outside: SIGKILL to train.py (under torchrun, to every rank, and torchrun
+    ends the run) as soon as kill_when() holds."""
     command = [sys.executable, "train.py"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
         "train.py"]
     # PYTHONFAULTHANDLER: a rank that dies of a signal prints every thread's Python stack.
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONFAULTHANDLER="1")
-    result = subprocess.run(command + args, cwd=HERE, capture_output=True, text=True, env=env, timeout=300)
+    if kill_when is None:
+        result = subprocess.run(command + args, cwd=HERE, capture_output=True, text=True, env=env, timeout=300)
+    else:
+        import tempfile
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            child = subprocess.Popen(command + args, cwd=HERE, stdout=out, stderr=err, text=True, env=env)
+            try:
+                kill_once(kill_when, lambda: [child.pid] if nproc == 1 else children(child.pid),
+                          lambda: child.poll() is None)
+                child.wait(timeout=300)
+            finally:
+                child.kill()
+            out.seek(0), err.seek(0)
+            result = subprocess.CompletedProcess(command + args, child.returncode, out.read(), err.read())
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+def children(pid):
+    """The processes `pid` started (torchrun's ranks)."""
+    tasks = os.listdir(f"/proc/{pid}/task")
+    return [int(p) for t in tasks for p in open(f"/proc/{pid}/task/{t}/children").read().split()]
+
+
+def kill_once(when, pids, alive, timeout=240):
+    """SIGKILL to each of pids() as soon as when() holds, looked at every 2 ms while alive(). A run that
+    ends first is left alone (the test's assertions then name what happened)."""
+    import signal
+    import time
+    deadline = time.time() + timeout
+    while alive():
+        if when():
+            for pid in pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return
+        assert time.time() < deadline, "the moment to kill the run never came"
+        time.sleep(0.002)
+
+
+def logged(out, step):
+    """A moment: metrics.jsonl holds step `step`'s row, whole: the step is done."""
+    def when():
+        with contextlib.suppress(FileNotFoundError):
+            lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines(keepends=True)
+            return any(line.endswith("\n") and json.loads(line)["step"] == step for line in lines)
+    return when
+
+
+def checkpointed(out, step):
+    """A moment: checkpoints/latest names step `step`'s checkpoint: the step and its checkpoint are done."""
+    def when():
+        with contextlib.suppress(FileNotFoundError):
+            return open(os.path.join(out, "checkpoints", "latest")).read() == f"step_{step:07d}"
+    return when
+
+
+def writing_checkpoint(out, step):
+    """A moment: step `step`'s checkpoint is being written: its .tmp folder is there."""
+    return lambda: os.path.exists(os.path.join(out, "checkpoints", f"step_{step:07d}.tmp"))
 
 
 def exported(path):
@@ -1516,8 +1577,8 @@ def test_bf16_mixed_precision_under_fsdp_runs(train_setup, tmp_path):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_killed_run_resumes_to_the_same_weights(train_setup, tmp_path, nproc):
     run_train(stage2_args(train_setup, tmp_path / "straight", "--max-steps", "5"), nproc=nproc)
-    killed = run_train(stage2_args(train_setup, tmp_path / "killed", "--max-steps", "5", "--checkpoint-every", "2",
-                                   "--kill-after-step", "3"), nproc=nproc, check=False)
+    killed = run_train(stage2_args(train_setup, tmp_path / "killed", "--max-steps", "5", "--checkpoint-every", "2"),
+                       nproc=nproc, check=False, kill_when=logged(tmp_path / "killed", 3))  # a crash after step 3
     assert killed.returncode != 0 and not os.path.exists(tmp_path / "killed" / "model")
     assert open(tmp_path / "killed" / "checkpoints" / "latest").read() == "step_0000002"
     run_train(stage2_args(train_setup, tmp_path / "killed", "--max-steps", "5", "--checkpoint-every", "2",
@@ -1529,14 +1590,23 @@ def test_killed_run_resumes_to_the_same_weights(train_setup, tmp_path, nproc):
 
 @pytest.mark.slow
 def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(train_setup, tmp_path):
+    """A crash (SIGKILL, from the test) while step 4's checkpoint is half written, its step_0000004.tmp
+    there: latest still names step 2's, and --resume from it reaches the weights of a run never stopped.
+    The .tmp lives some 40 ms on CPU: a kill that lands after its rename is no crash mid-save, and the
+    test runs again (3 tries)."""
     run_train(stage2_args(train_setup, tmp_path / "straight", "--max-steps", "5"))
-    crashed = run_train(stage2_args(train_setup, tmp_path / "crash", "--max-steps", "5", "--checkpoint-every", "2",
-                                    "--kill-in-save", "4"), check=False)
-    checkpoints = tmp_path / "crash" / "checkpoints"
+    for attempt in range(3):
+        crash = tmp_path / f"crash{attempt}"
+        crashed = run_train(stage2_args(train_setup, crash, "--max-steps", "5", "--checkpoint-every", "2"),
+                            check=False, kill_when=writing_checkpoint(crash, 4))
+        if (crash / "checkpoints" / "step_0000004.tmp").exists():
+            print(f"killed while step_0000004.tmp was there, on try {attempt + 1}")
+            break
+    checkpoints = crash / "checkpoints"
     assert crashed.returncode != 0 and (checkpoints / "step_0000004.tmp").exists()
     assert open(checkpoints / "latest").read() == "step_0000002"
-    run_train(stage2_args(train_setup, tmp_path / "crash", "--max-steps", "5", "--checkpoint-every", "2", "--resume"))
-    a, b = exported(tmp_path / "straight"), exported(tmp_path / "crash")
+    run_train(stage2_args(train_setup, crash, "--max-steps", "5", "--checkpoint-every", "2", "--resume"))
+    a, b = exported(tmp_path / "straight"), exported(crash)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
@@ -1590,10 +1660,12 @@ def test_missing_data_file_gets_one_line(train_setup, tmp_path):
 # Issue 24: what a run meets while it trains and resumes. These drive train.py as a user does, through
 # the `user` fixture's programs (forked from one interpreter that imported torch once).
 
-def train_as_user(user, o, extra="", stage=2):
-    """train.py with the tiny parts on the toy world, --out o/run: (exit code, stdout, stderr)."""
+def train_as_user(user, o, extra="", stage=2, kill_when=None):
+    """train.py with the tiny parts on the toy world, --out o/run: (exit code, stdout, stderr).
+    kill_when(o / "run"): the moment a crash (SIGKILL, from outside) ends it."""
     stage1 = " --stage 1 --data {world}/stage1.json" if stage == 1 else ""
-    return user["programs"].run(expand(user, o, "{train}" + stage1 + " " + extra))
+    return user["programs"].run(expand(user, o, "{train}" + stage1 + " " + extra),
+                                kill_when=kill_when and kill_when(o / "run"))
 
 
 def one_line_error(code, out, err):
@@ -1665,7 +1737,7 @@ def test_checkpoint_rotation_removes_only_the_folders_the_run_wrote(user, tmp_pa
     """--keep 1 deletes the run's older step_NNNNNNN folders, and nothing else in checkpoints/ whose name
     merely starts with step_: a user's copy, a folder of notes, a file."""
     run = "--checkpoint-every 1 --keep 1 --max-steps 4"
-    code, _, err = train_as_user(user, tmp_path, run + " --kill-after-step 2")
+    code, _, err = train_as_user(user, tmp_path, run, kill_when=lambda o: checkpointed(o, 2))
     checkpoints = tmp_path / "run" / "checkpoints"
     assert code != 0 and open(checkpoints / "latest").read() == "step_0000002", err[-3000:]
     import shutil
@@ -1735,7 +1807,7 @@ def test_resume_refuses_inputs_whose_content_changed_at_the_same_path(user, tmp_
     shutil.copytree(user["clip"], tmp_path / "clip")
     run = (f"--data {tmp_path / 'data.json'} --llm {tmp_path / 'lm'} --vision {tmp_path / 'clip'} --max-steps 3 "
            f"--checkpoint-every 1")
-    code, _, err = train_as_user(user, tmp_path, run + " --kill-after-step 1")
+    code, _, err = train_as_user(user, tmp_path, run, kill_when=lambda o: checkpointed(o, 1))
     assert code != 0 and open(tmp_path / "run" / "checkpoints" / "latest").read() == "step_0000001", err[-3000:]
     if change == "data":
         text = (tmp_path / "data.json").read_text()
@@ -1760,7 +1832,8 @@ def test_resume_refuses_inputs_whose_content_changed_at_the_same_path(user, tmp_
 
 def two_checkpoints(user, o, extra=""):
     """A run in o/run killed after step 2, with the checkpoints of steps 1 and 2."""
-    code, _, err = train_as_user(user, o, "--max-steps 3 --checkpoint-every 1 --kill-after-step 2 " + extra)
+    code, _, err = train_as_user(user, o, "--max-steps 3 --checkpoint-every 1 " + extra,
+                                 kill_when=lambda o: checkpointed(o, 2))
     checkpoints = o / "run" / "checkpoints"
     assert code != 0 and sorted(os.listdir(checkpoints)) == ["latest", "step_0000001", "step_0000002"], err[-3000:]
     return checkpoints
@@ -3045,8 +3118,8 @@ def test_the_papers_gpu_commands_on_the_real_formats(parts, toy_world, tmp_path)
                        "--max-steps", "5", "--lr", "1e-3", "--dtype", "fp32"]
     straight = run_train(stage2 + ["--out", str(tmp_path / "straight")], nproc=2)
     assert "sample missing_0" in straight.stderr and "sample long" in straight.stderr  # named, skipped
-    killed = run_train(stage2 + ["--out", str(tmp_path / "s2"), "--checkpoint-every", "2", "--kill-after-step", "3"],
-                       nproc=2, check=False)
+    killed = run_train(stage2 + ["--out", str(tmp_path / "s2"), "--checkpoint-every", "2"], nproc=2, check=False,
+                       kill_when=logged(tmp_path / "s2", 3))  # a crash after step 3
     assert killed.returncode != 0 and not (tmp_path / "s2" / "model").exists()
     run_train(stage2 + ["--out", str(tmp_path / "s2"), "--checkpoint-every", "2", "--resume"], nproc=3)
     a, b = exported(tmp_path / "straight"), exported(tmp_path / "s2")
@@ -3161,9 +3234,9 @@ def test_same_optimizer_step_however_the_global_batch_is_split(train_setup, part
 
 
 SHARDED_GRADIENTS = """
-import os, sys, torch, data, train
+import os, sys, torch, data, distributed, train
 args = train.get_args(sys.argv[1:])
-rank, world_size, device = train.setup_distributed()
+rank, world_size, device = distributed.setup()
 model = train.load_model(args, rank, device, bf16=False)
 dataset = data.LazyDataset(args.data, args.image_folder, model)
 batch = data.collate([dataset[i] for i in range(2 * rank, 2 * rank + 2)], model.tokenizer.pad_token_id)
@@ -3172,7 +3245,19 @@ for name, p in model.named_parameters():  # after one micro-batch of an accumula
     assert not p.requires_grad or p.grad.to_local().shape[0] <= -(-p.shape[0] // world_size), name
 sys.stdout.write(f"sharded gradients on rank {rank}\\n")  # one write: the two ranks share the pipe
 sys.stdout.flush()
-os._exit(0)  # as train.py leaves under torchrun: gloo's threads torn down at exit can abort the process
+del model, dataset, batch, p
+distributed.close()  # as train.py leaves under torchrun
+"""
+
+
+# train.py's main under torchrun, then the threads gloo started that are left when the interpreter
+# would begin to exit.
+MAIN_THEN_THREADS = """
+import os, sys, train
+sys.argv = ["train.py", *sys.argv[1:]]
+train.main()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(f"rank {os.environ['RANK']}: gloo threads left {[n for n in names if 'gloo' in n]}", flush=True)
 """
 
 
@@ -3191,6 +3276,23 @@ def test_gradients_stay_sharded_while_they_accumulate(train_setup, tmp_path):
     assert "sharded gradients on rank 0" in result.stdout and "sharded gradients on rank 1" in result.stdout
 
 
+@pytest.mark.slow
+def test_a_finished_torchrun_run_has_joined_gloos_threads_before_the_interpreter_exits(train_setup, tmp_path):
+    """train.py under torchrun ends without a special exit: distributed.close() destroys the process group
+    and lets go of DTensor's caches, which held it, so gloo's threads are joined before the interpreter
+    exits (torn down during its exit, they once aborted a finished run in CI: "terminate called without
+    an active exception"). The run exits 0 and no gloo thread is left."""
+    (tmp_path / "main.py").write_text(MAIN_THEN_THREADS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "main.py"), *stage2_args(train_setup, tmp_path / "run", "--max-steps", "2",
+                                                                     "--checkpoint-every", "1")],
+                            cwd=HERE, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d: gloo threads left \[\]", result.stdout)) == [
+        "rank 0: gloo threads left []", "rank 1: gloo threads left []"], result.stdout[-3000:]
+
+
 @pytest.fixture(scope="session")
 def vicuna_sized_vocabulary(parts, tmp_path_factory):
     """A Vicuna-format LM with Vicuna's 32,000-word vocabulary: 40M parameters, 80 MB in float16."""
@@ -3200,9 +3302,22 @@ def vicuna_sized_vocabulary(parts, tmp_path_factory):
     return path
 
 
-def peak_memory(stderr):
-    """{rank: MiB} once the model was loaded, from train.py's last lines."""
-    return {int(r): float(m) for r, m in re.findall(r"rank (\d+): peak host memory \d+ MiB \((\d+) MiB once", stderr)}
+# A process's peak resident memory so far, in MiB: Linux's VmHWM, which starts afresh with the program
+# (ru_maxrss keeps the high-water mark of the process that started it).
+PEAK_HOST_MEMORY = 'int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read())[1]) / 1024'
+
+# train.py's loading under torchrun, each rank's peak host memory measured once its model is loaded.
+PEAK_ONCE_LOADED = f"""
+import re, sys, distributed, train
+args = train.get_args(sys.argv[1:])
+rank, world_size, device = distributed.setup(args.timeout)
+model = train.load_model(args, rank, device, bf16=False)
+peak = {PEAK_HOST_MEMORY}
+sys.stdout.write(f"rank {{rank}}: {{peak:.0f}} MiB once the model was loaded\\n")  # one write: one pipe, two ranks
+sys.stdout.flush()
+del model
+distributed.close()
+"""
 
 
 @pytest.mark.slow
@@ -3212,11 +3327,14 @@ def test_only_rank_0_reads_the_weights(parts, vicuna_sized_vocabulary, toy_world
     every rank read it, theirs were equal). Not by the whole model: rank 1 received the largest tensor
     (the 32,000-word embedding, 62 MiB) whole before keeping its shard."""
     world, _ = toy_world
-    result = run_train(["--vision", parts[0], "--llm", vicuna_sized_vocabulary, "--image-folder", str(world / "images"),
-                        "--data", str(world / "stage1.json"), "--out", str(tmp_path / "s1"), "--stage", "1",
-                        "--projector-type", "mlp2x_gelu", "--workers", "0", "--global-batch", "4", "--batch-size", "2",
-                        "--max-steps", "1", "--checkpoint-every", "0"], nproc=2)
-    peak = peak_memory(result.stderr)
+    (tmp_path / "peak.py").write_text(PEAK_ONCE_LOADED)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "peak.py"), "--vision", parts[0], "--llm", vicuna_sized_vocabulary,
+                             "--stage", "1", "--projector-type", "mlp2x_gelu", "--out", str(tmp_path / "s1")],
+                            cwd=HERE, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    peak = {int(r): float(m) for r, m in re.findall(r"rank (\d+): (\d+) MiB once the model was loaded", result.stdout)}
     model_mib = 40.4e6 * 4 / 2 ** 20  # FP32 (stage 1 on CPU)
     print(f"peak host memory once the model was loaded: rank 0 {peak[0]:.0f} MiB, rank 1 {peak[1]:.0f} MiB; "
           f"the LM in FP32 {model_mib:.0f} MiB")
@@ -3232,8 +3350,8 @@ def test_loading_holds_one_weight_file_at_a_time(parts, vicuna_sized_vocabulary,
     formats.save(llava.build(parts[0], vicuna_sized_vocabulary), str(tmp_path / "m"), max_shard_size="20MB")
     sizes = [os.path.getsize(tmp_path / "m" / f) / 2 ** 20 for f in os.listdir(tmp_path / "m") if f.endswith(".safetensors")]
     assert len(sizes) >= 4  # the 32,000-word embedding and head get a file each, the rest two more
-    script = (f"import llava, train; before = train.peak_host_memory(); llava.load({str(tmp_path / 'm')!r}); "
-              "print(train.peak_host_memory() - before)")
+    script = (f"import re, llava; before = {PEAK_HOST_MEMORY}; llava.load({str(tmp_path / 'm')!r}); "
+              f"print({PEAK_HOST_MEMORY} - before)")
     grown = float(subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True,
                                  check=True).stdout.split()[-1])  # MiB
     print(f"loading grew the peak by {grown:.0f} MiB for a {sum(sizes):.0f} MiB model whose largest file is "
@@ -3406,8 +3524,17 @@ for request in sys.stdin:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code or 0)
+    print(pid, flush=True)
     print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
+
+
+def running(pid):
+    """Whether process `pid` runs (a zombie has ended: it waits only for its parent to see it)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 class Programs:
@@ -3421,18 +3548,28 @@ class Programs:
             self.server = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=HERE, env=self.env, text=True,
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def run(self, argv, stdin=b"", cwd=HERE):
+    def run(self, argv, stdin=b"", cwd=HERE, kill_when=None):
+        """kill_when: a crash, from outside: SIGKILL to the program as soon as kill_when() holds."""
         argv = [os.path.join(HERE, argv[0]), *argv[1:]]
-        if self.server is None:
-            r = subprocess.run([sys.executable, *argv], input=stdin, capture_output=True, cwd=cwd, env=self.env,
-                               timeout=300)
-            return r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
         paths = [os.path.join(self.folder, name) for name in ("stdin", "stdout", "stderr")]
         for path, content in zip(paths, [stdin, b"", b""]):
             open(path, "wb").write(content)
-        self.server.stdin.write(json.dumps([argv, *paths, str(cwd)]) + "\n")
-        self.server.stdin.flush()
-        code = int(self.server.stdout.readline())
+        if self.server is None:
+            with open(paths[0], "rb") as i, open(paths[1], "wb") as o, open(paths[2], "wb") as e:
+                child = subprocess.Popen([sys.executable, *argv], stdin=i, stdout=o, stderr=e, cwd=cwd, env=self.env)
+            try:
+                if kill_when:
+                    kill_once(kill_when, lambda: [child.pid], lambda: child.poll() is None)
+                code = child.wait(timeout=300)
+            finally:
+                child.kill()
+        else:
+            self.server.stdin.write(json.dumps([argv, *paths, str(cwd)]) + "\n")
+            self.server.stdin.flush()
+            pid = int(self.server.stdout.readline())
+            if kill_when:
+                kill_once(kill_when, lambda: [pid], lambda: running(pid))
+            code = int(self.server.stdout.readline())
         return code, *(open(path, errors="replace").read() for path in paths[1:])
 
     def close(self):
@@ -3567,7 +3704,7 @@ def resumable_run(u, o):
     """A run in o/run with the settings of the cases' own command, and a checkpoint."""
     settings = train.get_args(expand(u, o, "{train}")[1:])
     (o / "run" / "checkpoints").mkdir(parents=True)
-    (o / "run" / "run.json").write_text(json.dumps({k: getattr(settings, k) for k in train.RUN_SETTINGS}))
+    (o / "run" / "run.json").write_text(json.dumps({k: getattr(settings, k) for k in checkpoints.RUN_SETTINGS}))
     (o / "run" / "checkpoints" / "latest").write_text("step_0000001")
 
 
@@ -3985,7 +4122,7 @@ def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it():
     import signal
     before, written = signal.getsignal(signal.SIGINT), []
     with pytest.raises(KeyboardInterrupt):
-        with train.ctrl_c_waits():
+        with distributed.ctrl_c_waits():
             os.kill(os.getpid(), signal.SIGINT)
             written.append("the rest of the checkpoint")
     assert written == ["the rest of the checkpoint"]
