@@ -60,7 +60,7 @@ def saved(parts, tmp_path_factory):
     model = make_model(parts)
     path = str(tmp_path_factory.mktemp("saved") / "llava")
     formats.save(model, path)
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(path, trust_remote_code=False).eval()
     return model, path, hf
 
 
@@ -218,7 +218,7 @@ def test_linear_projector_loads_in_transformers(parts, tmp_path):
     """The paper's single linear W, written as Linear, identity, Linear, gives the same logits."""
     model = make_model(parts, projector="linear")
     formats.save(model, str(tmp_path / "m"))
-    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m", trust_remote_code=False).eval()
     reloaded = llava.load(str(tmp_path / "m")).eval()
     assert reloaded.projector_kind == "linear" and len(reloaded.projector) == 1
     input_ids, pixel_values = model.prepare(CONVERSATION[:1], image())
