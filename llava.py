@@ -163,12 +163,12 @@ class LLaVA(nn.Module):
             warpers.append(transformers.TopPLogitsWarper(top_p))
         B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # (B, T)
-        mask = F.pad(mask, (0, max_new_tokens), value=1)  # (B, T + max_new): the answer's places, one mask for all steps
+        mask = F.pad(mask, (0, max_new_tokens), value=1)  # (B, T + max_new): one mask for every step
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T + max_new): padding takes none
         # Keys and values of every place, allocated once; each step writes its token's in place.
         cache = transformers.StaticCache(self.language_model.config, T + max_new_tokens) if use_cache else None
         compile = self.compile_decoding if compile is None else compile
-        decode = torch.compile(self.next_scores, options={"freezing": True}) if compile else self.next_scores  # compiled once per shape
+        decode = torch.compile(self.next_scores) if compile else self.next_scores  # compiled at its first call
         inputs_embeds = self.embed(input_ids, pixel_values)  # (B, T, D): the prompt, once, uncompiled
         stops = decoding.StopCheck(self.tokenizer, stop, B)  # the stop string, found on token ids
         running = [True] * B
