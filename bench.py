@@ -179,32 +179,55 @@ def profile_training(ours, size, repeats=5):
 
 
 @torch.no_grad()
-def bench_generation(ours, reference, size, repeats):
-    n = SIZES[size]["new_tokens"]
+def bench_generation(ours, reference, size, repeats, peak, batches=(1, 16)):
+    """At each batch size: the time to the first token (the vision tower and the prompt), then the
+    tokens/s of greedy decoding after it (every row generates every token asked for), ours eager and
+    with compile=True against transformers' generate (eager, its default DynamicCache), turn about.
+    The compile's own cost (its first call) is reported apart. The share of the peak: the decode
+    step's model FLOPs (2 per parameter of the LM body and head, and token) at the tokens/s reached.
+    At most 5 repeats of each (after 2 warm-ups): a run at batch 16 takes seconds."""
+    n, repeats = SIZES[size]["new_tokens"], min(repeats, 5)
     ours.eval(), reference.eval()
-    ids, pixel_values = ours.prepare([{"from": "human", "value": "<image>\nWhat color is the square?"}],
-                                     Image.new("RGB", (64, 48), (200, 30, 30)))
+    questions = ["What color is the square?", "Describe the image.", "What is in the picture? Answer briefly.",
+                 "Is the square red?"]
+    lm = ours.language_model
+    flops_per_token = 2 * (sum(p.numel() for p in lm.parameters()) - lm.get_input_embeddings().weight.numel())
 
-    def first_ours():
-        next(ours.generate(ids, pixel_values, max_new_tokens=1, stop=""))
+    def inputs(batch):
+        conversations = [[{"from": "human", "value": "<image>\n" + questions[i % len(questions)]}]
+                         for i in range(batch)]
+        return ours.prepare_batch(conversations, [Image.new("RGB", (64, 48), (200, 30, 30))] * batch)
 
-    def first_reference():
-        reference.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=1, do_sample=False,
-                           pad_token_id=ours.tokenizer.pad_token_id)
+    def ours_generates(batch, tokens, compile):
+        ids, pixel_values, mask = inputs(batch)
 
-    def all_ours():
-        assert len(list(ours.generate(ids, pixel_values, max_new_tokens=n, stop=""))) == n
+        def run():
+            steps = list(ours.generate(ids, pixel_values, mask, max_new_tokens=tokens, stop="", compile=compile))
+            assert len(steps) == tokens
+        return run
 
-    def all_reference():
-        out = reference.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=n, do_sample=False,
-                                 eos_token_id=ours.tokenizer.eos_token_id, pad_token_id=ours.tokenizer.pad_token_id)
-        assert out.shape[1] - ids.shape[1] == n
+    def reference_generates(batch, tokens):
+        ids, pixel_values, mask = inputs(batch)
+        return lambda: reference.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,
+                                          max_new_tokens=tokens, do_sample=False,
+                                          eos_token_id=ours.tokenizer.eos_token_id,
+                                          pad_token_id=ours.tokenizer.pad_token_id)
 
-    a, b = alternate(first_ours, first_reference, repeats)
-    report("time to first token", a, b)
-    a, b = alternate(all_ours, all_reference, repeats)
-    print(f"{'greedy generation':<28} ours {n / statistics.median(a):.1f} tokens/s   transformers "
-          f"{n / statistics.median(b):.1f} tokens/s   ours/ref (time) {statistics.median(a) / statistics.median(b):.2f}")
+    for batch in batches:
+        first_a, first_b = alternate(ours_generates(batch, 1, False), reference_generates(batch, 1), repeats)
+        report(f"time to first token, batch {batch}", first_a, first_b)
+        start = time.perf_counter()
+        ours_generates(batch, n, True)()
+        print(f"{'  compile, batch ' + str(batch):<28} {time.perf_counter() - start:.1f} s (its first call, once)")
+        for compile in (False, True):
+            a, b = alternate(ours_generates(batch, n, compile), reference_generates(batch, n), repeats)
+            # Decoding alone: the n - 1 tokens after the first, in the time the first did not take.
+            ours_rate = batch * (n - 1) / (statistics.median(a) - statistics.median(first_a))
+            reference_rate = batch * (n - 1) / (statistics.median(b) - statistics.median(first_b))
+            name = f"decoding, batch {batch}" + (", --compile" if compile else "")
+            print(f"{name:<28} ours {ours_rate:.1f} tokens/s   transformers {reference_rate:.1f} tokens/s   "
+                  f"ours/ref (tokens/s) {ours_rate / reference_rate:.2f}   "
+                  f"peak share ours {100 * ours_rate * flops_per_token / peak:.1f}%")
 
 
 def bench_data(ours, root, workers, n=256):
@@ -294,7 +317,7 @@ def main():
         ours, reference = make_models(args.size, root)
         for stage in (1, 2):
             bench_training(ours, reference, args.size, stage, args.repeats, peak)
-        bench_generation(ours, reference, args.size, args.repeats)
+        bench_generation(ours, reference, args.size, args.repeats, peak)
         if args.profile:
             print("where a stage-2 training step of ours spends its time:")
             profile_training(ours, args.size)

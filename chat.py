@@ -126,6 +126,7 @@ def main(argv=None):
     p.add_argument("--top-p", type=cli.number(float, 0, 1, above=True), default=1.0, help="nucleus sampling")
     p.add_argument("--max-new-tokens", type=cli.number(int, 1), default=512, help="the longest answer")
     p.add_argument("--device", choices=["cuda", "cpu"], help="cuda or cpu (default: cuda when there is one)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoding step (a one-time cost)")
     args = p.parse_args(argv)
     if args.prompt is not None and why_refused(args.prompt):
         sys.exit(f"chat.py: -p: {why_refused(args.prompt)}")
@@ -138,6 +139,7 @@ def main(argv=None):
         model = llava.load(path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (OSError, ValueError) as e:
         sys.exit(f"chat.py: cannot load --model {path}: {cli.one_line(e)}")
+    model.compile_decoding = args.compile
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
     image, error = open_image(args.image) if args.image else (None, None)
     if error and args.prompt is not None:

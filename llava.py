@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import transformers
 
 import data
+import decoding
 import formats
 
 
@@ -51,6 +52,7 @@ class LLaVA(nn.Module):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.projector_kind, self.feature_layer, self.keep_cls = projector, feature_layer, keep_cls
         self.image_token_id = image_token_id
+        self.compile_decoding = False  # generate's default: chat.py and eval.py --compile say True
         self.template = data.get_template(template)
         self.num_image_tokens = formats.count_image_tokens(vision_tower.config.image_size,
                                                            vision_tower.config.patch_size, keep_cls)  # N_v
@@ -147,49 +149,51 @@ class LLaVA(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=256, temperature=0.0,
-                 top_p=1.0, stop=None, use_cache=True):
+                 top_p=1.0, stop=None, use_cache=True, compile=None):
         """The one generation loop: the chat's stream, the one-shot answer and evaluation's batches.
         input_ids (B, T), padded on the left where attention_mask is 0; each row's positions count its
         own tokens, so a row reads as it would alone. Greedy at temperature 0; otherwise temperature,
         then top-p, then one draw. Yields each step's new token of every row (B ids), None for a row
         that has stopped: after EOS, or after the token that completes `stop` (default: the
-        template's <STOP>). Ends when every row has stopped, or after max_new_tokens."""
+        template's <STOP>). Ends when every row has stopped, or after max_new_tokens. compile
+        (default: self.compile_decoding): the one-token steps run through torch.compile."""
         stop = self.template.stop if stop is None else stop
         warpers = [transformers.TemperatureLogitsWarper(temperature)] if temperature > 0 else []
         if temperature > 0 and top_p < 1.0:
             warpers.append(transformers.TopPLogitsWarper(top_p))
+        B, T = input_ids.shape
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # (B, T)
-        inputs_embeds = self.embed(input_ids, pixel_values)  # (B, T, D): the prompt, once
-        cache = transformers.DynamicCache() if use_cache else None  # keys and values of earlier positions
-        answers = [[] for _ in range(len(input_ids))]
-        running = [True] * len(input_ids)
-        for _ in range(max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]  # padding takes none
-            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions,
-                                      cache=cache, use_cache=use_cache, logits_to_keep=1)  # LM head: last position
-            scores = out.logits[:, -1].float()  # (B, V): the next token's
+        mask = F.pad(mask, (0, max_new_tokens), value=1)  # (B, T + max_new): one mask for every step
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T + max_new): padding takes none
+        # Keys and values of every place, allocated once; each step writes its token's in place.
+        cache = transformers.StaticCache(self.language_model.config, T + max_new_tokens) if use_cache else None
+        compile = self.compile_decoding if compile is None else compile
+        decode = torch.compile(self.next_scores) if compile else self.next_scores  # compiled at its first call
+        inputs_embeds = self.embed(input_ids, pixel_values)  # (B, T, D): the prompt, once, uncompiled
+        stops = decoding.StopCheck(self.tokenizer, stop, B)  # the stop string, found on token ids
+        running = [True] * B
+        for t in range(max_new_tokens):
+            # With the cache, only the new tokens go in (the prompt, then one a step); without, all again.
+            start = T + t - inputs_embeds.shape[1]
+            run = self.next_scores if t == 0 else decode
+            scores = run(inputs_embeds, mask if use_cache else mask[:, :T + t], positions[:, start:T + t], cache)
             for warp in warpers:
                 scores = warp(input_ids, scores)  # (they read the scores only)
             next_ids = torch.multinomial(scores.softmax(-1), 1) if warpers else scores.argmax(-1, keepdim=True)
             step = [token if alive else None for token, alive in zip(next_ids[:, 0].tolist(), running)]  # (B,)
-            for row, token in enumerate(step):
-                if token is not None:
-                    answers[row].append(token)
-                    running[row] = not self.ends_answer(answers[row], stop)
+            running = [token is not None and not stops.ends(row, token) for row, token in enumerate(step)]
             yield step
             if not any(running):
                 return
-            mask = F.pad(mask, (0, 1), value=1)  # (B, T + 1)
             next_embeds = self.language_model.get_input_embeddings()(next_ids)  # (B, 1, D)
-            # With the cache, only the new token goes in; without, the whole sequence again.
             inputs_embeds = next_embeds if use_cache else torch.cat([inputs_embeds, next_embeds], dim=1)
 
-    def ends_answer(self, ids, stop):
-        """Whether an answer's last token ends it: EOS, or the token that completes the stop string (a
-        stop string that has just appeared lies in the last few tokens: only those are decoded)."""
-        if ids[-1] == self.tokenizer.eos_token_id:
-            return True
-        return bool(stop) and stop in self.tokenizer.decode(ids[-len(stop) - 4:])
+    def next_scores(self, inputs_embeds, mask, positions, cache):
+        """f_phi on the new positions (B, n, D), the earlier ones read from the cache: the scores of
+        every row's next token (B, V), in FP32. The LM head runs at the last position only."""
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions,
+                                  cache=cache, use_cache=cache is not None, logits_to_keep=1)
+        return out.logits[:, -1].float()
 
     def answer_text(self, ids, stop):
         """The text of an answer's ids: without its EOS, up to the stop string."""

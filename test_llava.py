@@ -18,6 +18,7 @@ import chat_api
 import checkpoints
 import cli
 import data
+import decoding
 import disk
 import distributed
 import formats
@@ -180,6 +181,32 @@ def test_greedy_generation_equals_transformers(saved_fp64):
                       eos_token_id=model.tokenizer.eos_token_id, pad_token_id=model.tokenizer.pad_token_id)
     assert ours == ref[0, input_ids.shape[1]:].tolist()
     assert len(ours) >= 2
+
+
+@pytest.mark.slow
+def test_compiled_and_batched_greedy_answers_equal_the_single_eager_ones_and_transformers(saved_fp64):
+    """The one engine, four ways: each prompt alone, eager (the reference); alone and compiled; the
+    prompts as one left-padded batch, eager and compiled; and transformers' generate on each. Token
+    for token the same. (float64: see saved_fp64.) A compile of the tiny model: about 10 s a shape."""
+    model, _, hf = saved_fp64
+    prompts = [(CONVERSATION[:1], image()), ([{"from": "human", "value": "<image>\nWhat is it?"}], image((0, 90, 200)))]
+    alone = [generated(model, *model.prepare(p, i), max_new_tokens=8, stop="") for p, i in prompts]
+    for p, i in prompts:
+        input_ids, pixel_values = model.prepare(p, i)
+        ref = hf.generate(input_ids=input_ids, pixel_values=pixel_values.double(),
+                          max_new_tokens=8, do_sample=False, eos_token_id=model.tokenizer.eos_token_id,
+                          pad_token_id=model.tokenizer.pad_token_id)
+        assert ref[0, input_ids.shape[1]:].tolist() == alone[prompts.index((p, i))]
+    p, i = prompts[0]
+    assert generated(model, *model.prepare(p, i), max_new_tokens=8, stop="", compile=True) == alone[0]
+    batch = model.prepare_batch([p for p, _ in prompts], [i for _, i in prompts])
+    assert batch[2].min() == 0  # padded on the left
+    for compile in (False, True):
+        rows = [[] for _ in prompts]
+        for step in model.generate(*batch, max_new_tokens=8, stop="", compile=compile):
+            for row, token in zip(rows, step):
+                row += [] if token is None else [token]
+        assert rows == alone, compile
 
 
 def test_transformers_checkpoint_loads_in_ours(parts, tmp_path):
@@ -584,6 +611,29 @@ def tokenizers(parts, tmp_path_factory):
 
 
 TOKENIZERS = ["vicuna", "sentencepiece-legacy", "byte-bpe-no-bos", "llama-legacy-false", "llama-legacy-true"]
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_the_stop_string_is_found_on_token_ids_where_decoding_finds_it(tokenizers, name):
+    """decoding.StopCheck ends an answer at the first token after which tokenizer.decode(answer) holds
+    the stop string (or at EOS), without decoding: stop strings split across tokens, inside one
+    token with more text, in letters written as several bytes, with spaces, for every tokenizer."""
+    if name not in tokenizers:
+        pytest.skip(f"{name}: LLaMA's tokenizer.model is not on this machine")
+    import random
+    tokenizer, rng = tokenizers[name], random.Random(0)
+    for text in ["The square is red.### Human: and?", "Ünïcode 日本語 ### done", " two  spaces ##and# </s> end"]:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        noise = [rng.randrange(len(tokenizer)) for _ in range(16)]
+        for answer in (ids, noise + ids):
+            decoded = tokenizer.decode(answer)
+            stops = {decoded[k:k + n] for k in range(0, len(decoded), 4) for n in (1, 2, 3, 6)} | {"###", " ##"}
+            for stop in sorted(stops):
+                check = decoding.StopCheck(tokenizer, stop, 1)
+                found = next((j for j, token in enumerate(answer) if check.ends(0, token)), None)
+                expected = next((j for j in range(len(answer)) if answer[j] == tokenizer.eos_token_id
+                                 or stop in tokenizer.decode(answer[:j + 1])), None)
+                assert found == expected, (stop, answer)
 
 
 @pytest.mark.parametrize("template", ["paper", "llava15"])
