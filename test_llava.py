@@ -1643,7 +1643,7 @@ def test_training_reads_every_epoch_in_its_own_order(train_setup, tmp_path, monk
                                          str(tmp_path / "out"), "--global-batch", "8", "--batch-size", "4",
                                          "--epochs", "2", "--checkpoint-every", "0"]))
     assert [m["step"] for m in metrics(tmp_path / "out")] == [1, 2, 3, 4]
-    assert read_order == [i for b in train.micro_batches(16, 8, 4, 1, 0, 0, 4, seed=0) for i in b]
+    assert read_order == [i for b in data.micro_batches(16, 8, 4, 1, 0, 0, 4, seed=0) for i in b]
     first, second = read_order[:16], read_order[16:]
     assert sorted(first) == sorted(second) == list(range(16)) and first != second
 
@@ -3057,8 +3057,8 @@ def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
 
 def test_length_grouping_keeps_each_global_batch_and_cuts_padding():
     lengths = [int(x) for x in torch.randint(10, 600, (64,), generator=torch.Generator().manual_seed(0))]
-    plain = [train.micro_batches(64, 16, 2, 2, r, 0, 4, seed=0) for r in range(2)]
-    grouped = [train.micro_batches(64, 16, 2, 2, r, 0, 4, seed=0, lengths=lengths) for r in range(2)]
+    plain = [data.micro_batches(64, 16, 2, 2, r, 0, 4, seed=0) for r in range(2)]
+    grouped = [data.micro_batches(64, 16, 2, 2, r, 0, 4, seed=0, lengths=lengths) for r in range(2)]
     padding = lambda batches: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)  # noqa: E731
                                   for rank in batches for b in rank)
     for step in range(4):  # each optimizer step sees the same 16 samples, grouped or not
@@ -3110,7 +3110,7 @@ def test_the_papers_gpu_commands_on_the_real_formats(parts, toy_world, tmp_path)
     # with images and a rank without; and a micro-batch whose samples are all unusable.
     bad = {i for i, s in enumerate(samples) if s["id"].startswith("missing") or s["id"] == "long"}
     image = {i for i, s in enumerate(samples) if "image" in s} - bad
-    ranks = [train.micro_batches(len(samples), 12, 2, 2, r, 0, 5, seed=0) for r in range(2)]
+    ranks = [data.micro_batches(len(samples), 12, 2, 2, r, 0, 5, seed=0) for r in range(2)]
     assert any(set(a) <= bad for rank in ranks for a in rank)
     assert any(bool(set(a) & image) != bool(set(b) & image) for a, b in zip(*ranks))
 
@@ -3368,7 +3368,7 @@ def test_each_epoch_is_a_new_permutation_whatever_the_world_size():
     def per_step(world_size, start_step=0):
         """The samples of each optimizer step, over every rank and micro-batch."""
         accumulation = global_batch // (batch_size * world_size)
-        ranks = [train.micro_batches(n, global_batch, batch_size, world_size, r, start_step, steps, seed=0)
+        ranks = [data.micro_batches(n, global_batch, batch_size, world_size, r, start_step, steps, seed=0)
                  for r in range(world_size)]
         return [sorted(i for batches in ranks for b in batches[s * accumulation:(s + 1) * accumulation] for i in b)
                 for s in range(steps - start_step)]
