@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
+import distributed
 
 GiB = 2 ** 30
 HEADROOM = 0.9  # of a GPU's memory the plan lets a step use
@@ -88,7 +89,7 @@ def tracked_step(train, model, optimizer, args, world_size, tokens, fake_mode=No
     """train.optimizer_step on `micro_batches` synthetic micro-batches of --batch-size x `tokens`, after a
     first Adam step that made Adam's state (as every step after the first has it). Returns
     {"peak": {kind: bytes}, "flops": per micro-batch, "sent": {kind: bytes per micro-batch}}."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPModState
     batches = [synthetic_batch(model, args.batch_size, tokens) for _ in range(micro_batches)]
     n_tokens, _ = train.count_tokens(batches, 0, False)  # real tensors: what depends on the data
     fake = (lambda t: fake_mode.from_tensor(t)) if fake_mode else (lambda t: t)
@@ -106,8 +107,11 @@ def tracked_step(train, model, optimizer, args, world_size, tokens, fake_mode=No
         with tracker, flops, collectives:
             train.optimizer_step(model, optimizer, batches, n_tokens, world_size, device, no_autocast, args.grad_clip)
         peak = tracker.get_tracker_snapshot("peak")
+        root = tracker.memory_tracking[model].snapshots  # the moments inside forward and backward
+        in_model = max(snap[d]["Total"] for state in (_FSDPModState.PEAK_FW, _FSDPModState.PEAK_BW)
+                       for snap in root.get(state, []) for d in snap)
     [snapshot] = [s for d, s in peak.items() if torch.device(d).type == "cpu"]
-    return {"peak": {str(getattr(k, "value", k)): v for k, v in snapshot.items()},
+    return {"peak": {str(getattr(k, "value", k)): v for k, v in snapshot.items()}, "peak_in_model": in_model,
             "flops": flops.get_total_flops() / micro_batches,
             "sent": {k: v / micro_batches for k, v in collectives.sent.items()}}
 
@@ -134,7 +138,7 @@ def simulate(train, args, gpus, tokens=None):
                       n_image_tokens=model.num_image_tokens)
         return result
     finally:
-        dist.destroy_process_group()
+        distributed.close()  # the fake group, and DTensor's caches that hold its mesh
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,3 +252,49 @@ def model_image_tokens(args):
     import formats
     config = formats.vision_config(args.vision)
     return formats.count_image_tokens(config.image_size, config.patch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The table a GPU user reads before buying time: python plan.py
+# ----------------------------------------------------------------------------------------------
+
+def table(train, gpu="A100"):
+    """Peak memory per GPU, and the paper's run's predicted hours, for Vicuna-7B and -13B (CLIP ViT-L/14,
+    224 px), stage 1 and 2, 8 and 4 GPUs, with and without --grad-checkpointing, micro-batch 1, 4 and 16
+    at 2048 tokens. The global batch is the paper's (128, 32), or one micro-batch a GPU where that is
+    larger. Each row is a simulated step (about 15 s here)."""
+    print(f"| LLM | stage | GPUs | --grad-checkpointing | micro-batch x 2048 | peak GiB per GPU | 24 GB | 40 GB "
+          f"| 80 GB | paper's run, h on {gpu}s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size in ("7b", "13b"):
+        for stage in (1, 2):
+            run = next(r for r in PAPER_RUNS if r["stage"] == stage)
+            for checkpointing in (False, True):
+                base = ["--stage", str(stage), "--vision", "configs/clip-vit-large-patch14", "--llm",
+                        f"configs/vicuna-{size}-v1.5", "--projector", "random", "--gpu", gpu]
+                base += ["--grad-checkpointing"] if checkpointing else []
+                tokens = 1 + model_image_tokens(train.get_args(base)) + run["text"]
+                for gpus in (8, 4):
+                    args = train.get_args(base + ["--batch-size", "1", "--global-batch", str(max(
+                        train.STAGE_DEFAULTS[stage]["global_batch"], gpus))])
+                    timing = simulate(train, args, gpus, tokens=tokens)
+                    step_flops = timing["flops"] * timing["accumulation"] * gpus
+                    steps = run["samples"] // args.global_batch * run["epochs"]
+                    low, high = (hours(step_flops, steps, gpus, gpu, m) for m in reversed(MFU))
+                    for batch in (1, 4, 16):
+                        global_batch = max(train.STAGE_DEFAULTS[stage]["global_batch"], batch * gpus)
+                        args = train.get_args(base + ["--batch-size", str(batch), "--global-batch", str(global_batch),
+                                                      "--plan-tokens", "2048"])
+                        peak = peak_bytes(simulate(train, args, gpus)) / GiB
+                        marks = " | ".join("yes" if peak * GiB <= HEADROOM * gb * 1e9 else "no" for gb in (24, 40, 80))
+                        print(f"| Vicuna-{size.upper()} | {stage} | {gpus} | {'yes' if checkpointing else 'no'} | "
+                              f"{batch} | {peak:.1f} | {marks} | {low:.1f}-{high:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+    import train as train_module
+    p = argparse.ArgumentParser(description="The memory table of README.md: train.py --plan over the paper's "
+                                            "models, stages, GPU counts and micro-batches")
+    p.add_argument("--gpu", choices=list(PEAK_TFLOPS), default="A100")
+    table(train_module, p.parse_args().gpu)

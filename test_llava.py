@@ -3359,6 +3359,106 @@ def test_loading_holds_one_weight_file_at_a_time(parts, vicuna_sized_vocabulary,
     assert grown < sum(sizes) + max(sizes) + 0.15 * sum(sizes)
 
 
+# ----------------------------------------------------------------------------------------------
+# train.py --plan (plan.py): the step simulated at full size, held against the same step run
+# ----------------------------------------------------------------------------------------------
+
+# plan.tracked_step on the real thing: train.py's load_model and optimizer_step under torchrun (gloo),
+# real weights and tensors, the same tracker; rank 0 prints what it measured.
+MEASURED_STEP = """
+import json, sys, distributed, plan, train
+args = train.get_args(sys.argv[1:])
+rank, world_size, device = distributed.setup(args.timeout)
+model = train.load_model(args, rank, device, bf16=True)
+result = plan.tracked_step(train, model, train.adam(model, args.lr), args, world_size, args.plan_tokens)
+if rank == 0:
+    print("MEASURED " + json.dumps(result), flush=True)
+del model
+distributed.close()
+"""
+
+
+@pytest.mark.slow
+def test_the_plans_simulated_step_is_the_measured_one(parts, vicuna_sized_vocabulary, tmp_path, monkeypatch):
+    """train.py --plan at a size this CPU runs for real (CLIP stand-in, a 40M LM with Vicuna's vocabulary,
+    micro-batch 2 x 256 tokens, BF16, FSDP over 2 ranks): the peak memory of rank 0 and the FLOPs of
+    the simulated step (fake tensors, fake process group) are within 10% of the same step measured
+    under torchrun --nproc_per_node 2 with gloo. And the plan follows train.py: a step that keeps
+    16 MiB more (train.accumulate patched) shows 16 MiB more in the plan."""
+    import plan
+    args = train.get_args(plan_args(parts, vicuna_sized_vocabulary))
+    simulated = plan.simulate(train, args, 2)
+    (tmp_path / "measure.py").write_text(MEASURED_STEP)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "measure.py"), *plan_args(parts, vicuna_sized_vocabulary)],
+                            cwd=HERE, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.split("MEASURED ")[1].splitlines()[0])
+    for kind in ["Total", *plan.KINDS]:
+        print(f"{kind:<16} simulated {simulated['peak'].get(kind, 0) / 2**20:8.1f} MiB   "
+              f"measured {measured['peak'].get(kind, 0) / 2**20:8.1f} MiB")
+    print(f"FLOPs per micro-batch: simulated {simulated['flops'] / 1e9:.2f} GFLOP, measured "
+          f"{measured['flops'] / 1e9:.2f} GFLOP; sent: simulated {simulated['sent']}, measured {measured['sent']}")
+    print(f"peak inside forward and backward: simulated {simulated['peak_in_model'] / 2**20:.1f} MiB, measured "
+          f"{measured['peak_in_model'] / 2**20:.1f} MiB")
+    # The step's peak on its way through the model (forward and backward: gathered weights, activations,
+    # the logits' gradients); gloo's reduce-scatter on CPU copies its buffers besides (NCCL does not), so
+    # that the whole step's measured peak can lie above it; the plan models NCCL.
+    assert abs(simulated["peak_in_model"] / measured["peak_in_model"] - 1) < 0.10
+    assert simulated["peak"]["Total"] <= measured["peak"]["Total"] * 1.10
+    assert abs(simulated["flops"] / measured["flops"] - 1) < 0.10
+    assert simulated["flops"] > 0 and simulated["sent"]["all-gather"] > 0
+
+    original = train.accumulate
+
+    def keeps_more(*a, **k):  # what a buffer kept through the step in train.py would do
+        kept = torch.zeros(2 ** 22)  # 16 MiB
+        return original(*a, **k) + 0 * kept.sum()
+    monkeypatch.setattr(train, "accumulate", keeps_more)
+    grown = plan.simulate(train, args, 2)["peak_in_model"] - simulated["peak_in_model"]
+    print(f"train.accumulate keeping 16 MiB more: the plan's peak grew by {grown / 2**20:.1f} MiB")
+    assert 15 * 2 ** 20 < grown < 17 * 2 ** 20
+
+
+def plan_args(parts, llm):
+    """A step of the size the plan is tested at: micro-batch 2 x 256 tokens, global batch 4 on 2 ranks."""
+    return ["--stage", "2", "--vision", parts[0], "--llm", llm, "--projector", "random", "--batch-size", "2",
+            "--global-batch", "4", "--plan-tokens", "256", "--dtype", "bf16"]
+
+
+def test_a_config_only_folder_plans_but_never_trains(train_setup, tmp_path):
+    """configs/ holds the paper's models as configs alone: a real run given one stops with one line
+    saying it holds no weights."""
+    common, world = train_setup
+    args = common[:]
+    args[args.index("--llm") + 1] = os.path.join(HERE, "configs", "vicuna-7b-v1.5")
+    result = run_train(args + ["--stage", "1", "--data", str(world / "stage1.json"), "--out", str(tmp_path),
+                               "--global-batch", "8", "--batch-size", "2"], check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("train.py: cannot build the model"), result.stderr[-2000:]
+    assert "holds a config and no weights" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_the_plan_at_full_size_vicuna_7b_stage_2_on_8_gpus():
+    """train.py --plan on the configs of CLIP ViT-L/14 and Vicuna-7B: no weights, no GPU, no tokenizer.
+    Stage 2, 8 GPUs, micro-batch 4 x 2048: sharded FP32 weights and Adam's two moments are 16 bytes a
+    parameter over 8 (12.6 GiB of 6.74B; Adam's part 8/16 of it), and the step is about 6 FLOPs a
+    parameter and token."""
+    result = subprocess.run([sys.executable, "train.py", "--stage", "2", "--vision", "configs/clip-vit-large-patch14",
+                             "--llm", "configs/vicuna-7b-v1.5", "--plan", "--plan-gpus", "8", "--gpu-memory", "80"],
+                            cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    print(out)
+    gib = lambda kind: float(re.search(rf"  {kind} +([\d.]+) GiB", out)[1])  # noqa: E731
+    assert 6.0 < gib("OptState") < 6.6 and 3.0 < gib("Sharded Param") < 3.4
+    tflop = float(re.search(r"FLOPs per step \(all GPUs\): (\d+) TFLOP", out)[1])
+    assert 0.9 < tflop / (6 * 6.74e9 * 32 * 2048 / 1e12) < 1.15
+    assert re.search(r"^fits: ", out, re.M) and "time, stage 2, LLaVA-Instruct-158K" in out
+
+
 def test_each_epoch_is_a_new_permutation_whatever_the_world_size():
     """Two epochs of 36 samples, global batch 12: each epoch takes every sample once, the second in
     another order, and each step takes the same 12 samples with 1, 2 or 3 processes (6, 3 or 2
