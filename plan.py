@@ -24,7 +24,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
 import distributed
 
 GiB = 2 ** 30
@@ -43,15 +42,18 @@ def add_args(p):
     p.add_argument("--gpu-memory", type=float, default=80, help="--plan: GB of memory per GPU (24, 40, 80)")
     p.add_argument("--plan-tokens", type=int, help="--plan: tokens per sample (default --max-length)")
     p.add_argument("--gpu", choices=list(PEAK_TFLOPS), default="A100", help="--plan: the GPU, for the time")
+    p.add_argument("--plan-table", action="store_true", help="README's table: --plan for 7B and 13B, stages 1 and "
+                                                             "2, 8 and 4 GPUs, micro-batch 1, 4, 16 (~20 min)")
 
 
 # ----------------------------------------------------------------------------------------------
 # The step, on fake tensors or (under torchrun, for the test of the plan) real ones
 # ----------------------------------------------------------------------------------------------
 
-def synthetic_batch(model, batch_size, tokens, with_image=True):
-    """A collated batch of `batch_size` samples of `tokens` ids each: BOS, the image's N_v positions,
-    then text, every text token trained. Ids only: no tokenizer needed."""
+def synthetic_batch(train, model, batch_size, tokens, with_image=True):
+    """A batch of `batch_size` samples of `tokens` ids each, collated by train.py's data.collate: BOS, the
+    image's N_v positions, then text, every text token trained. Ids only: no tokenizer needed."""
+    data = train.data  # (a section file: the plumbing reaches it through train.py, never imports it)
     n_v = model.num_image_tokens if with_image else 0
     vocab = model.language_model.config.vocab_size
     ids = torch.randint(3, vocab, (batch_size, tokens), generator=torch.Generator().manual_seed(0))
@@ -90,7 +92,7 @@ def tracked_step(train, model, optimizer, args, world_size, tokens, fake_mode=No
     first Adam step that made Adam's state (as every step after the first has it). Returns
     {"peak": {kind: bytes}, "flops": per micro-batch, "sent": {kind: bytes per micro-batch}}."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPModState
-    batches = [synthetic_batch(model, args.batch_size, tokens) for _ in range(micro_batches)]
+    batches = [synthetic_batch(train, model, args.batch_size, tokens) for _ in range(micro_batches)]
     n_tokens, _ = train.count_tokens(batches, 0, False)  # real tensors: what depends on the data
     fake = (lambda t: fake_mode.from_tensor(t)) if fake_mode else (lambda t: t)
     batches = [tree_map_only(torch.Tensor, fake, b) for b in batches]
@@ -116,7 +118,7 @@ def tracked_step(train, model, optimizer, args, world_size, tokens, fake_mode=No
             "sent": {k: v / micro_batches for k, v in collectives.sent.items()}}
 
 
-def simulate(train, args, gpus, tokens=None):
+def simulate(train, args, gpus, tokens=None, micro_batches=None):
     """One step of train.py's at the sizes of --vision and --llm, sharded over `gpus` fake ranks, BF16
     as on GPUs unless --dtype fp32. Two micro-batches when the step accumulates (the second runs with the
     first's gradients held)."""
@@ -133,7 +135,7 @@ def simulate(train, args, gpus, tokens=None):
             optimizer = train.adam(model, args.lr)
         accumulation = args.global_batch // (args.batch_size * gpus)
         result = tracked_step(train, model, optimizer, args, gpus, tokens or args.plan_tokens or args.max_length,
-                              fake_mode, micro_batches=min(2, max(accumulation, 1)))
+                              fake_mode, micro_batches=micro_batches or min(2, max(accumulation, 1)))
         result.update(accumulation=accumulation, trainable=sum(p.numel() for p in optimizer.param_groups[0]["params"]),
                       n_image_tokens=model.num_image_tokens)
         return result
@@ -188,6 +190,8 @@ def fits(result, gpu_memory):
 
 def plan(train, args):
     """train.py --plan: simulate, report, and if the step does not fit, simulate what would."""
+    if args.plan_table:
+        return table(train, args.gpu)
     gpus = args.plan_gpus
     if args.global_batch % (args.batch_size * gpus):
         train.fail(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} x "
@@ -255,7 +259,7 @@ def model_image_tokens(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# The table a GPU user reads before buying time: python plan.py
+# The table a GPU user reads before buying time: python train.py --plan-table
 # ----------------------------------------------------------------------------------------------
 
 def table(train, gpu="A100"):
@@ -274,12 +278,11 @@ def table(train, gpu="A100"):
                         f"configs/vicuna-{size}-v1.5", "--projector", "random", "--gpu", gpu]
                 base += ["--grad-checkpointing"] if checkpointing else []
                 tokens = 1 + model_image_tokens(train.get_args(base)) + run["text"]
+                args = train.get_args(base + ["--batch-size", "1"])  # the paper's global batch
+                sample_flops = simulate(train, args, 8, tokens=tokens, micro_batches=1)["flops"]  # a sample's
+                steps = run["samples"] // args.global_batch * run["epochs"]
                 for gpus in (8, 4):
-                    args = train.get_args(base + ["--batch-size", "1", "--global-batch", str(max(
-                        train.STAGE_DEFAULTS[stage]["global_batch"], gpus))])
-                    timing = simulate(train, args, gpus, tokens=tokens)
-                    step_flops = timing["flops"] * timing["accumulation"] * gpus
-                    steps = run["samples"] // args.global_batch * run["epochs"]
+                    step_flops = sample_flops * args.global_batch
                     low, high = (hours(step_flops, steps, gpus, gpu, m) for m in reversed(MFU))
                     for batch in (1, 4, 16):
                         global_batch = max(train.STAGE_DEFAULTS[stage]["global_batch"], batch * gpus)
@@ -290,11 +293,3 @@ def table(train, gpu="A100"):
                         print(f"| Vicuna-{size.upper()} | {stage} | {gpus} | {'yes' if checkpointing else 'no'} | "
                               f"{batch} | {peak:.1f} | {marks} | {low:.1f}-{high:.1f} |", flush=True)
 
-
-if __name__ == "__main__":
-    import argparse
-    import train as train_module
-    p = argparse.ArgumentParser(description="The memory table of README.md: train.py --plan over the paper's "
-                                            "models, stages, GPU counts and micro-batches")
-    p.add_argument("--gpu", choices=list(PEAK_TFLOPS), default="A100")
-    table(train_module, p.parse_args().gpu)

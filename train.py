@@ -366,7 +366,7 @@ def data_loader(dataset, args, world_size, rank, start_step, total_steps, pad_id
 
 def main():
     args = get_args()
-    if args.plan:  # simulated at full size, nothing read but configs
+    if args.plan or args.plan_table:  # simulated at full size, nothing read but configs
         return plan.plan(sys.modules[__name__], args)
     try:
         train(args)
