@@ -87,12 +87,13 @@ class CountCollectives(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def tracked_step(train, model, optimizer, args, world_size, tokens, fake_mode=None, micro_batches=1):
-    """train.optimizer_step on `micro_batches` synthetic micro-batches of --batch-size x `tokens`, after a
-    first Adam step that made Adam's state (as every step after the first has it). Returns
-    {"peak": {kind: bytes}, "flops": per micro-batch, "sent": {kind: bytes per micro-batch}}."""
+def tracked_step(train, model, optimizer, args, world_size, tokens, fake_mode=None, held_gradients=False):
+    """train.optimizer_step on a synthetic micro-batch of --batch-size x `tokens`, after a first Adam step
+    that made Adam's state (as every step after the first has it). held_gradients: as the last micro-batch
+    of an accumulation runs, with the sharded gradients of the ones before it held. Returns
+    {"peak": {kind: bytes}, "peak_in_model": bytes, "flops": per micro-batch, "sent": {kind: bytes}}."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPModState
-    batches = [synthetic_batch(train, model, args.batch_size, tokens) for _ in range(micro_batches)]
+    batches = [synthetic_batch(train, model, args.batch_size, tokens)]
     n_tokens, _ = train.count_tokens(batches, 0, False)  # real tensors: what depends on the data
     fake = (lambda t: fake_mode.from_tensor(t)) if fake_mode else (lambda t: t)
     batches = [tree_map_only(torch.Tensor, fake, b) for b in batches]
@@ -103,6 +104,8 @@ def tracked_step(train, model, optimizer, args, world_size, tokens, fake_mode=No
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        for p in optimizer.param_groups[0]["params"] if held_gradients else []:
+            p.grad = torch.zeros_like(p)  # sharded, as FSDP2 accumulates them
         tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs(tuple(batches))
         flops, collectives = FlopCounterMode(display=False), CountCollectives(world_size)
@@ -114,14 +117,13 @@ def tracked_step(train, model, optimizer, args, world_size, tokens, fake_mode=No
                        for snap in root.get(state, []) for d in snap)
     [snapshot] = [s for d, s in peak.items() if torch.device(d).type == "cpu"]
     return {"peak": {str(getattr(k, "value", k)): v for k, v in snapshot.items()}, "peak_in_model": in_model,
-            "flops": flops.get_total_flops() / micro_batches,
-            "sent": {k: v / micro_batches for k, v in collectives.sent.items()}}
+            "flops": flops.get_total_flops(), "sent": collectives.sent}
 
 
-def simulate(train, args, gpus, tokens=None, micro_batches=None):
+def simulate(train, args, gpus, tokens=None):
     """One step of train.py's at the sizes of --vision and --llm, sharded over `gpus` fake ranks, BF16
-    as on GPUs unless --dtype fp32. Two micro-batches when the step accumulates (the second runs with the
-    first's gradients held)."""
+    as on GPUs unless --dtype fp32: one micro-batch (each is the same), with the gradients of the ones
+    before it held when the step accumulates."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -135,7 +137,7 @@ def simulate(train, args, gpus, tokens=None, micro_batches=None):
             optimizer = train.adam(model, args.lr)
         accumulation = args.global_batch // (args.batch_size * gpus)
         result = tracked_step(train, model, optimizer, args, gpus, tokens or args.plan_tokens or args.max_length,
-                              fake_mode, micro_batches=micro_batches or min(2, max(accumulation, 1)))
+                              fake_mode, held_gradients=accumulation > 1)
         result.update(accumulation=accumulation, trainable=sum(p.numel() for p in optimizer.param_groups[0]["params"]),
                       n_image_tokens=model.num_image_tokens)
         return result
@@ -278,11 +280,11 @@ def table(train, gpu="A100"):
                         f"configs/vicuna-{size}-v1.5", "--projector", "random", "--gpu", gpu]
                 base += ["--grad-checkpointing"] if checkpointing else []
                 tokens = 1 + model_image_tokens(train.get_args(base)) + run["text"]
-                args = train.get_args(base + ["--batch-size", "1"])  # the paper's global batch
-                sample_flops = simulate(train, args, 8, tokens=tokens, micro_batches=1)["flops"]  # a sample's
-                steps = run["samples"] // args.global_batch * run["epochs"]
+                paper = train.get_args(base + ["--batch-size", "1"])  # the paper's global batch
+                sample_flops = simulate(train, paper, 8, tokens=tokens)["flops"]  # a sample's
+                steps = run["samples"] // paper.global_batch * run["epochs"]
                 for gpus in (8, 4):
-                    step_flops = sample_flops * args.global_batch
+                    step_flops = sample_flops * paper.global_batch
                     low, high = (hours(step_flops, steps, gpus, gpu, m) for m in reversed(MFU))
                     for batch in (1, 4, 16):
                         global_batch = max(train.STAGE_DEFAULTS[stage]["global_batch"], batch * gpus)
