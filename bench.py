@@ -5,7 +5,8 @@ Same weights, same inputs, one run; ours and the reference alternate after a war
     python bench.py                 # tiny models (seconds)
     python bench.py --size small    # a few seconds per training step on a CPU
     python bench.py --size small --profile   # also: where a stage-2 training step spends its time
-    python bench.py --memory        # stage 2's memory per GPU for Vicuna-7B and -13B, from parameter counts
+
+Memory per GPU at 7B and 13B is train.py --plan's: a training step simulated at full size (plan.py).
 """
 import argparse
 import os
@@ -275,41 +276,13 @@ def bench_padding(n=20000, batch=16, seed=0):
           f"length-grouped within a global batch of {megabatch} {100 * padding(grouped):.1f}%")
 
 
-# Vicuna v1.5 (LLaMA-2): width, layers, MLP width, vocabulary; CLIP ViT-L/14 has 0.30B parameters.
-VICUNA = {"7B": (4096, 32, 11008, 32000), "13B": (5120, 40, 13824, 32000)}
-
-
-def memory_estimate(gpus=8, batch_size=4, tokens=1024):
-    """Stage 2's memory per GPU under train.py's FSDP, worked out from the parameter counts (an
-    estimate, not a measurement): FP32 weights, gradients and Adam's two moments, sharded over the
-    GPUs; BF16 copies of the gathered pieces (the root group: the vision tower, the embeddings and
-    the head; two decoder layers, one prefetched); activations of a micro-batch of batch_size x tokens,
-    in BF16: per token and layer, about 10 vectors of the width and 4 of the MLP's width (attention
-    by SDPA keeps no tokens x tokens matrix), or with gradient checkpointing the layer's input alone
-    plus one layer recomputed."""
-    print(f"stage 2 memory per GPU, estimated: {gpus} GPUs, micro-batch {batch_size} x {tokens} tokens, BF16 compute")
-    for name, (h, layers, mlp, vocab) in VICUNA.items():
-        layer = 4 * h * h + 3 * h * mlp  # attention q, k, v, o; MLP gate, up, down
-        params = layers * layer + 2 * vocab * h
-        sharded = params * (4 + 4 + 8) / gpus  # weights, gradients, Adam's moments, all FP32
-        gathered = 2 * (0.30e9 + 2 * vocab * h + 2 * layer)  # BF16
-        per_layer = 2 * batch_size * tokens * (10 * h + 4 * mlp)  # BF16 activations of one layer
-        full, checkpointed = layers * per_layer, layers * 2 * batch_size * tokens * h + per_layer
-        print(f"  Vicuna-{name} ({params / 1e9:.2f}B): sharded state {sharded / 2**30:.1f} GiB + gathered "
-              f"{gathered / 2**30:.1f} GiB + activations {full / 2**30:.1f} GiB = {(sharded + gathered + full) / 2**30:.0f} GiB; "
-              f"with --grad-checkpointing {(sharded + gathered + checkpointed) / 2**30:.0f} GiB")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=list(SIZES), default="tiny")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--workers", type=int, default=2, help="data loader processes to compare with 0")
     p.add_argument("--profile", action="store_true", help="also profile our stage-2 training step")
-    p.add_argument("--memory", action="store_true", help="only estimate stage 2's memory per GPU for 7B and 13B")
     args = p.parse_args()
-    if args.memory:
-        return memory_estimate()
     torch.manual_seed(0)
     peak = matmul_peak()
     print(f"{args.size} models; {torch.get_num_threads()} threads; FP32 matmul peak {peak / 1e9:.1f} GFLOP/s")

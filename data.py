@@ -225,7 +225,42 @@ def collate(samples, pad_id):
     images = [s["pixel_values"] for s in kept if s["pixel_values"] is not None]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "pixel_values": torch.stack(images) if images else None,  # (B_img, 3, H, W)
-            "skipped": sum(s is None for s in samples)}
+            "target_positions": target_positions(labels), "skipped": sum(s is None for s in samples)}
+
+
+def target_positions(labels):
+    """Where Eq. 3 trains, (N,): the positions t whose next token t + 1 is labelled, counted row by row
+    through the batch (B * T). Computed with the batch, so that the model's shapes never depend on a
+    tensor's values (train.py --plan runs the step on tensors that have none)."""
+    has_target = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
+    has_target[:, :-1] = labels[:, 1:] != IGNORE
+    return has_target.flatten().nonzero()[:, 0]
+
+
+def micro_batches(n_samples, global_batch, batch_size, world_size, rank, start_step, total_steps, seed,
+                  lengths=None):
+    """Index lists for this rank's micro-batches, from start_step on (train.py's data order). Step s of
+    epoch e takes global batch s of a permutation seeded by (seed, e). Each global batch is cut into
+    micro-batches of batch_size; rank r takes every world_size-th one. The gradient summed over all
+    micro-batches of all ranks is the same for any world size.
+    lengths: sort each global batch by length before cutting it (LLaVA-1.5's length grouping, inside
+    one optimizer step so that the step's samples stay the same): less padding.
+    """
+    steps_per_epoch = n_samples // global_batch
+    accumulation = global_batch // (batch_size * world_size)
+    assert accumulation * batch_size * world_size == global_batch, "read_samples checks --global-batch"
+    batches, permutation, epoch = [], None, None
+    for step in range(start_step, total_steps):
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            permutation = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        step_samples = permutation[(step % steps_per_epoch) * global_batch:][:global_batch].tolist()
+        if lengths is not None:
+            step_samples.sort(key=lambda i: lengths[i])
+        for j in range(accumulation):
+            i = j * world_size + rank  # this rank's j-th micro-batch is the step's i-th
+            batches.append(step_samples[i * batch_size:(i + 1) * batch_size])
+    return batches
 
 
 # ----------------------------------------------------------------------------------------------

@@ -156,6 +156,8 @@ def vision_config(name_or_path):
 def load_vision_tower(name_or_path, dtype=torch.float32, empty=False):
     """g and its image processor. empty: its layout only, weights not read (for the meta device)."""
     config = vision_config(name_or_path)
+    if not empty:
+        refuse_config_only(name_or_path)
     if empty:
         tower = AutoModel.from_config(config, dtype=dtype)
     else:
@@ -176,13 +178,39 @@ def load_language_model(name_or_path, dtype=torch.float32, empty=False):
     if empty:
         language_model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
+        refuse_config_only(name_or_path)
         with errors_naming(name_or_path):
             language_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=False)
+    if config_only(name_or_path) and not os.path.exists(os.path.join(name_or_path, "tokenizer_config.json")):
+        return language_model, ids_only_tokenizer(config)  # empty (--plan): the batch is made of ids
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     add_image_token(tokenizer)
     if tokenizer.pad_token is None:  # LLaMA has none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return language_model, tokenizer
+
+
+def config_only(path):
+    """Whether `path` is a folder holding a model's config and no weights (configs/: for train.py --plan)."""
+    return os.path.isdir(path) and not any(re.search(r"\.(safetensors|bin|pt|pth)$", f) for f in os.listdir(path))
+
+
+def refuse_config_only(path):
+    if config_only(path):
+        raise ValueError(f"{path}: holds a config and no weights (a folder for train.py --plan); "
+                         f"give a model with its weights (a hub id, or a folder with its weight files)")
+
+
+def ids_only_tokenizer(config):
+    """A config-only folder's tokenizer: one made-up piece per id, padding, BOS and EOS as the config
+    says, and <image> after the vocabulary (where add_image_token puts it in LLaMA's 32,000)."""
+    from tokenizers import Tokenizer, models
+    vocab = {f"<id_{i}>": i for i in range(config.vocab_size)}
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "<id_0>")))
+    for name in ("pad", "bos", "eos"):
+        setattr(tokenizer, f"{name}_token", f"<id_{getattr(config, f'{name}_token_id', None) or 0}>")
+    add_image_token(tokenizer)
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
+from torch._subclasses.fake_tensor import is_fake
 
 import data
 import decoding
@@ -88,18 +89,20 @@ class LLaVA(nn.Module):
                 embeds = embeds + 0 * self.projector(embeds.new_zeros(1, self.projector[0].in_features)).sum()
             return embeds
         H_v = self.encode_images(pixel_values)  # (B_img, N_v, D)
-        if is_image.sum() != H_v.shape[0] * H_v.shape[1]:
+        if not is_fake(is_image) and is_image.sum() != H_v.shape[0] * H_v.shape[1]:  # fake (--plan): no values
             raise ValueError(f"{int(is_image.sum())} image positions in input_ids but "
                              f"{H_v.shape[0]} images x {H_v.shape[1]} visual tokens")
         # Images fill the image positions in order: row by row through the batch.
         return embeds.masked_scatter(is_image.unsqueeze(-1), H_v.to(embeds.dtype))
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, reduction="mean"):
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, reduction="mean",
+                target_positions=None):
         """Returns (logits, loss or None).
 
         logits: (B, T, V) without labels; with labels (N, V), only at the N positions that have a
         target: the LM head never runs where nothing is trained (in stage 1, the ~600 positions of
         instruction and image before a caption of a few dozen), and the (B, T, V) logits never exist.
+        target_positions: those N positions, as data.collate computes them (default: from labels).
         loss (Eq. 3): the negative log-likelihood of every labelled token given the ones before it,
         averaged over the labelled tokens; reduction="sum": summed (train.py divides by the tokens
         of all micro-batches and ranks, so that every token weighs the same).
@@ -107,12 +110,13 @@ class LLaVA(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values)  # (B, T, D)
         if labels is None:
             return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits, None
-        targets, has_target = shifted_targets(labels)  # (B, T) each
-        logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                     logits_to_keep=has_target).logits  # (N, V)
-        loss = F.cross_entropy(logits.float(), targets[has_target], reduction="sum")  # Eq. 3, summed
+        positions = data.target_positions(labels) if target_positions is None else target_positions  # (N,)
+        targets = shifted_targets(labels)[0].flatten()[positions]  # (N,)
+        hidden = self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        logits = self.language_model.get_output_embeddings()(hidden.last_hidden_state.flatten(0, 1)[positions])
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")  # Eq. 3, summed; logits (N, V)
         assert reduction in ("mean", "sum"), reduction
-        return logits, loss / has_target.sum().clamp(min=1) if reduction == "mean" else loss
+        return logits, loss / max(len(positions), 1) if reduction == "mean" else loss
 
     # ------------------------------------------------------------------------------------------
     # Generation (§5.1): one loop, a batch of rows, one token at a time, with a KV cache

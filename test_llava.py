@@ -1693,7 +1693,7 @@ def test_training_reads_every_epoch_in_its_own_order(train_setup, tmp_path, monk
                                          str(tmp_path / "out"), "--global-batch", "8", "--batch-size", "4",
                                          "--epochs", "2", "--checkpoint-every", "0"]))
     assert [m["step"] for m in metrics(tmp_path / "out")] == [1, 2, 3, 4]
-    assert read_order == [i for b in train.micro_batches(16, 8, 4, 1, 0, 0, 4, seed=0) for i in b]
+    assert read_order == [i for b in data.micro_batches(16, 8, 4, 1, 0, 0, 4, seed=0) for i in b]
     first, second = read_order[:16], read_order[16:]
     assert sorted(first) == sorted(second) == list(range(16)) and first != second
 
@@ -3107,8 +3107,8 @@ def test_ctrl_c_and_ctrl_d_in_a_terminal(saved, tmp_path):
 
 def test_length_grouping_keeps_each_global_batch_and_cuts_padding():
     lengths = [int(x) for x in torch.randint(10, 600, (64,), generator=torch.Generator().manual_seed(0))]
-    plain = [train.micro_batches(64, 16, 2, 2, r, 0, 4, seed=0) for r in range(2)]
-    grouped = [train.micro_batches(64, 16, 2, 2, r, 0, 4, seed=0, lengths=lengths) for r in range(2)]
+    plain = [data.micro_batches(64, 16, 2, 2, r, 0, 4, seed=0) for r in range(2)]
+    grouped = [data.micro_batches(64, 16, 2, 2, r, 0, 4, seed=0, lengths=lengths) for r in range(2)]
     padding = lambda batches: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)  # noqa: E731
                                   for rank in batches for b in rank)
     for step in range(4):  # each optimizer step sees the same 16 samples, grouped or not
@@ -3160,7 +3160,7 @@ def test_the_papers_gpu_commands_on_the_real_formats(parts, toy_world, tmp_path)
     # with images and a rank without; and a micro-batch whose samples are all unusable.
     bad = {i for i, s in enumerate(samples) if s["id"].startswith("missing") or s["id"] == "long"}
     image = {i for i, s in enumerate(samples) if "image" in s} - bad
-    ranks = [train.micro_batches(len(samples), 12, 2, 2, r, 0, 5, seed=0) for r in range(2)]
+    ranks = [data.micro_batches(len(samples), 12, 2, 2, r, 0, 5, seed=0) for r in range(2)]
     assert any(set(a) <= bad for rank in ranks for a in rank)
     assert any(bool(set(a) & image) != bool(set(b) & image) for a, b in zip(*ranks))
 
@@ -3409,6 +3409,106 @@ def test_loading_holds_one_weight_file_at_a_time(parts, vicuna_sized_vocabulary,
     assert grown < sum(sizes) + max(sizes) + 0.15 * sum(sizes)
 
 
+# ----------------------------------------------------------------------------------------------
+# train.py --plan (plan.py): the step simulated at full size, held against the same step run
+# ----------------------------------------------------------------------------------------------
+
+# plan.tracked_step on the real thing: train.py's load_model and optimizer_step under torchrun (gloo),
+# real weights and tensors, the same tracker; rank 0 prints what it measured.
+MEASURED_STEP = """
+import json, sys, distributed, plan, train
+args = train.get_args(sys.argv[1:])
+rank, world_size, device = distributed.setup(args.timeout)
+model = train.load_model(args, rank, device, bf16=True)
+result = plan.tracked_step(train, model, train.adam(model, args.lr), args, world_size, args.plan_tokens)
+if rank == 0:
+    print("MEASURED " + json.dumps(result), flush=True)
+del model
+distributed.close()
+"""
+
+
+@pytest.mark.slow
+def test_the_plans_simulated_step_is_the_measured_one(parts, vicuna_sized_vocabulary, tmp_path, monkeypatch):
+    """train.py --plan at a size this CPU runs for real (CLIP stand-in, a 40M LM with Vicuna's vocabulary,
+    micro-batch 2 x 256 tokens, BF16, FSDP over 2 ranks): the peak memory of rank 0 and the FLOPs of
+    the simulated step (fake tensors, fake process group) are within 10% of the same step measured
+    under torchrun --nproc_per_node 2 with gloo. And the plan follows train.py: a step that keeps
+    16 MiB more (train.accumulate patched) shows 16 MiB more in the plan."""
+    import plan
+    args = train.get_args(plan_args(parts, vicuna_sized_vocabulary))
+    simulated = plan.simulate(train, args, 2)
+    (tmp_path / "measure.py").write_text(MEASURED_STEP)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "measure.py"), *plan_args(parts, vicuna_sized_vocabulary)],
+                            cwd=HERE, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.split("MEASURED ")[1].splitlines()[0])
+    for kind in ["Total", *plan.KINDS]:
+        print(f"{kind:<16} simulated {simulated['peak'].get(kind, 0) / 2**20:8.1f} MiB   "
+              f"measured {measured['peak'].get(kind, 0) / 2**20:8.1f} MiB")
+    print(f"FLOPs per micro-batch: simulated {simulated['flops'] / 1e9:.2f} GFLOP, measured "
+          f"{measured['flops'] / 1e9:.2f} GFLOP; sent: simulated {simulated['sent']}, measured {measured['sent']}")
+    print(f"peak inside forward and backward: simulated {simulated['peak_in_model'] / 2**20:.1f} MiB, measured "
+          f"{measured['peak_in_model'] / 2**20:.1f} MiB")
+    # The step's peak on its way through the model (forward and backward: gathered weights, activations,
+    # the logits' gradients); gloo's reduce-scatter on CPU copies its buffers besides (NCCL does not), so
+    # that the whole step's measured peak can lie above it; the plan models NCCL.
+    assert abs(simulated["peak_in_model"] / measured["peak_in_model"] - 1) < 0.10
+    assert simulated["peak"]["Total"] <= measured["peak"]["Total"] * 1.10
+    assert abs(simulated["flops"] / measured["flops"] - 1) < 0.10
+    assert simulated["flops"] > 0 and simulated["sent"]["all-gather"] > 0
+
+    original = train.accumulate
+
+    def keeps_more(*a, **k):  # what a buffer kept through the step in train.py would do
+        kept = torch.zeros(2 ** 22)  # 16 MiB
+        return original(*a, **k) + 0 * kept.sum()
+    monkeypatch.setattr(train, "accumulate", keeps_more)
+    grown = plan.simulate(train, args, 2)["peak_in_model"] - simulated["peak_in_model"]
+    print(f"train.accumulate keeping 16 MiB more: the plan's peak grew by {grown / 2**20:.1f} MiB")
+    assert 15 * 2 ** 20 < grown < 17 * 2 ** 20
+
+
+def plan_args(parts, llm):
+    """A step of the size the plan is tested at: micro-batch 2 x 256 tokens, global batch 4 on 2 ranks."""
+    return ["--stage", "2", "--vision", parts[0], "--llm", llm, "--projector", "random", "--batch-size", "2",
+            "--global-batch", "4", "--plan-tokens", "256", "--dtype", "bf16"]
+
+
+def test_a_config_only_folder_plans_but_never_trains(train_setup, tmp_path):
+    """configs/ holds the paper's models as configs alone: a real run given one stops with one line
+    saying it holds no weights."""
+    common, world = train_setup
+    args = common[:]
+    args[args.index("--llm") + 1] = os.path.join(HERE, "configs", "vicuna-7b-v1.5")
+    result = run_train(args + ["--stage", "1", "--data", str(world / "stage1.json"), "--out", str(tmp_path),
+                               "--global-batch", "8", "--batch-size", "2"], check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("train.py: cannot build the model"), result.stderr[-2000:]
+    assert "holds a config and no weights" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_the_plan_at_full_size_vicuna_7b_stage_2_on_8_gpus():
+    """train.py --plan on the configs of CLIP ViT-L/14 and Vicuna-7B: no weights, no GPU, no tokenizer.
+    Stage 2, 8 GPUs, micro-batch 4 x 2048: sharded FP32 weights and Adam's two moments are 16 bytes a
+    parameter over 8 (12.6 GiB of 6.74B; Adam's part 8/16 of it), and the step is about 6 FLOPs a
+    parameter and token."""
+    result = subprocess.run([sys.executable, "train.py", "--stage", "2", "--vision", "configs/clip-vit-large-patch14",
+                             "--llm", "configs/vicuna-7b-v1.5", "--plan", "--plan-gpus", "8", "--gpu-memory", "80"],
+                            cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    print(out)
+    gib = lambda kind: float(re.search(rf"  {kind} +([\d.]+) GiB", out)[1])  # noqa: E731
+    assert 6.0 < gib("OptState") < 6.6 and 3.0 < gib("Sharded Param") < 3.4
+    tflop = float(re.search(r"FLOPs per step \(all GPUs\): (\d+) TFLOP", out)[1])
+    assert 0.9 < tflop / (6 * 6.74e9 * 32 * 2048 / 1e12) < 1.15
+    assert re.search(r"^fits: ", out, re.M) and "time, stage 2, LLaVA-Instruct-158K" in out
+
+
 def test_each_epoch_is_a_new_permutation_whatever_the_world_size():
     """Two epochs of 36 samples, global batch 12: each epoch takes every sample once, the second in
     another order, and each step takes the same 12 samples with 1, 2 or 3 processes (6, 3 or 2
@@ -3418,7 +3518,7 @@ def test_each_epoch_is_a_new_permutation_whatever_the_world_size():
     def per_step(world_size, start_step=0):
         """The samples of each optimizer step, over every rank and micro-batch."""
         accumulation = global_batch // (batch_size * world_size)
-        ranks = [train.micro_batches(n, global_batch, batch_size, world_size, r, start_step, steps, seed=0)
+        ranks = [data.micro_batches(n, global_batch, batch_size, world_size, r, start_step, steps, seed=0)
                  for r in range(world_size)]
         return [sorted(i for batches in ranks for b in batches[s * accumulation:(s + 1) * accumulation] for i in b)
                 for s in range(steps - start_step)]
@@ -3447,7 +3547,7 @@ def project_imports():
 
 
 PLUMBING = {"cli", "disk", "distributed", "formats", "chat_api", "checkpoints", "data_cli", "image_files", "sample_checks",
-            "teacher_files"}  # modules no section of the paper is about
+            "teacher_files", "plan"}  # modules no section of the paper is about
 
 
 def test_no_file_imports_another_that_imports_it_and_only_the_toy_world_imports_toy():

@@ -15,6 +15,7 @@ import argparse
 import collections
 import math
 import os
+import sys
 import time
 from functools import partial
 
@@ -35,6 +36,7 @@ import disk
 import distributed
 import formats
 import llava
+import plan
 import sample_checks
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +103,7 @@ def get_args(argv=None):
     p.add_argument("--timeout", type=positive, default=30,
                    help="torchrun: minutes a process waits for the others (rank 0 reading or writing the "
                         "weights is the longest wait) before the run stops")
+    plan.add_args(p)
     args = p.parse_args(argv)
     for k, v in STAGE_DEFAULTS[args.stage].items():
         if getattr(args, k) is None:
@@ -137,10 +140,7 @@ def train(args):
         fail(f"cannot build the model (--vision, --llm, --projector): {cli.one_line(e)}")
     inputs = checkpoints.fingerprint_inputs(args, run, rank)  # resumed: stops if they changed since
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # Adam without weight decay; cosine schedule with 3% warm-up (Appendix C). fused: one kernel for
-    # all parameters instead of several per tensor.
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0, fused=True)
+    optimizer = adam(model, args.lr)  # with a cosine schedule, 3% warm-up (Appendix C)
     dataset = data.LazyDataset(args.data, args.image_folder, model, args.max_length, args.pad_to_square,
                                samples=samples)
     total_steps = args.max_steps or math.ceil(args.epochs * (len(dataset) // args.global_batch))
@@ -156,7 +156,7 @@ def train(args):
     if master:
         print(f"stage {args.stage}: {len(dataset)} samples, {total_steps} steps of {args.global_batch} "
               f"({world_size} processes x {args.batch_size} x {accumulation} accumulation), "
-              f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters, "
+              f"{sum(p.numel() for p in optimizer.param_groups[0]['params']) / 1e6:.2f}M trainable parameters, "
               f"{'bf16' if bf16 else 'fp32'} on {device.type}")
 
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not master,
@@ -165,18 +165,9 @@ def train(args):
     for step in progress:  # from 0: the body makes optimizer step step + 1
         batches = [next(loader) for _ in range(accumulation)]  # this rank's share of the global batch
         n_tokens, n_skipped = count_tokens(batches, step, args.strict_data)  # all ranks: the same numbers
-        loss_sum = accumulate(model, batches, n_tokens, world_size, device, autocast)
-        # The loss and the gradient norm are read once a step, before the weights change; both are
-        # reduced over the ranks, so a NaN or inf stops every rank at the same step.
-        norm = gradient_norm(trainable, args.grad_clip)
-        loss = distributed.all_sum(loss_sum) / n_tokens
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            fail(f"step {step + 1}: the loss is {loss:g} and the gradient norm {norm:g}; the run stops before "
-                 f"this step changes the weights, and exports nothing ({checkpoints.left_to_resume(args.out)}). "
-                 f"Try a lower --lr, or check the --llm and --projector weights for NaN or inf")
-        optimizer.step()
+        loss = optimizer_step(model, optimizer, batches, n_tokens, world_size, device, autocast, args.grad_clip,
+                              check=partial(finite_loss, args, step, n_tokens))
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         skipped += n_skipped
         if master:
             samples_per_s = (step + 1 - start_step) * args.global_batch / (time.time() - started)
@@ -211,7 +202,7 @@ def read_samples(args, world_size):
 def count_tokens(batches, step, strict_data):
     """(the tokens the global batch trains on, the bad samples it skipped), both over all ranks: every
     rank knows them, so a global batch that cannot train stops all of them together."""
-    n_tokens = distributed.all_sum(sum(int(llava.shifted_targets(b["labels"])[1].sum()) for b in batches))
+    n_tokens = distributed.all_sum(sum(len(b["target_positions"]) for b in batches))
     n_skipped = int(distributed.all_sum(sum(b["skipped"] for b in batches)))
     if n_skipped and strict_data:
         fail(f"--strict-data: step {step + 1} holds the bad sample named above; fix it or leave out --strict-data")
@@ -221,26 +212,56 @@ def count_tokens(batches, step, strict_data):
     return n_tokens, n_skipped
 
 
+def adam(model, lr):
+    """Adam without weight decay (Appendix C) over what trains; fused: one kernel for all parameters."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0, fused=True)
+
+
+def optimizer_step(model, optimizer, micro_batches, n_tokens, world_size, device, autocast, clip, check=None):
+    """One optimizer step of this rank: forward and backward of its micro-batches, the gradients clipped,
+    then Adam. check(loss_sum, norm) sees the step's tensors before the weights change; what it returns
+    is returned. train.py --plan (plan.py) runs this very function on fake tensors, at full size."""
+    loss_sum = accumulate(model, micro_batches, n_tokens, world_size, device, autocast)
+    norm = gradient_norm([p for group in optimizer.param_groups for p in group["params"]], clip)
+    result = check(loss_sum, norm) if check else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return result
+
+
+def finite_loss(args, step, n_tokens, loss_sum, norm):
+    """The step's loss per token. The loss and the gradient norm are read once a step, before the weights
+    change; both are reduced over the ranks, so a NaN or inf stops every rank at the same step."""
+    loss, norm = float(distributed.all_sum(loss_sum)) / n_tokens, float(norm)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        fail(f"step {step + 1}: the loss is {loss:g} and the gradient norm {norm:g}; the run stops before "
+             f"this step changes the weights, and exports nothing ({checkpoints.left_to_resume(args.out)}). "
+             f"Try a lower --lr, or check the --llm and --projector weights for NaN or inf")
+    return loss
+
+
 def accumulate(model, micro_batches, n_tokens, world_size, device, autocast):
-    """The summed token loss of forward and backward over this rank's micro-batches; gradients add up in
-    .grad. Under FSDP each backward reduce-scatters at once, so each rank accumulates only its shard of
-    the gradients. Every rank runs as many micro-batches as the others: the collectives stay in step."""
+    """The summed token loss (a tensor: nothing waits for it) of forward and backward over this rank's
+    micro-batches; gradients add up in .grad. Under FSDP each backward reduce-scatters at once, so each
+    rank accumulates only its shard of the gradients. Every rank runs as many micro-batches as the
+    others: the collectives stay in step."""
     loss_sum = 0.0
     for batch in micro_batches:
         pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
         with autocast:
             _, loss = model(batch["input_ids"].to(device), pixel_values, batch["attention_mask"].to(device),
-                            labels=batch["labels"].to(device), reduction="sum")  # ids (B, T); loss: a sum
+                            labels=batch["labels"].to(device), reduction="sum",
+                            target_positions=batch["target_positions"].to(device))  # ids (B, T); loss: a sum
         (loss * world_size / n_tokens).backward()
-        loss_sum += loss.item()
+        loss_sum = loss_sum + loss.detach().double()
     return loss_sum
 
 
 def gradient_norm(parameters, clip):
-    """The norm of the gradients of all ranks together, the same number on every rank; the gradients
+    """The norm of the gradients of all ranks together (a tensor), the same on every rank; the gradients
     are clipped to `clip` when it is above 0."""
     norm = torch.nn.utils.clip_grad_norm_(parameters, clip if clip > 0 else math.inf)  # inf: scaled by 1
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def log_step(args, progress, step, loss, lr, samples_per_s, skipped):
@@ -254,17 +275,18 @@ def log_step(args, progress, step, loss, lr, samples_per_s, skipped):
 # The model of a stage, one copy read and sharded across the ranks; its export
 # ----------------------------------------------------------------------------------------------
 
-def load_model(args, rank, device, bf16):
+def load_model(args, rank, device, bf16, mesh=None, read_weights=True):
     """g, W and f_phi for this stage, frozen and typed as STAGES says, sharded under torchrun. Only rank 0
     reads the checkpoints: every rank builds the model on the meta device (no memory), shards it, and
-    receives its shards of rank 0's weights. Host memory holds one copy; no GPU holds a full replica."""
+    receives its shards of rank 0's weights. Host memory holds one copy; no GPU holds a full replica.
+    mesh: FSDP's (default: all ranks); read_weights=False: the layout alone, values unset (--plan)."""
     stage = STAGES[args.stage]
     dtype = {part: torch.float32 if part in stage.trains else torch.bfloat16 if bf16 else torch.float32
              for part in ("vision_tower", "language_model")}  # W: FP32 from llava.build
     options = dict(projector=args.projector_type, feature_layer=args.feature_layer, template=args.template,
                    dtype=dtype["language_model"], vision_dtype=dtype["vision_tower"])
     weights = None
-    if rank == 0:
+    if rank == 0 and read_weights:
         weights = llava.build(args.vision, args.llm, **options)  # W: random, seeded, FP32
         if stage.starts_from_w and args.projector != "random":  # random: stage 1 skipped
             formats.load_projector(weights, args.projector)  # W from stage 1
@@ -281,8 +303,10 @@ def load_model(args, rank, device, bf16):
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not dist.is_initialized():
         return model.to(device).train()
-    shard(model, bf16)
+    shard(model, bf16, mesh)
     model.to_empty(device=device)
+    if not read_weights:
+        return model.train()
     set_model_state_dict(model, weights.state_dict() if rank == 0 else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, buffer in model.named_buffers():  # computed, not saved (rotary frequencies, position ids)
@@ -292,7 +316,7 @@ def load_model(args, rank, device, bf16):
     return model.train()
 
 
-def shard(model, bf16):
+def shard(model, bf16, mesh=None):
     """FSDP2: each decoder layer of the LLM is a shard group; the rest (g, W, the embeddings, the head) is
     the root group. A group is gathered for its forward and backward, and its gradients reduce-scattered:
     each rank keeps only its shard, also while gradients accumulate. g is gathered with the root at
@@ -303,8 +327,8 @@ def shard(model, bf16):
     layer_names = set(model.language_model._no_split_modules or [])  # e.g. LlamaDecoderLayer
     for module in model.language_model.modules():
         if type(module).__name__ in layer_names:
-            fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def export(model, args, rank, bf16):
@@ -328,37 +352,12 @@ def export(model, args, rank, bf16):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data order: the same global batches whatever the world size, and a position to resume from
+# Data order (data.micro_batches): the same global batches whatever the world size, resumable
 # ----------------------------------------------------------------------------------------------
-
-def micro_batches(n_samples, global_batch, batch_size, world_size, rank, start_step, total_steps, seed,
-                  lengths=None):
-    """Index lists for this rank's micro-batches, from start_step on. Step s of epoch e takes global batch s of a permutation seeded by (seed, e). Each global batch
-    is cut into micro-batches of batch_size; rank r takes every world_size-th one. The gradient
-    summed over all micro-batches of all ranks is the same for any world size.
-    lengths: sort each global batch by length before cutting it (LLaVA-1.5's length grouping, inside
-    one optimizer step so that the step's samples stay the same): less padding.
-    """
-    steps_per_epoch = n_samples // global_batch
-    accumulation = global_batch // (batch_size * world_size)
-    assert accumulation * batch_size * world_size == global_batch, "read_samples checks --global-batch"
-    batches, permutation, epoch = [], None, None
-    for step in range(start_step, total_steps):
-        if step // steps_per_epoch != epoch:
-            epoch = step // steps_per_epoch
-            permutation = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        step_samples = permutation[(step % steps_per_epoch) * global_batch:][:global_batch].tolist()
-        if lengths is not None:
-            step_samples.sort(key=lambda i: lengths[i])
-        for j in range(accumulation):
-            i = j * world_size + rank  # this rank's j-th micro-batch is the step's i-th
-            batches.append(step_samples[i * batch_size:(i + 1) * batch_size])
-    return batches
-
 
 def data_loader(dataset, args, world_size, rank, start_step, total_steps, pad_id):
     """This rank's micro-batches from start_step on, read and collated by --workers processes."""
-    batches = micro_batches(len(dataset), args.global_batch, args.batch_size, world_size, rank, start_step,
+    batches = data.micro_batches(len(dataset), args.global_batch, args.batch_size, world_size, rank, start_step,
                             total_steps, args.seed, dataset.lengths() if args.group_by_length else None)
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.workers,
                                             collate_fn=partial(data.collate, pad_id=pad_id), persistent_workers=False,
@@ -367,6 +366,8 @@ def data_loader(dataset, args, world_size, rank, start_step, total_steps, pad_id
 
 def main():
     args = get_args()
+    if args.plan or args.plan_table:  # simulated at full size, nothing read but configs
+        return plan.plan(sys.modules[__name__], args)
     try:
         train(args)
     except (RuntimeError, CheckpointException) as e:
