@@ -16,7 +16,6 @@ its image first, every text token trained (the LM head runs at each). Not counte
 NCCL's own buffers (about 1-2 GB a GPU), and the allocator's fragmentation; the plan keeps 10% aside.
 """
 import contextlib
-import math
 
 import torch
 import torch.distributed as dist
