@@ -86,6 +86,26 @@ class CountCollectives(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def shapes_found_apart():
+    """DTensor learns an op's output shape by running it on global-shape stand-ins of its arguments, made
+    in the fake mode it finds. In a real run that is a FakeTensorMode of its own (no memory); in the plan
+    it would be ours, and the tracker would count the stand-ins: for clipping's and Adam's ops over every
+    gradient, all gradients unsharded (25 GiB at 7B). So they are made apart here too, out of its sight."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+    from torch.utils._python_dispatch import _disable_current_modes
+    found = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def apart(self, op_schema):
+        with _disable_current_modes():
+            return found(self, op_schema)
+    ShardingPropagator._propagate_tensor_meta_non_cached = apart
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = found
+
+
 def tracked_step(train, model, optimizer, args, world_size, tokens, fake_mode=None, held_gradients=False):
     """train.optimizer_step on a synthetic micro-batch of --batch-size x `tokens`, after a first Adam step
     that made Adam's state (as every step after the first has it). held_gradients: as the last micro-batch
@@ -108,7 +128,7 @@ def tracked_step(train, model, optimizer, args, world_size, tokens, fake_mode=No
         tracker = FSDPMemTracker(model, optimizer)
         tracker.track_inputs(tuple(batches))
         flops, collectives = FlopCounterMode(display=False), CountCollectives(world_size)
-        with tracker, flops, collectives:
+        with tracker, flops, collectives, shapes_found_apart():
             train.optimizer_step(model, optimizer, batches, n_tokens, world_size, device, no_autocast, args.grad_clip)
         peak = tracker.get_tracker_snapshot("peak")
         root = tracker.memory_tracking[model].snapshots  # the moments inside forward and backward

@@ -3434,9 +3434,11 @@ import json, sys, distributed, plan, train
 args = train.get_args(sys.argv[1:])
 rank, world_size, device = distributed.setup(args.timeout)
 model = train.load_model(args, rank, device, bf16=True)
-result = plan.tracked_step(train, model, train.adam(model, args.lr), args, world_size, args.plan_tokens)
-if rank == 0:
-    print("MEASURED " + json.dumps(result), flush=True)
+optimizer = train.adam(model, args.lr)
+for held in (False, True):  # a step of one micro-batch; the last micro-batch of an accumulation
+    result = plan.tracked_step(train, model, optimizer, args, world_size, args.plan_tokens, held_gradients=held)
+    if rank == 0:
+        print(f"MEASURED {held} " + json.dumps(result), flush=True)
 del model
 distributed.close()
 """
@@ -3452,13 +3454,15 @@ def test_the_plans_simulated_step_is_the_measured_one(parts, vicuna_sized_vocabu
     import plan
     args = train.get_args(plan_args(parts, vicuna_sized_vocabulary))
     simulated = plan.simulate(train, args, 2)
+    accumulating = plan.simulate(train, train.get_args(plan_args(parts, vicuna_sized_vocabulary) + ["--global-batch", "8"]), 2)
     (tmp_path / "measure.py").write_text(MEASURED_STEP)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(tmp_path / "measure.py"), *plan_args(parts, vicuna_sized_vocabulary)],
                             cwd=HERE, capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
-    measured = json.loads(result.stdout.split("MEASURED ")[1].splitlines()[0])
+    measured, measured_accumulating = (json.loads(result.stdout.split(f"MEASURED {held} ")[1].splitlines()[0])
+                                       for held in (False, True))
     for kind in ["Total", *plan.KINDS]:
         print(f"{kind:<16} simulated {simulated['peak'].get(kind, 0) / 2**20:8.1f} MiB   "
               f"measured {measured['peak'].get(kind, 0) / 2**20:8.1f} MiB")
@@ -3473,6 +3477,15 @@ def test_the_plans_simulated_step_is_the_measured_one(parts, vicuna_sized_vocabu
     assert simulated["peak"]["Total"] <= measured["peak"]["Total"] * 1.10
     assert abs(simulated["flops"] / measured["flops"] - 1) < 0.10
     assert simulated["flops"] > 0 and simulated["sent"]["all-gather"] > 0
+    # With the gradients of earlier micro-batches held (sharded), the same: no step that clips and runs
+    # Adam over all gradients at once may show them unsharded (as DTensor's shape stand-ins did).
+    sim, real = accumulating["peak"], measured_accumulating["peak"]
+    print(f"accumulating: simulated {sim['Total'] / 2**20:.1f} MiB (gradients {sim['Sharded Grad'] / 2**20:.1f}, "
+          f"activations {sim['Activation'] / 2**20:.1f}), measured {real['Total'] / 2**20:.1f} MiB "
+          f"(gradients {real['Sharded Grad'] / 2**20:.1f}, activations {real['Activation'] / 2**20:.1f})")
+    assert accumulating["accumulation"] == 2
+    assert abs(accumulating["peak_in_model"] / measured_accumulating["peak_in_model"] - 1) < 0.10
+    assert sim["Total"] <= real["Total"] * 1.10
 
     original = train.accumulate
 
@@ -3483,6 +3496,32 @@ def test_the_plans_simulated_step_is_the_measured_one(parts, vicuna_sized_vocabu
     grown = plan.simulate(train, args, 2)["peak_in_model"] - simulated["peak_in_model"]
     print(f"train.accumulate keeping 16 MiB more: the plan's peak grew by {grown / 2**20:.1f} MiB")
     assert 15 * 2 ** 20 < grown < 17 * 2 ** 20
+
+
+@pytest.mark.slow
+def test_the_plan_shows_no_gradient_unsharded_where_a_step_clips_and_runs_adam(parts, tmp_path_factory, tmp_path):
+    """Where gradients outweigh activations (8 layers of width 512, 40 tokens, accumulating over 2
+    micro-batches), the plan's step peaks as the real one does, and not with every gradient counted
+    unsharded when clipping and Adam run over all of them: DTensor's global-shape stand-ins, which a
+    real run makes in a fake mode of its own, are no memory of the step."""
+    import plan
+    lm = str(tmp_path_factory.mktemp("deep") / "lm")
+    make_stand_ins.make_vicuna(lm, transformers.AutoTokenizer.from_pretrained(parts[1], trust_remote_code=False),
+                               width=512, layers=8, heads=8)
+    argv = plan_args(parts, lm) + ["--global-batch", "8", "--plan-tokens", "40"]
+    simulated = plan.simulate(train, train.get_args(argv), 2)
+    (tmp_path / "measure.py").write_text(MEASURED_STEP)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(tmp_path / "measure.py"), *argv], cwd=HERE, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, PYTHONPATH=HERE, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.split("MEASURED True ")[1].splitlines()[0])
+    sim, real = simulated["peak"], measured["peak"]
+    print(f"simulated {sim['Total'] / 2**20:.1f} MiB (activations {sim['Activation'] / 2**20:.1f}), "
+          f"measured {real['Total'] / 2**20:.1f} MiB (activations {real['Activation'] / 2**20:.1f}); "
+          f"all gradients in FP32 {simulated['trainable'] * 4 / 2**20:.1f} MiB")
+    assert simulated["accumulation"] == 2 and sim["Total"] <= real["Total"] * 1.10
+    assert sim["Activation"] < simulated["trainable"] * 4 / 4  # far below all gradients unsharded
 
 
 def plan_args(parts, llm):
