@@ -4133,6 +4133,17 @@ MISTAKES = {
                                  rows_file("questions.jsonl", dict(BENCH_QUESTION, question_id=[1]))),
     "bench-image-not-text": ("{bench} --questions {o}/questions.jsonl", r"row 1: image must be text, not 7",
                              rows_file("questions.jsonl", dict(BENCH_QUESTION, image=7))),
+    # eval.py bench: LLaVA-Bench's categories and its two sets' context files (issue 25)
+    "bench-category-unknown": ("{bench} --questions {o}/questions.jsonl", r"questions.jsonl: question 1: category "
+                                                                          r"'generic' has no judge's rule; LLaVA-Bench's "
+                                                                          r"are conv, detail, complex",
+                               rows_file("questions.jsonl", dict(BENCH_QUESTION, category="generic"))),
+    "bench-context-not-coco": ("{bench} --dataset coco", r"context.jsonl: row 1 needs captions \(a list of texts\) and "
+                                                         r"instances \(a list of \{category, bbox\}\) for --dataset "
+                                                         r"coco; in-the-wild's needs caption"),
+    "bench-caption-a-number": ("{bench} --context {o}/context.jsonl", r"context.jsonl: row 1 needs caption \(a text, "
+                                                                      r"or a list of texts\) for --dataset in-the-wild",
+                               rows_file("context.jsonl", {"image": "bench.png", "caption": 7})),
     # eval.py: --out is checked before the model loads (a corrupt model would be said first otherwise)
     "mc-out-read-only": ("eval.py mc --model {root}/corrupt_model --questions {root}/mc.json --image-folder {images} "
                          "--out {o}/results.json", r"eval.py mc: --out .*results.json: cannot write there \(.*"
@@ -4424,7 +4435,8 @@ def test_llava_bench_asks_the_judge_as_the_authors_scripts_and_scores_as_their_s
     assert judge.requests == [("/v1/chat/completions", r["body"].encode()) for r in fixture["requests"]]
     sent = json.loads(judge.requests[0][1])
     assert (sent["temperature"], sent["max_tokens"]) == (0.2, 1024)
-    assert sent["messages"][1]["content"].endswith(f"[System]\n{BENCH_FIXTURES['rules'][fixture['reviews'][0]['category']]['prompt']}\n\n")
+    rule = BENCH_FIXTURES["rules"][fixture["reviews"][0]["category"]]["prompt"]  # rule.json's entry, as it is there
+    assert sent["messages"][1]["content"].endswith(f"[System]\n{rule}\n\n") and " \nPlease rate" in rule
     assert [tuple(r["scores"]) for r in disk.read_jsonl(out / "reviews.jsonl")] == [
         tuple(r["tuple"]) for r in fixture["reviews"]]
     theirs = {}  # summarize_gpt_review.py's lines: category, relative, reference x 10, model x 10

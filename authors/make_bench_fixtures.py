@@ -9,7 +9,8 @@ Made with the authors' repository haotian-liu/LLaVA at c121f04 (installed editab
 
 What it does, with their code unchanged:
 1. runs their llava/eval/eval_gpt_review_bench.py (LLaVA-Bench In-the-Wild) and eval_gpt_review_visual.py
-   (LLaVA-Bench COCO) as their scripts/v1_5/eval/llavabench.sh runs them (--rule llava/eval/table/rule.json),
+   (LLaVA-Bench COCO) as their scripts/v1_5/eval/llavabench.sh and their README run them (--rule
+   llava/eval/table/rule.json; the reference answers first),
    on the small inputs below (the COCO contexts are the first two rows of their
    llava/eval/table/caps_boxes_coco2014_val_80.jsonl), their openai call pointed (OPENAI_API_BASE) at a judge
    on 127.0.0.1 that records each request's body as it arrives and answers with the review chosen below;
