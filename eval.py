@@ -165,7 +165,7 @@ def first_line(review):
 def parse_scores(review):
     """(reference score, model score) from the review's first line, each from 1 to 10. Read as the authors'
     parse_score (eval_gpt_review_bench.py) reads it: the line split at "," and at each " ", two fields, each a
-    float ("8 6", "7.5 8", "8,6", "8 6."). Where theirs finds no two fields, the line stripped and split at runs
+    float ("8 6", "7.5 8", "8,6", "8 6."). Where theirs reads no two numbers, the line stripped and split at runs
     of spaces and commas, two decimal numbers ("8, 6", " 9  7 "; theirs: -1 -1). None for anything else, a failed
     review (theirs -1 -1, or a score off the scale, both counted in their means; here asked again): "Assistant 1:
     8", one score, prose, "11 3", "0 5", "nan 5"."""
