@@ -97,7 +97,7 @@ def _retry_after(headers):
 
 
 def chat_completion(messages, base_url, model, api_key, timeout=60, retries=5, backoff=1.0, temperature=0.7,
-                    max_wait=MAX_WAIT, max_reply=MAX_REPLY):
+                    max_tokens=None, max_wait=MAX_WAIT, max_reply=MAX_REPLY):
     """One call to an OpenAI-compatible /chat/completions endpoint with the standard library.
     Each try has `timeout` seconds in all, however the server sends its reply. Timeouts, refused
     connections, 429 and 5xx are retried after backoff x 2^try seconds, or the server's Retry-After,
@@ -105,14 +105,17 @@ def chat_completion(messages, base_url, model, api_key, timeout=60, retries=5, b
     tries), each retry said on stderr. Other HTTP errors, a reply over `max_reply` bytes and a reply
     that is not a chat completion raise RuntimeError. The key goes in the Authorization header only,
     never in a message, and never follows a redirect; a user:password@ in the URL is sent as HTTP
-    Basic authentication (without a key) and shown as ***@ in every message."""
+    Basic authentication (without a key) and shown as ***@ in every message. The request's body is
+    {"model", "messages", "temperature"[, "max_tokens"]} as json.dumps writes it, as the openai 0.x client
+    that the authors' scripts call sends it."""
     shown = shown_url(base_url)
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, request, fp, code, msg, headers, new_url):
             raise RuntimeError(f"{shown}: redirects to {shown_url(new_url)}; not followed, so that the API key "
                                f"stays with {shown} (pass the new URL if you trust it)")
-    body = json.dumps({"model": model, "messages": messages, "temperature": temperature}).encode()
+    body = json.dumps({"model": model, "messages": messages, "temperature": temperature,
+                       **({} if max_tokens is None else {"max_tokens": max_tokens})}).encode()
     headers = {"Content-Type": "application/json"}
     parts = urllib.parse.urlsplit(base_url)
     if "@" in parts.netloc:  # urllib would look the user:password@host up as a host name

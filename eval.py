@@ -7,13 +7,16 @@ category and overall, next to a blind baseline (the same questions, a blank imag
         --image-folder out/toy/data/images
 
 LLaVA-Bench (§5.1): a text-only judge LLM scores a reference answer and the model's answer from 1
-to 10, seeing the question and the image's captions; relative score = mean(model) / mean(reference)
-x 100, per category and overall. Answers and reviews are appended as they come: a rerun resumes, and
+to 10, seeing the question and the image's captions (COCO: and its boxes), in the authors' request;
+relative score = mean(model) / mean(reference) x 100, per category and overall, as the authors'
+summarize_gpt_review.py rounds it. Answers and reviews are appended as they come: a rerun resumes, and
 makes again the rows whose question, image, caption or reference changed since (it says which).
 
     python eval.py bench --model DIR --questions questions.jsonl --context context.jsonl \\
         --references answers_gpt4.jsonl --image-folder images/ --out out/bench \\
         --judge-url https://HOST/v1 --judge-model gpt-4    # the key from OPENAI_API_KEY
+    python eval.py bench --dataset coco --questions qa90_questions.jsonl \\
+        --context caps_boxes_coco2014_val_80.jsonl --references qa90_gpt4_answer.jsonl ...
 
 ScienceQA (§5.2, Table 7): accuracy by subject, context and grade, LLaVA alone and, with a judge
 model, in the paper's two ensembles with a text-only GPT-4 (complement and judge). Resumable, as bench is.
@@ -110,23 +113,48 @@ def table(results, blind=None, categories=()):
 # §5.1: LLaVA-Bench, the relative score from a judge LLM
 # ----------------------------------------------------------------------------------------------
 
+# The judge's request is the authors' (haotian-liu/LLaVA at c121f04), byte for byte: the system line and the
+# user turn of their llava/eval/eval_gpt_review_bench.py (LLaVA-Bench In-the-Wild) and eval_gpt_review_visual.py
+# (LLaVA-Bench COCO), the rule of the question's category from their llava/eval/table/rule.json (its text as
+# written: its line breaks, and the space before the first), their temperature 0.2 and max_tokens 1024.
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
-JUDGE_RULE = (
-    "We would like to request your feedback on the performance of two AI assistants in response to the user "
-    "question displayed above. The user asks the question on observing an image. For your reference, the visual "
-    "content in the image is represented with a few sentences describing the image. Please rate the helpfulness, "
-    "relevance, accuracy, level of details of their responses. Each assistant receives an overall score on a "
-    "scale of 1 to 10, where a higher score indicates better overall performance. Please first output a single "
-    "line containing only two values indicating the scores for Assistant 1 and 2, respectively. The two scores "
-    "are separated by a space. In the subsequent line, please provide a comprehensive explanation of your "
-    "evaluation, avoiding any potential bias and ensuring that the order in which the responses were presented "
-    "does not affect your judgment.")
+JUDGE_SETTINGS = {"temperature": 0.2, "max_tokens": 1024}
+_RATE = ("Please rate the helpfulness, relevance, accuracy, level of details of their responses. Each assistant "
+         "receives an overall score on a scale of 1 to 10, where a higher score indicates better overall performance.\n"
+         "Please first output a single line containing only two values indicating the scores for Assistant 1 and 2, "
+         "respectively. The two scores are separated by a space.\n"
+         "In the subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any "
+         "potential bias and ensuring that the order in which the responses were presented does not affect your "
+         "judgment.")
+_ASK = ("We would like to request your feedback on the performance of two AI assistants in response to the user "
+        "question displayed above. The user asks the question on observing an image. ")
+JUDGE_RULES = {  # rule.json's entries that LLaVA-Bench uses, under its keys (one text for the three of a set)
+    **{f"llava_bench_{c}": _ASK + "For your reference, the visual content in the image is represented with a few "
+       "sentences describing the image. \n" + _RATE for c in ("conv", "detail", "complex")},
+    **{c: _ASK + "For your reference, the visual content in the image is represented with five descriptive "
+       "sentences describing the same image and the bounding box coordinates of each object in the scene. These "
+       "coordinates are in the form of bounding boxes, represented as (x1, y1, x2, y2) with floating numbers "
+       "ranging from 0 to 1. These values correspond to the top left x, top left y, bottom right x, and bottom "
+       "right y. \n" + _RATE for c in ("conv", "detail", "complex")}}
+BENCH_RULE_KEYS = {"in-the-wild": "llava_bench_", "coco": ""}  # the set's rule: its prefix + the question's category
+BENCH_CATEGORIES = ("conv", "detail", "complex")
 
 
-def judge_messages(context, question, reference, answer):
-    """The reference answer is Assistant 1, the model's Assistant 2 (the paper's order)."""
+def bench_context(row, dataset):
+    """What the judge sees of the image, from a context row, as the authors' scripts write it: In-the-Wild's
+    caption (a list: its lines joined by "\n"); COCO's five captions, a blank line, then each box as
+    "category: [x1, y1, x2, y2]" (Python's list as their f-string prints it)."""
+    if dataset == "coco":
+        boxes = "\n".join(f"{box['category']}: {box['bbox']}" for box in row["instances"])
+        return "\n".join(row["captions"]) + "\n\n" + boxes
+    return "\n".join(row["caption"]) if isinstance(row["caption"], list) else row["caption"]
+
+
+def judge_messages(context, question, reference, answer, category, dataset="in-the-wild"):
+    """The reference answer is Assistant 1, the model's Assistant 2 (the paper's order, the authors' prompt)."""
+    rule = JUDGE_RULES[BENCH_RULE_KEYS[dataset] + category]
     content = (f"[Context]\n{context}\n\n[Question]\n{question}\n\n[Assistant 1]\n{reference}\n\n"
-               f"[End of Assistant 1]\n\n[Assistant 2]\n{answer}\n\n[End of Assistant 2]\n\n[System]\n{JUDGE_RULE}\n\n")
+               f"[End of Assistant 1]\n\n[Assistant 2]\n{answer}\n\n[End of Assistant 2]\n\n[System]\n{rule}\n\n")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
 
 
@@ -135,25 +163,40 @@ def first_line(review):
 
 
 def parse_scores(review):
-    """(reference score, model score) as the authors read them (summarize_gpt_review.py): the review's
-    first line is two numbers, separated by a space or a comma, each from 1 to 10 ("7.5 8" as it is).
-    None for anything else, a failed review: "Assistant 1: 8" (the line holds more than the two),
-    "11 -3" (out of the scale), one score, prose."""
+    """(reference score, model score) from the review's first line, each from 1 to 10. Read as the authors'
+    parse_score (eval_gpt_review_bench.py) reads it: the line split at "," and at each " ", two fields, each a
+    float ("8 6", "7.5 8", "8,6", "8 6."). Where theirs reads no two numbers, the line stripped and split at runs
+    of spaces and commas, two decimal numbers ("8, 6", " 9  7 "; theirs: -1 -1). None for anything else, a failed
+    review (theirs -1 -1, or a score off the scale, both counted in their means; here asked again): "Assistant 1:
+    8", one score, prose, "11 3", "0 5", "nan 5"."""
+    fields = (review or "").split("\n")[0].replace(",", " ").split(" ")
+    try:
+        scores = (float(fields[0]), float(fields[1])) if len(fields) == 2 else None
+    except ValueError:
+        scores = None
     fields = first_line(review).replace(",", " ").split()
-    if len(fields) != 2 or not all(re.fullmatch(r"\d+(?:\.\d+)?", f) for f in fields):
-        return None
-    scores = float(fields[0]), float(fields[1])
-    return scores if all(1 <= score <= 10 for score in scores) else None
+    if scores is None and len(fields) == 2 and all(re.fullmatch(r"\d+(?:\.\d+)?", f) for f in fields):
+        scores = float(fields[0]), float(fields[1])
+    return scores if scores and all(1 <= score <= 10 for score in scores) else None
+
+
+def relative_scores(pairs):
+    """The relative score as the authors' summarize_gpt_review.py makes it from (reference, model) pairs: each
+    mean rounded to 3 decimals, then model / reference x 100 rounded to 1 (their rounding first can move the
+    last digit: 17/18 is 94.5 there, 94.4 unrounded)."""
+    reference, model = (round(sum(p[i] for p in pairs) / len(pairs), 3) for i in (0, 1))
+    return {"relative": round(model / reference * 100, 1), "reference": reference, "model": model, "n": len(pairs)}
 
 
 append_jsonl = disk.append_jsonl
 
 
 def evaluate_bench(model, questions, contexts, references, image_folder, out, judge_url, judge_model,
-                   api_key, model_id=None, load_model=None, **client_options):
-    """questions: [{question_id, image, text, category}], contexts: {image: captions text},
-    references: {question_id: reference answer}. Returns {category: relative score etc.} over the
-    questions reviewed so far. The answers remember model_id and the reviews the judge too: a rerun
+                   api_key, model_id=None, load_model=None, dataset="in-the-wild", **client_options):
+    """questions: [{question_id, image, text, category (conv, detail or complex)}], contexts: {image: what
+    the judge sees of it, bench_context's text}, references: {question_id: reference answer}; dataset:
+    in-the-wild or coco, the judge's rule. Returns {category: relative score etc.} over the questions
+    reviewed so far. The answers remember model_id and the reviews the judge too: a rerun
     into the same `out` with another model or judge is refused, never mixed. Each row also remembers
     what it was made from (the question and image; the judge's whole request): a question, image,
     caption or reference changed since is answered or reviewed again, and said. model: the model, or
@@ -173,7 +216,7 @@ def evaluate_bench(model, questions, contexts, references, image_folder, out, ju
         append_jsonl(answers_path, {"question_id": q["question_id"], "model": model_id,
                                     "inputs": made[q["question_id"]], "text": text})
     requests = {q["question_id"]: judge_messages(contexts[q["image"]], q["text"], references[q["question_id"]],
-                                                 answers[q["question_id"]]) for q in questions}
+                                                 answers[q["question_id"]], q["category"], dataset) for q in questions}
     asked = {k: inputs(m) for k, m in requests.items()}
     reviews = fresh_rows(saved_rows(reviews_path, model=model_id, judge=judge_model), "question_id", asked, "question",
                          "its question, image, caption, reference or answer changed since its review; asked again")
@@ -182,7 +225,7 @@ def evaluate_bench(model, questions, contexts, references, image_folder, out, ju
             continue
         try:
             review = chat_api.chat_completion(requests[q["question_id"]], judge_url, judge_model, api_key,
-                                           **client_options) or ""
+                                              **JUDGE_SETTINGS, **client_options) or ""
         except RuntimeError as e:  # the judge gave up or answered nonsense: what came before is saved
             raise SystemExit(f"question {q['question_id']}: the judge failed ({e}); {len(reviews)} reviews are saved "
                              f"in {reviews_path}: run the same command again to continue") from None
@@ -191,25 +234,23 @@ def evaluate_bench(model, questions, contexts, references, image_folder, out, ju
             print(f"question {q['question_id']}: the judge gave no two scores from 1 to 10 on its first line "
                   f"({first_line(review)[:80]!r}); asked again on the next run", file=sys.stderr)
             continue
-        reviews[q["question_id"]] = {"question_id": q["question_id"], "category": q.get("category", "all"),
+        reviews[q["question_id"]] = {"question_id": q["question_id"], "category": q["category"],
                                      "model": model_id, "judge": judge_model,
                                      "inputs": asked[q["question_id"]], "scores": scores, "review": review}
         append_jsonl(reviews_path, reviews[q["question_id"]])
-    totals = defaultdict(lambda: [0.0, 0.0, 0])  # 3. relative score = mean(model) / mean(reference) x 100
+    scores = defaultdict(list)  # 3. the relative score, per category and overall
     for r in reviews.values():
-        for c in (r["category"], "overall"):
-            totals[c][0] += r["scores"][0]
-            totals[c][1] += r["scores"][1]
-            totals[c][2] += 1
-    return {c: {"relative": 100 * m / ref if ref else 0.0, "reference": ref / n, "model": m / n, "n": n}
-            for c, (ref, m, n) in totals.items()}
+        scores[r["category"]].append(r["scores"])
+        scores["overall"].append(r["scores"])
+    return {c: relative_scores(pairs) for c, pairs in scores.items()}
 
 
 def bench_table(results):
-    lines = [f"{'category':<14}{'n':>4}{'reference':>11}{'model':>8}{'relative':>10}"]
+    """Per category, as the authors' summarize_gpt_review.py: the relative score, and each assistant's mean."""
+    lines = [f"{'category':<14}{'n':>4}{'relative':>10}{'reference':>11}{'model':>8}"]
     for c in sorted(set(results) - {"overall"}) + ["overall"]:
         r = results[c]
-        lines.append(f"{c:<14}{r['n']:>4}{r['reference']:>11.2f}{r['model']:>8.2f}{r['relative']:>9.1f}%")
+        lines.append(f"{c:<14}{r['n']:>4}{r['relative']:>9.1f}%{r['reference']:>11.3f}{r['model']:>8.3f}")
     return "\n".join(lines)
 
 
@@ -412,12 +453,17 @@ def main(argv=None):
     bench = sub.add_parser("bench", help="LLaVA-Bench relative score with a judge LLM")
     bench.add_argument("--model", default="out/toy/stage2/model")
     bench.add_argument("--questions", required=True, help="JSONL: question_id, image, text, category")
-    bench.add_argument("--context", required=True, help="JSONL: image, caption (what the judge sees)")
+    bench.add_argument("--context", required=True, help="JSONL, what the judge sees of each image: image, caption "
+                       "(text or a list; In-the-Wild's context.jsonl), or with --dataset coco image, captions, "
+                       "instances (category, bbox; the authors' caps_boxes_coco2014_val_80.jsonl)")
+    bench.add_argument("--dataset", choices=list(BENCH_RULE_KEYS), default="in-the-wild",
+                       help="LLaVA-Bench In-the-Wild or COCO: its context and its judge's rule (the authors' rule.json "
+                            "entries llava_bench_conv/detail/complex, or conv/detail/complex)")
     bench.add_argument("--references", required=True, help="JSONL: question_id, text (reference answers)")
     bench.add_argument("--image-folder", required=True)
     bench.add_argument("--out", default="out/bench", help="answers.jsonl, reviews.jsonl, results.json")
     bench.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
-    bench.add_argument("--judge-model", default="gpt-4")
+    bench.add_argument("--judge-model", default="gpt-4", help="the authors' scripts ask gpt-4-0314")
     bench.add_argument("--timeout", type=cli.number(float, 0, above=True), default=60,
                        help="seconds per try, the whole reply however slowly it comes")
     bench.add_argument("--retries", type=cli.number(int, 0), default=5, help="tries after the first, then stop")
@@ -448,18 +494,22 @@ def main(argv=None):
         print(f"(accuracy %; answers and results in {args.out})")
         return
     if args.command == "bench":  # every input, and --out, is checked before the model loads
-        contexts = {r["image"]: r.get("caption", r.get("text", "")) for r in read_rows(args.context, "image")}
+        contexts = read_contexts(args.context, args.dataset)
         references = {r["question_id"]: r["text"] for r in read_rows(args.references, "question_id", "text")}
-        questions = read_rows(args.questions, "question_id", "image", "text")
+        questions = read_rows(args.questions, "question_id", "image", "text", "category")
         for q in questions:
             if q["question_id"] not in references or q["image"] not in contexts:
                 sys.exit(f"{args.questions}: question {q['question_id']} has no reference answer or context")
+            if q["category"] not in BENCH_CATEGORIES:
+                sys.exit(f"{args.questions}: question {q['question_id']}: category {q['category']!r} has no judge's "
+                         f"rule; LLaVA-Bench's are {', '.join(BENCH_CATEGORIES)}")
             check_image(args.questions, q["question_id"], args.image_folder, q["image"])
         hold_out(args.out, "eval.py bench")
         saved_rows(os.path.join(args.out, "reviews.jsonl"), model=model_id, judge=args.judge_model)  # or refused now
         results = evaluate_bench(None, questions, contexts, references, args.image_folder, args.out,
                                  args.judge_url, args.judge_model, os.environ.get("OPENAI_API_KEY"), model_id,
-                                 load_model=lambda: model_or_exit(args.model, args.compile), timeout=args.timeout, retries=args.retries)
+                                 load_model=lambda: model_or_exit(args.model, args.compile), dataset=args.dataset,
+                                 timeout=args.timeout, retries=args.retries)
         if results:
             print(bench_table(results))
         missing = len(questions) - results.get("overall", {}).get("n", 0)
@@ -520,6 +570,26 @@ def read_rows(path, *keys):
     if not rows:
         sys.exit(f"{path}: empty")
     return rows
+
+
+def read_contexts(path, dataset):
+    """{image: bench_context's text} from a --context file of `dataset`'s form; a row that is not is named."""
+    need = {"in-the-wild": "caption (a text, or a list of texts)",
+            "coco": "captions (a list of texts) and instances (a list of {category, bbox})"}
+    texts = lambda value: isinstance(value, list) and all(isinstance(t, str) for t in value)  # noqa: E731
+    rows = read_rows(path, "image")
+    for i, row in enumerate(rows, 1):
+        if dataset == "coco":
+            boxes = row.get("instances")
+            ok = texts(row.get("captions")) and isinstance(boxes, list) and all(
+                isinstance(b, dict) and isinstance(b.get("category"), str) and isinstance(b.get("bbox"), list)
+                for b in boxes)
+        else:
+            ok = isinstance(row.get("caption"), str) or texts(row.get("caption"))
+        if not ok:
+            other = "in-the-wild" if dataset == "coco" else "coco"
+            sys.exit(f"{path}: row {i} needs {need[dataset]} for --dataset {dataset}; {other}'s needs {need[other]}")
+    return {row["image"]: bench_context(row, dataset) for row in rows}
 
 
 def check_image(path, question, folder, image):

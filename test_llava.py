@@ -2527,10 +2527,11 @@ def test_credentials_in_a_judge_url_are_never_shown(capfd):
 @pytest.mark.parametrize("review,scores", [
     ("8 6\nThe first is more detailed.", (8, 6)), ("8,6\nWhy.", (8, 6)), ("8, 6", (8, 6)), ("7.5 8\n", (7.5, 8)),
     ("10 1", (10, 1)), ("  9   7 \nBoth fine.", (9, 7)), ("1.0,10.0", (1, 10)),
-    # The authors' scripts fail these too: the two scores are the whole first line, each from 1 to 10.
+    ("8 6.", (8, 6)), ("1e1 5", (10, 5)),  # the authors' parse_score reads them so (each field a float)
+    # Failed reviews: no two scores on the first line, or a score off the scale 1 to 10.
     ("Assistant 1: 8\nAssistant 2: 6", None), ("11 -3", None), ("11 3", None), ("0 5", None), ("8 10.5", None),
-    ("8", None), ("8 6 7", None), ("8/10 6/10", None), ("Scores: 8 6", None), ("nan 5", None), ("1e1 5", None),
-    ("Both are fine.\n8 6", None), ("", None), (None, None), ("8 6.", None), ("-8 6", None)])
+    ("8", None), ("8 6 7", None), ("8/10 6/10", None), ("Scores: 8 6", None), ("nan 5", None),
+    ("Both are fine.\n8 6", None), ("", None), (None, None), ("-8 6", None)])
 def test_judge_scores_are_the_first_line_two_numbers_from_1_to_10(review, scores):
     assert evaluation.parse_scores(review) == scores
 
@@ -4185,6 +4186,17 @@ MISTAKES = {
                                  rows_file("questions.jsonl", dict(BENCH_QUESTION, question_id=[1]))),
     "bench-image-not-text": ("{bench} --questions {o}/questions.jsonl", r"row 1: image must be text, not 7",
                              rows_file("questions.jsonl", dict(BENCH_QUESTION, image=7))),
+    # eval.py bench: LLaVA-Bench's categories and its two sets' context files (issue 25)
+    "bench-category-unknown": ("{bench} --questions {o}/questions.jsonl", r"questions.jsonl: question 1: category "
+                                                                          r"'generic' has no judge's rule; LLaVA-Bench's "
+                                                                          r"are conv, detail, complex",
+                               rows_file("questions.jsonl", dict(BENCH_QUESTION, category="generic"))),
+    "bench-context-not-coco": ("{bench} --dataset coco", r"context.jsonl: row 1 needs captions \(a list of texts\) and "
+                                                         r"instances \(a list of \{category, bbox\}\) for --dataset "
+                                                         r"coco; in-the-wild's needs caption"),
+    "bench-caption-a-number": ("{bench} --context {o}/context.jsonl", r"context.jsonl: row 1 needs caption \(a text, "
+                                                                      r"or a list of texts\) for --dataset in-the-wild",
+                               rows_file("context.jsonl", {"image": "bench.png", "caption": 7})),
     # eval.py: --out is checked before the model loads (a corrupt model would be said first otherwise)
     "mc-out-read-only": ("eval.py mc --model {root}/corrupt_model --questions {root}/mc.json --image-folder {images} "
                          "--out {o}/results.json", r"eval.py mc: --out .*results.json: cannot write there \(.*"
@@ -4415,3 +4427,100 @@ def test_a_full_context_drops_the_oldest_exchanges_and_keeps_the_image(saved):
         config.max_position_embeddings = limit
     assert full > last_two + 13
     assert [t["value"] for t in conversation] == ["<image>\nq5 How many circles are there?", "a5 two", "q6 And now?"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 25, item 13: LLaVA-Bench (§5.1) as the authors' scripts run it: the judge's request byte for byte
+# (In-the-Wild and COCO), their score parsing and their summary; fixtures from authors/make_bench_fixtures.py
+# ----------------------------------------------------------------------------------------------
+
+BENCH_FIXTURES = json.loads(open(os.path.join(HERE, "authors", "bench_fixtures.json"), encoding="utf-8").read())
+
+
+class RecordingJudge(Teacher):
+    """A judge on 127.0.0.1 that keeps each request's path and body as they arrive (bytes) and answers with
+    `reviews[body]`: the review the authors' script got for the same request."""
+
+    def __init__(self, reviews):
+        super().__init__(faults=False)
+        judge = self
+
+        def reply(handler):
+            body = handler.rfile.read(int(handler.headers["Content-Length"]))
+            judge.requests.append((handler.path, body))
+            out = json.dumps({"choices": [{"message": {"content": reviews.get(body.decode(), "")}}]}).encode()
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(out)))
+            handler.end_headers()
+            handler.wfile.write(out)
+        self.server.RequestHandlerClass.do_POST = reply
+
+
+@pytest.mark.parametrize("dataset", ["in-the-wild", "coco"])
+def test_llava_bench_asks_the_judge_as_the_authors_scripts_and_scores_as_their_summary(dataset, tmp_path, capsys):
+    """`eval.py bench [--dataset coco]` sends the judge the bodies that the authors' eval_gpt_review_bench.py
+    (eval_gpt_review_visual.py) sent for the same questions, contexts and answers, byte for byte (with their
+    judge model's name): their rule.json text, their prompt, temperature 0.2, max_tokens 1024; given their
+    judge's reviews it reads their scores and prints and saves the relative scores their summarize_gpt_review.py
+    printed (its means rounded to 3 decimals before dividing: 94.5 and 104.6 here, 94.4 and 104.5 unrounded)."""
+    fixture = BENCH_FIXTURES[dataset]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # who answers; the answers below are its
+    (tmp_path / "images").mkdir()
+    for name in {q["image"] for q in fixture["questions"]}:
+        image().save(tmp_path / "images" / name, format="PNG")
+    for name in ("questions", "context", "references"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fixture[name]))
+    model_id, out = evaluation.model_fingerprint(str(tmp_path / "model")), tmp_path / "bench"
+    out.mkdir()
+    (out / "answers.jsonl").write_text("".join(json.dumps({
+        "question_id": q["question_id"], "model": model_id, "text": a["text"],
+        "inputs": evaluation.inputs(q["text"], tmp_path / "images" / q["image"])}) + "\n"
+        for q, a in zip(fixture["questions"], fixture["answers"])))
+    judge = RecordingJudge({r["body"]: review["content"] for r, review in zip(fixture["requests"], fixture["reviews"])})
+    try:
+        evaluation.main(["bench", "--model", str(tmp_path / "model"), "--questions", str(tmp_path / "questions.jsonl"),
+                         "--context", str(tmp_path / "context.jsonl"), "--references", str(tmp_path / "references.jsonl"),
+                         "--image-folder", str(tmp_path / "images"), "--out", str(out), "--judge-url", judge.url,
+                         "--judge-model", "gpt-4-0314", "--retries", "0"] + ["--dataset", dataset] * (dataset == "coco"))
+    finally:
+        judge.close()
+    assert judge.requests == [("/v1/chat/completions", r["body"].encode()) for r in fixture["requests"]]
+    sent = json.loads(judge.requests[0][1])
+    assert (sent["temperature"], sent["max_tokens"]) == (0.2, 1024)
+    rule = BENCH_FIXTURES["rules"][fixture["reviews"][0]["category"]]["prompt"]  # rule.json's entry, as it is there
+    assert sent["messages"][1]["content"].endswith(f"[System]\n{rule}\n\n") and " \nPlease rate" in rule
+    assert [tuple(r["scores"]) for r in disk.read_jsonl(out / "reviews.jsonl")] == [
+        tuple(r["tuple"]) for r in fixture["reviews"]]
+    theirs = {}  # summarize_gpt_review.py's lines: category, relative, reference x 10, model x 10
+    for line in fixture["summary"].splitlines()[1:-1]:
+        category, relative, reference, model = line.split()
+        theirs["overall" if category == "all" else category.replace("llava_bench_", "")] = (
+            float(relative), float(reference), float(model))
+    results = read(out / "results.json")
+    ours = {c: (r["relative"], round(r["reference"] * 10, 1), round(r["model"] * 10, 1)) for c, r in results.items()
+            if c in evaluation.BENCH_CATEGORIES + ("overall",)}
+    assert ours == theirs and len(theirs) == 4
+    printed = capsys.readouterr().out
+    for c, (relative, _, _) in theirs.items():
+        assert re.search(rf"^{c} +\d+ +{relative:.1f}%", printed, re.M), printed
+
+
+# What the project reads where the authors' parse_score reads no two numbers (theirs: -1 -1, counted in their
+# means): the first line stripped and split at runs of spaces and commas.
+PROJECT_ONLY = {"8, 6": (8, 6), "  9   7 \nBoth fine.": (9, 7), "\n8 6": (8, 6), "8\t6": (8, 6), "8 6 ": (8, 6)}
+
+
+def test_judge_scores_are_read_as_the_authors_parse_score_reads_them():
+    """Every review whose first line the authors' parse_score reads as two scores from 1 to 10 gives their
+    numbers; one it reads as a score off the scale ("11 3", "nan 5") is a failed review, asked again; where it
+    reads none, only PROJECT_ONLY's are read."""
+    cases = BENCH_FIXTURES["parse_score"]
+    for case in cases:
+        theirs = tuple(float(x) for x in case["parse_score"])
+        if theirs == (-1, -1):
+            expected = PROJECT_ONLY.get(case["review"])
+        else:
+            expected = theirs if all(1 <= x <= 10 for x in theirs) else None
+        assert evaluation.parse_scores(case["review"]) == expected, case
+    assert sum(evaluation.parse_scores(c["review"]) is not None for c in cases) == 14 and len(cases) == 27
