@@ -7,6 +7,7 @@ import sys
 import cli
 import disk
 import formats
+import scienceqa
 from cli import SampleError
 
 
@@ -31,7 +32,9 @@ def parse_args(argv, description, templates):
     command.add_argument("--root", required=True, help="the folder of problems.json, pid_splits.json and images/")
     command.add_argument("--split", default="train", help="train, val, test, minival or minitest")
     command.add_argument("--out", required=True, help="the LLaVA JSON file to write (images relative to ROOT/images)")
-    command.add_argument("--answer-first", action="store_true", help="the ablation: the answer, then the reasoning")
+    command.add_argument("--format", default=scienceqa.PAPER_FORMAT, choices=scienceqa.FORMATS, metavar="FORMAT",
+                         help="the authors' prompt format: QCM-LEA (the paper's, the default), QCM-ALE (its "
+                         "answer-first ablation), CQM-A (LLaVA-1.5's), any of their INPUT-OUTPUT pairs")
     return parser.parse_args(argv)
 
 
