@@ -16,7 +16,9 @@ makes again the rows whose question, image, caption or reference changed since (
         --judge-url https://HOST/v1 --judge-model gpt-4    # the key from OPENAI_API_KEY
 
 ScienceQA (§5.2, Table 7): accuracy by subject, context and grade, LLaVA alone and, with a judge
-model, in the paper's two ensembles with a text-only GPT-4 (complement and judge). Resumable, as bench is.
+model, in the paper's two ensembles with a text-only GPT-4 (complement and judge), the problems in the
+authors' prompt format and the answers scored as their scripts score them (scienceqa.py; --format,
+--scoring), the ensembles also by the project's rules. Resumable, as bench is.
 
 One evaluation writes an --out at a time (OUT/.lock; for mc's --out FILE, FILE.lock beside it), taken, with
 --out checked writable, before the model loads.
@@ -436,7 +438,7 @@ def main(argv=None):
     sqa.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     sqa.add_argument("--judge-model", default=None, help="the text-only teacher (e.g. gpt-4); none: LLaVA alone")
     sqa.add_argument("--format", default=scienceqa.PAPER_FORMAT, choices=scienceqa.FORMATS, metavar="FORMAT",
-                     help="the prompt format the model was trained on (the authors' names; default QCM-LEA, the paper's)")
+                     help="the prompt format the model was trained on (the authors' names; QCM-LEA: the paper's)")
     sqa.add_argument("--scoring", default="paper", choices=list(scienceqa.SCORINGS),
                      help="; ".join(f"{k}: {v}" for k, v in scienceqa.SCORINGS.items()))
     sqa.add_argument("--seed", type=int, default=0, help="the authors' random guesses (--scoring paper, ensembles)")

@@ -29,7 +29,8 @@ CONVERSATIONS = [
      {"from": "human", "value": "What color is the sky?"}, {"from": "gpt", "value": "Blue, with a few clouds."}],
     [{"from": "human", "value": "Tell me a joke."}, {"from": "gpt", "value": "Why did the chicken cross?"}]]
 CAPTIONS = [
-    [{"from": "human", "value": "Describe the image concisely.\n<image>"}, {"from": "gpt", "value": "a red bus on a street"}],
+    [{"from": "human", "value": "Describe the image concisely.\n<image>"},
+     {"from": "gpt", "value": "a red bus on a street"}],
     [{"from": "human", "value": "<image>\nRender a clear and concise summary of the photo."},
      {"from": "gpt", "value": "Two dogs play with a ball in the park, 2023."}]]
 
@@ -43,8 +44,8 @@ def v0_prompt(turns):
 
 
 def main():
-    prompts = [{"conversation": c, "whole": v0_prompt(c), "generation": v0_prompt(c[:-1] + [{"from": "gpt", "value": None}])}
-               for c in CONVERSATIONS]
+    prompts = [{"conversation": c, "whole": v0_prompt(c),
+                "generation": v0_prompt(c[:-1] + [{"from": "gpt", "value": None}])} for c in CONVERSATIONS]
     tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(HERE, "..", "stand_ins", "vicuna"),
                                                            padding_side="right", use_fast=False)
     conversation_lib.default_conversation = conversation_lib.conv_templates["plain"]  # as train() does
