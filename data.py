@@ -119,6 +119,9 @@ def render(conversations, tokenizer, template, image_token_id=None, num_image_to
     if not template.human and (image_token_id is None or len(conversations) != 2 - for_generation):
         raise SampleError(f"sample {sample_id}: the plain template trains an image and its caption: one turn "
                           f"with <image>, one answer (use --template paper or llava15 for conversations)")
+    if not template.human and for_generation and conversations[0]["value"].replace(IMAGE, "").strip():
+        raise SampleError(f"sample {sample_id}: the plain template (LLaVA-1.5's stage 1) reads no question, only "
+                          f"the image; ask a model trained with the paper or llava15 template")
     text, trained = conversation_text(conversations, template, image=image_token_id is not None)
     placeholder = tokenizer.convert_tokens_to_ids(IMAGE)
     encoded = tokenizer(text, return_offsets_mapping=True)

@@ -18,7 +18,7 @@ def parse_args(argv, description, templates):
     command.add_argument("file", help="a LLaVA JSON file (a list of samples)")
     command.add_argument("--index", type=int, default=0, help="which sample")
     command.add_argument("--model", default="out/toy/stage2/model", help="a model directory (for its tokenizer)")
-    command.add_argument("--template", choices=templates, help="paper or llava15 (default: the model's)")
+    command.add_argument("--template", choices=templates, help="paper, llava15 or plain (default: the model's)")
     command = sub.add_parser("teacher", help="GPT-assisted generation from COCO annotations with a chat-completions API")
     command.add_argument("--captions", required=True, help="COCO captions_*.json")
     command.add_argument("--instances", required=True, help="COCO instances_*.json")

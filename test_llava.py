@@ -4416,6 +4416,10 @@ def test_the_plain_template_renders_as_the_authors_preprocess_plain():
     conversation = authors_fixture("prompts.json")["conv_llava_v0"][0]["conversation"]
     with pytest.raises(data.SampleError, match=r"sample 7: the plain template trains an image and its caption"):
         data.render(conversation, tokenizer, "plain", image_token_id=image_id, num_image_tokens=1, sample_id=7)
+    with pytest.raises(data.SampleError, match=r"sample 8: the plain template .* reads no question, only the image"):
+        data.render(conversation[:1], tokenizer, "plain", image_id, 1, for_generation=True, sample_id=8)
+    prompt, _ = data.render([{"from": "human", "value": "<image>"}], tokenizer, "plain", image_id, 2, True)
+    assert prompt == [tokenizer.bos_token_id, image_id, image_id]  # a caption follows
 
 
 def authors_release(root):
