@@ -348,8 +348,8 @@ def sqa_ensembles(samples, problems, answers, path, url, teacher, api_key, model
                                "reply": reply, "letter": extract_answer(reply, len(problems[pid]["choices"]))}
             append_jsonl(path, rows[kind, pid])
             if rows[kind, pid]["letter"] is None:
-                print(f"problem {pid}: the teacher's {kind} reply names no option; LLaVA's answer stands",
-                      file=sys.stderr)
+                print(f"problem {pid}: the teacher's {kind} reply names no option; LLaVA's answer stands (the "
+                      f"authors' rules guess where it names a letter that is no option)", file=sys.stderr)
         return rows[kind, pid]
 
     replies, requery, complement, judge = {}, {}, {}, {}
@@ -380,6 +380,8 @@ def evaluate_scienceqa(root, split, out, model_id, load_model, teacher=None, url
     LLaVA's answers scored by `scoring` (scienceqa.SCORINGS; "paper" draws its guesses from seed), the
     ensembles by the authors' rules and by the project's. out/answers.jsonl holds LLaVA's answers,
     out/teacher.jsonl the teacher's requests and replies."""
+    if scoring not in scienceqa.SCORINGS:
+        raise ValueError(f"scoring {scoring!r}: choose one of {list(scienceqa.SCORINGS)}")
     problems = sample_checks.scienceqa_problems(root, split)
     samples = scienceqa.convert(problems, root, split, format)  # the training prompts; bad problems named
     if not samples:
