@@ -8,7 +8,7 @@ at once, the answers found by their characters):
     Human: X_instruct^2 <STOP> Assistant: X_a^2 <STOP> ...
 
 Only the answers X_a and their <STOP> are trained (Eq. 3); every other label is -100. Then the datasets
-over LLaVA's JSON files, §3's GPT-assisted generation, and §5.2's ScienceQA as LLaVA JSON.
+over LLaVA's JSON files and §3's GPT-assisted generation (§5.2's ScienceQA as LLaVA JSON: scienceqa.py).
 
     python data.py show FILE.json --index 0 --model DIR   # print a sample, trained tokens marked
 """
@@ -28,11 +28,12 @@ import formats
 import teacher_files
 from cli import SampleError
 from image_files import load_image
-from sample_checks import (check_conversation, check_image_name, check_scienceqa_problem, checked_sample,
-                           scienceqa_problems)
+import scienceqa
+from sample_checks import check_conversation, check_image_name, checked_sample, scienceqa_problems
 
 IGNORE = -100  # label of a position that is not trained (PyTorch's cross_entropy ignore_index)
 IMAGE = formats.IMAGE  # where the image stands in the first human turn of LLaVA's JSON
+LETTERS = scienceqa.LETTERS  # multiple-choice options, as ScienceQA letters them
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,7 +55,7 @@ class Template:
 
 
 TEMPLATES = {
-    # The paper's template (the authors' `conv_vicuna_v0`): <STOP> is "###".
+    # The paper's template, as the authors prompt at inference (their `conv_llava_v0`): <STOP> is "###".
     "paper": Template(
         name="paper", system="A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
@@ -64,6 +65,8 @@ TEMPLATES = {
         name="llava15", system="A chat between a curious user and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the user's questions.",
         human="USER", assistant="ASSISTANT", sep=" ", stop="</s>", image_first=True),
+    # LLaVA-1.5's stage 1 (the authors' `conv_llava_plain`, preprocess_plain): <image>, the caption, "\n"; no roles.
+    "plain": Template(name="plain", system="", human="", assistant="", sep="", stop="\n", image_first=True),
 }
 
 
@@ -81,7 +84,11 @@ def conversation_text(conversations, template, image=False):
     """Table 2 as one string, and the (start, end) character spans of what is trained: each answer X_a with
     the space before it and its <STOP>. A template with image_first puts the image first in the first turn
     (LLaVA-1.5: the authors' preprocess_multimodal, llava-hf's prompts); the paper's keeps it where the data
-    put it. A conversation ending in a human turn ends with "Assistant:", the chat prompt."""
+    put it. A conversation ending in a human turn ends with "Assistant:", the chat prompt. The plain template:
+    the answer and "\n" alone (render puts the image before them)."""
+    if not template.human:
+        text = "".join(turn["value"] + template.stop for turn in conversations[1:2])
+        return text, [(0, len(text))]
     text, trained = template.system + template.sep, []
     for i, turn in enumerate(conversations):
         value = turn["value"]
@@ -109,14 +116,23 @@ def render(conversations, tokenizer, template, image_token_id=None, num_image_to
     training ids of the same conversation with its answer."""
     template = get_template(str(template))
     check_conversation(conversations, sample_id, image_token_id is not None, IMAGE, for_generation, template.stop)
+    if not template.human and (image_token_id is None or len(conversations) != 2 - for_generation):
+        raise SampleError(f"sample {sample_id}: the plain template trains an image and its caption: one turn "
+                          f"with <image>, one answer (use --template paper or llava15 for conversations)")
+    if not template.human and for_generation and conversations[0]["value"].replace(IMAGE, "").strip():
+        raise SampleError(f"sample {sample_id}: the plain template (LLaVA-1.5's stage 1) reads no question, only "
+                          f"the image; ask a model trained with the paper or llava15 template")
     text, trained = conversation_text(conversations, template, image=image_token_id is not None)
     placeholder = tokenizer.convert_tokens_to_ids(IMAGE)
     encoded = tokenizer(text, return_offsets_mapping=True)
+    pieces = list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    if not template.human:  # plain: the image after BOS, the caption tokenized alone (their tokenizer_image_token)
+        pieces.insert(int(pieces[:1] == [(tokenizer.bos_token_id, (0, 0))]), (placeholder, (0, 0)))
     # <image> must be one token of its own, or the image's positions would silently be missing
-    assert image_token_id is None or encoded["input_ids"].count(placeholder) == 1, \
+    assert image_token_id is None or [token for token, _ in pieces].count(placeholder) == 1, \
         "the tokenizer has no <image> token: call formats.add_image_token(tokenizer) where it is loaded"
     input_ids, labels = [], []
-    for position, (token, (start, end)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
+    for position, (token, (start, end)) in enumerate(pieces):
         if token == tokenizer.eos_token_id and start == end and position > 0:
             continue  # an EOS the tokenizer appends: the text already ends where it should
         if image_token_id is not None and token == placeholder:  # X_v, never trained
@@ -392,52 +408,13 @@ def generate_with_teacher(annotations, kind, out_jsonl, base_url, model, api_key
     return new, skipped
 
 
-# ----------------------------------------------------------------------------------------------
-# §5.2: ScienceQA's release (problems.json, pid_splits.json, images/) as LLaVA's JSON
-# ----------------------------------------------------------------------------------------------
-
-LETTERS = "ABCDE"  # multiple-choice options, as ScienceQA letters them
-SQA_SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}  # Table 7
-
-
-def scienceqa_sample(pid, problem, root, split, answer_first=False):
-    """§5.2: one problem as a single-turn sample. X_instruct is the context (the hint), the question and the
-    lettered options in the authors' words, after the image if there is one. X_a reasons (lecture,
-    solution), then answers "The answer is X."; answer_first is the paper's ablation (89.77% against
-    90.92%): the answer, then the reasoning. Raises SampleError."""
-    check_scienceqa_problem(pid, problem, root, split, len(LETTERS), SQA_SUBJECTS)
-    options = " ".join(f"({letter}) {choice}" for letter, choice in zip(LETTERS, problem["choices"]))
-    question = f"Context: {problem['hint'].strip() or 'N/A'}\nQuestion: {problem['question']}\nOptions: {options}"
-    reasoning = " ".join(t.strip() for t in (problem["lecture"], problem["solution"]) if t.strip())
-    answer = f"The answer is {LETTERS[problem['answer']]}."
-    sample = {"id": pid}
-    if problem["image"]:
-        sample["image"] = f"{split}/{pid}/{problem['image']}"  # relative to ROOT/images
-        question = f"{IMAGE}\n{question}"
-    if reasoning:  # the authors' answer-first format puts "BECAUSE:" before the reasoning
-        answer = f"{answer} BECAUSE: {reasoning}" if answer_first else f"{reasoning} {answer}"
-    sample["conversations"] = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-    return sample
-
-
-def scienceqa(problems, root, split, answer_first=False):
-    """The problems of a split that convert; a malformed one is named on stderr and skipped."""
-    samples = []
-    for pid, problem in problems.items():
-        try:
-            samples.append(scienceqa_sample(pid, problem, root, split, answer_first))
-        except SampleError as e:
-            print(f"skipped: {e}", file=sys.stderr)
-    return samples
-
-
 def main(argv=None):
     args = data_cli.parse_args(argv, __doc__, list(TEMPLATES))
     if args.command == "scienceqa":
-        samples = scienceqa(scienceqa_problems(args.root, args.split), args.root, args.split, args.answer_first)
+        samples = scienceqa.convert(scienceqa_problems(args.root, args.split), args.root, args.split, args.format)
         disk.write_json(args.out, samples)
-        print(f"{args.out}: {len(samples)} samples, {sum('image' in s for s in samples)} with an image "
-              f"(--image-folder {os.path.join(args.root, 'images')})")
+        print(f"{args.out}: {len(samples)} samples ({args.format}), {sum('image' in s for s in samples)} with an "
+              f"image (--image-folder {os.path.join(args.root, 'images', args.split)})")
     elif args.command == "teacher":
         key = os.environ.get("OPENAI_API_KEY")  # from the environment only: never a flag, never printed
         annotations = teacher_files.coco_annotations(args.captions, args.instances)

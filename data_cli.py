@@ -7,6 +7,7 @@ import sys
 import cli
 import disk
 import formats
+import scienceqa
 from cli import SampleError
 
 
@@ -17,7 +18,7 @@ def parse_args(argv, description, templates):
     command.add_argument("file", help="a LLaVA JSON file (a list of samples)")
     command.add_argument("--index", type=int, default=0, help="which sample")
     command.add_argument("--model", default="out/toy/stage2/model", help="a model directory (for its tokenizer)")
-    command.add_argument("--template", choices=templates, help="paper or llava15 (default: the model's)")
+    command.add_argument("--template", choices=templates, help="paper, llava15 or plain (default: the model's)")
     command = sub.add_parser("teacher", help="GPT-assisted generation from COCO annotations with a chat-completions API")
     command.add_argument("--captions", required=True, help="COCO captions_*.json")
     command.add_argument("--instances", required=True, help="COCO instances_*.json")
@@ -31,7 +32,9 @@ def parse_args(argv, description, templates):
     command.add_argument("--root", required=True, help="the folder of problems.json, pid_splits.json and images/")
     command.add_argument("--split", default="train", help="train, val, test, minival or minitest")
     command.add_argument("--out", required=True, help="the LLaVA JSON file to write (images relative to ROOT/images)")
-    command.add_argument("--answer-first", action="store_true", help="the ablation: the answer, then the reasoning")
+    command.add_argument("--format", default=scienceqa.PAPER_FORMAT, choices=scienceqa.FORMATS, metavar="FORMAT",
+                         help="the authors' prompt format: QCM-LEA (the paper's, the default), QCM-ALE (its "
+                         "answer-first ablation), CQM-A (LLaVA-1.5's), any of their INPUT-OUTPUT pairs")
     return parser.parse_args(argv)
 
 

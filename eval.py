@@ -19,7 +19,9 @@ makes again the rows whose question, image, caption or reference changed since (
         --context caps_boxes_coco2014_val_80.jsonl --references qa90_gpt4_answer.jsonl ...
 
 ScienceQA (§5.2, Table 7): accuracy by subject, context and grade, LLaVA alone and, with a judge
-model, in the paper's two ensembles with a text-only GPT-4 (complement and judge). Resumable, as bench is.
+model, in the paper's two ensembles with a text-only GPT-4 (complement and judge), the problems in the
+authors' prompt format and the answers scored as their scripts score them (scienceqa.py; --format,
+--scoring), the ensembles also by the project's rules. Resumable, as bench is.
 
 One evaluation writes an --out at a time (OUT/.lock; for mc's --out FILE, FILE.lock beside it), taken, with
 --out checked writable, before the model loads.
@@ -43,10 +45,13 @@ import data
 import disk
 import formats
 import llava
+import sample_checks
+import scienceqa
 
 
 def extract_answer(text, n_options=5):
-    """The letter in "The answer is X." (the paper's pattern; the letter, maybe in parentheses, ends
+    """The project's strict reading (eval.py scienceqa --scoring strict; the authors' reading is
+    scienceqa.their_letter): the letter in "The answer is X." (the letter, maybe in parentheses, ends
     the sentence), or a reply that is the letter alone. None if there is no such letter among the
     first n_options, or if the text states two ("The answer is A or B.", "The answer is A. No, the
     answer is B."): only a definite single letter is a choice."""
@@ -258,26 +263,7 @@ def bench_table(results):
 # §5.2: ScienceQA (Table 7); LLaVA alone, and with a text-only teacher as complement or judge
 # ----------------------------------------------------------------------------------------------
 
-TABLE7 = ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg"]
-
-
-def table7_columns(problem):
-    """The Table 7 columns a problem counts in, from its own metadata: its subject; its context
-    (TXT: a text context, the hint; IMG: an image; both if it has both; NO: neither); its grades."""
-    context = ["TXT"] * bool(problem["hint"].strip()) + ["IMG"] * bool(problem["image"]) or ["NO"]
-    grades = "G1-6" if int(problem["grade"][len("grade"):]) <= 6 else "G7-12"
-    return [data.SQA_SUBJECTS[problem["subject"]], *context, grades, "Avg"]
-
-
-def score_table7(problems, letters):
-    """Accuracy (%) in each Table 7 column. problems: {pid: problem}; letters: {pid: the letter
-    answered, or None}. No letter is a wrong answer."""
-    right, n = defaultdict(int), defaultdict(int)
-    for pid, problem in problems.items():
-        for column in table7_columns(problem):
-            n[column] += 1
-            right[column] += letters.get(pid) == data.LETTERS[problem["answer"]]
-    return {c: {"accuracy": 100 * right[c] / n[c], "n": n[c]} for c in TABLE7 if n[c]}
+TABLE7, table7_columns, score_table7 = scienceqa.TABLE7, scienceqa.table7_columns, scienceqa.score_table7
 
 
 def table7(runs):
@@ -376,13 +362,16 @@ def sqa_teacher_messages(question, replies=()):
     return [{"role": "system", "content": SQA_TEACHER}, {"role": "user", "content": content}]
 
 
-def sqa_ensembles(samples, problems, answers, path, url, teacher, api_key, model_id, **client_options):
-    """§5.2's two ensembles of LLaVA and a text-only teacher. Returns ({pid: letter}, {pid: letter}):
-    complement: the teacher answers from the text; where it names no option, LLaVA's answer stands.
-    judge: where both name an option and they differ, the teacher sees the question and both answers
-    and its final choice stands (LLaVA's, if it names none). Each request and reply is appended to
-    `path` as it comes; a rerun asks nothing twice, and a reply without an option is kept as it is. A saved
-    reply to another request (the question changed since, or LLaVA's answer) is asked again, and said."""
+def sqa_ensembles(samples, problems, answers, path, url, teacher, api_key, model_id, seed=0, **client_options):
+    """§5.2's two ensembles of LLaVA and a text-only teacher, {rule: {pid: the option's index, -1 none}}:
+    "complement" and "judge" as the authors score them (scienceqa.their_ensembles: their parsing, their
+    random guesses, seeded), and the project's rules, "complement, project's rules" (the teacher's letter,
+    by extract_answer; where it names no option, LLaVA's) and "judge, project's rules" (where both name an
+    option and they differ, the re-asked teacher's final choice; LLaVA's if it names none; the teacher's
+    where LLaVA names none). The teacher is asked again where either rule set has them disagree. Each
+    request and reply is appended to `path` as it comes; a rerun asks nothing twice, and a reply without
+    an option is kept as it is. A saved reply to another request (the question changed since, or LLaVA's
+    answer) is asked again, and said."""
     rows = {(r["kind"], r["id"]): r for r in saved_rows(path, model=model_id, teacher=teacher)}
 
     def ask(kind, pid, messages):
@@ -400,44 +389,63 @@ def sqa_ensembles(samples, problems, answers, path, url, teacher, api_key, model
                                "reply": reply, "letter": extract_answer(reply, len(problems[pid]["choices"]))}
             append_jsonl(path, rows[kind, pid])
             if rows[kind, pid]["letter"] is None:
-                print(f"problem {pid}: the teacher's {kind} reply names no option; LLaVA's answer stands",
-                      file=sys.stderr)
+                print(f"problem {pid}: the teacher's {kind} reply names no option; LLaVA's answer stands (the "
+                      f"authors' rules guess where it names a letter that is no option)", file=sys.stderr)
         return rows[kind, pid]
 
-    complement, judge = {}, {}
+    replies, requery, complement, judge = {}, {}, {}, {}
     for s in samples:
-        pid, question = s["id"], s["conversations"][0]["value"].replace(data.IMAGE + "\n", "")
+        pid, question = s["id"], s["conversations"][0]["value"].replace(data.IMAGE, "").strip()
         ours = extract_answer(answers[pid], len(problems[pid]["choices"]))
         theirs = ask("complement", pid, sqa_teacher_messages(question))
+        replies[pid] = theirs["reply"]
         complement[pid] = judge[pid] = theirs["letter"] or ours
-        if theirs["letter"] and ours and theirs["letter"] != ours:
+        letters = scienceqa.their_letter(answers[pid]), scienceqa.their_letter(theirs["reply"])
+        differ = theirs["letter"] and ours and theirs["letter"] != ours
+        if differ or None not in letters and letters[0] != letters[1]:
             final = ask("judge", pid, sqa_teacher_messages(question, [theirs["reply"], answers[pid]]))
-            judge[pid] = final["letter"] or ours
-    return complement, judge
+            judge[pid] = final["letter"] or ours if differ else judge[pid]
+            if None not in letters and letters[0] != letters[1]:
+                requery[pid] = final["reply"]
+    authors = scienceqa.their_ensembles(problems, answers, replies, requery, seed)
+    index = {pid: -1 if letter is None else data.LETTERS.index(letter) for pid, letter in complement.items()}
+    return {"complement": authors[0], "judge": authors[1], "complement, project's rules": index,
+            "judge, project's rules": {pid: -1 if x is None else data.LETTERS.index(x) for pid, x in judge.items()}}
 
 
 def evaluate_scienceqa(root, split, out, model_id, load_model, teacher=None, url=None, api_key=None,
-                       batch_size=32, max_new_tokens=1024, **client_options):
-    """§5.2 end to end on one split: {method: Table 7 scores}, also written to out/results.json.
-    out/answers.jsonl holds LLaVA's answers, out/teacher.jsonl the teacher's requests and replies."""
-    problems = data.scienceqa_problems(root, split)
-    samples = data.scienceqa(problems, root, split)  # the same prompts as in training; bad problems named
+                       batch_size=32, max_new_tokens=1024, format=scienceqa.PAPER_FORMAT, scoring="paper", seed=0,
+                       **client_options):
+    """§5.2 end to end on one split: {method: Table 7 scores}, also written to out/results.json. The problems
+    as the authors convert them (format), asked as their model_vqa_science.py asks them (scienceqa.asked),
+    LLaVA's answers scored by `scoring` (scienceqa.SCORINGS; "paper" draws its guesses from seed), the
+    ensembles by the authors' rules and by the project's. out/answers.jsonl holds LLaVA's answers,
+    out/teacher.jsonl the teacher's requests and replies."""
+    if scoring not in scienceqa.SCORINGS:
+        raise ValueError(f"scoring {scoring!r}: choose one of {list(scienceqa.SCORINGS)}")
+    problems = sample_checks.scienceqa_problems(root, split)
+    samples = scienceqa.convert(problems, root, split, format)  # the training prompts; bad problems named
     if not samples:
         raise SystemExit(f"{os.path.join(root, 'pid_splits.json')}: split {split!r} has no problems" if not problems
                          else f"{os.path.join(root, 'problems.json')}: none of the {len(problems)} problems of split "
                               f"{split!r} can be asked (each is named above); nothing to score")
     problems = {s["id"]: problems[s["id"]] for s in samples}
+    samples = [dict(s, conversations=[{"from": "human", "value": scienceqa.asked(s)}]) for s in samples]
     hold_out(out, "eval.py scienceqa")  # before the model loads
-    answers = llava_answers(samples, os.path.join(root, "images"), os.path.join(out, "answers.jsonl"), model_id,
-                            load_model, batch_size, max_new_tokens)
-    letters = {pid: extract_answer(answers[pid], len(p["choices"])) for pid, p in problems.items()}
-    runs = {"LLaVA": score_table7(problems, letters)}
+    answers = llava_answers(samples, os.path.join(root, "images", split), os.path.join(out, "answers.jsonl"),
+                            model_id, load_model, batch_size, max_new_tokens)
+    if scoring == "strict":
+        letters = {pid: extract_answer(answers[pid], len(p["choices"])) for pid, p in problems.items()}
+        chosen = {pid: -1 if x is None else data.LETTERS.index(x) for pid, x in letters.items()}
+    else:
+        chosen = scienceqa.their_scores(problems, answers, scoring, seed)
+    runs = {"LLaVA": score_table7(problems, chosen)}
     if teacher:
-        complement, judge = sqa_ensembles(samples, problems, answers, os.path.join(out, "teacher.jsonl"), url,
-                                          teacher, api_key, model_id, **client_options)
-        runs[f"LLaVA+{teacher} (complement)"] = score_table7(problems, complement)
-        runs[f"LLaVA+{teacher} (judge)"] = score_table7(problems, judge)
-    disk.write_json(os.path.join(out, "results.json"), {"model": model_id, "split": split, "results": runs})
+        ensembles = sqa_ensembles(samples, problems, answers, os.path.join(out, "teacher.jsonl"), url, teacher,
+                                  api_key, model_id, seed, **client_options)
+        runs.update({f"LLaVA+{teacher} ({rule})": score_table7(problems, c) for rule, c in ensembles.items()})
+    disk.write_json(os.path.join(out, "results.json"), {"model": model_id, "split": split, "format": format,
+                                                        "scoring": scoring, "seed": seed, "results": runs})
     return runs
 
 
@@ -477,6 +485,11 @@ def main(argv=None):
                      help="the reasoning comes before the answer")
     sqa.add_argument("--judge-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
     sqa.add_argument("--judge-model", default=None, help="the text-only teacher (e.g. gpt-4); none: LLaVA alone")
+    sqa.add_argument("--format", default=scienceqa.PAPER_FORMAT, choices=scienceqa.FORMATS, metavar="FORMAT",
+                     help="the prompt format the model was trained on (the authors' names; QCM-LEA: the paper's)")
+    sqa.add_argument("--scoring", default="paper", choices=list(scienceqa.SCORINGS),
+                     help="; ".join(f"{k}: {v}" for k, v in scienceqa.SCORINGS.items()))
+    sqa.add_argument("--seed", type=int, default=0, help="the authors' random guesses (--scoring paper, ensembles)")
     for command in (mc, bench, sqa):
         command.add_argument("--compile", action="store_true",
                              help="torch.compile the decoding step (a one-time cost, then faster answers)")
@@ -489,9 +502,11 @@ def main(argv=None):
     if args.command == "scienceqa":
         runs = evaluate_scienceqa(args.root, args.split, args.out, model_id, lambda: model_or_exit(args.model, args.compile),
                                   args.judge_model, args.judge_url, os.environ.get("OPENAI_API_KEY"),
-                                  args.batch_size, args.max_new_tokens, temperature=0)
+                                  args.batch_size, args.max_new_tokens, args.format, args.scoring, args.seed,
+                                  temperature=0)
         print(table7(runs))
-        print(f"(accuracy %; answers and results in {args.out})")
+        print(f"(accuracy %; prompts {args.format}; LLaVA scored by --scoring {args.scoring}, the ensembles by the "
+              f"authors' rules and by the project's; answers and results in {args.out})")
         return
     if args.command == "bench":  # every input, and --out, is checked before the model loads
         contexts = read_contexts(args.context, args.dataset)

@@ -77,7 +77,7 @@ def get_args(argv=None):
                    help="stage 2: the stage-1 output W starts from, or random (stage 1 skipped)")
     p.add_argument("--feature-layer", type=int, default=-2, help="which vision layer gives Z_v (-2: penultimate)")
     p.add_argument("--template", default="paper", choices=list(data.TEMPLATES),
-                   help="paper (###) or llava15 (USER:/ASSISTANT:)")
+                   help="paper (###), llava15 (USER:/ASSISTANT:) or plain (LLaVA-1.5's stage 1: image, caption)")
     p.add_argument("--data", help="LLaVA JSON file (stage 1: chat.json; stage 2: llava_instruct_150k.json)")
     p.add_argument("--image-folder", help="folder the samples' `image` paths are relative to")
     p.add_argument("--out", help="output directory (checkpoints, metrics.jsonl, the final model)")
