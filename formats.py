@@ -206,7 +206,9 @@ class AuthorsTokenizer:
         pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
         self.space_lost = type(pre).__name__ == "Metaspace" and pre.prepend_scheme != "never"
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only what the instance lacks; never `tokenizer` itself (copy, pickle)
+        if name == "tokenizer" or name.startswith("__"):
+            raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
     def __len__(self):

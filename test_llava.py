@@ -4595,3 +4595,23 @@ def test_images_are_read_as_the_authors_convert_them(authors_fixtures, tmp_path)
         assert np.asarray(data.load_image(path)).tolist() == case["rgb"], mode
     rgba = np.asarray(fixtures["images"]["RGBA"]["pixels"])
     assert (rgba[..., 3] == 0).any() and fixtures["images"]["RGBA"]["rgb"][0][0] == rgba[0, 0, :3].tolist()
+
+
+def test_an_authors_checkpoint_with_image_start_and_end_tokens(authors_llava15, authors_fixtures, tmp_path):
+    """Item 4: mm_use_im_start_end true (the first LLaVA releases): <im_start> and <im_end> around the image
+    positions, their ids as their loader adds them (after <im_patch>), the ids their scripts make."""
+    import copy
+    fixtures, _ = authors_fixtures
+    built, _ = authors_llava15
+    wider = copy.deepcopy(built)
+    wider.language_model.resize_token_embeddings(len(built.tokenizer) + 2)  # <im_patch> <im_start> <im_end>
+    folder = save_as_the_authors(wider, str(tmp_path / "llava-v1.5-start-end"), os.path.join(STAND_INS, "clip"),
+                                 mm_use_im_start_end=True)
+    model = llava.load(folder)
+    row = next(r for r in fixtures["prompts"] if r["conv_mode"] == "vicuna_v1" and r["mm_use_im_start_end"])
+    input_ids, _ = model.prepare(as_turns(row["turns"]), fixture_picture(40, 25))
+    expected = []
+    for token in row["input_ids"]:
+        expected += [token] * (model.num_image_tokens if token == -200 else 1)
+    assert input_ids[0].tolist() == expected
+    assert model.tokenizer.convert_ids_to_tokens(expected[expected.index(-200) - 1]) == "<im_start>"
