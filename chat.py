@@ -16,6 +16,7 @@ import torch
 import cli
 import data
 import llava
+from image_files import open_image
 
 DEFAULT_MODELS = ["out/stage2/model", "out/toy/stage2/model"]  # the last training run, the toy demo
 COMMANDS = "/image PATH: another image   /reset: start over   /quit: leave   /help: this"
@@ -36,14 +37,6 @@ def why_refused(question, template=None):
     for mark in [m for m in ends + starts if m in question]:
         return (f"{mark} {'ends' if mark in ends else 'starts'} a turn in the {template.name} template, so it "
                 f"cannot be part of a question; leave it out")
-
-
-def open_image(path):
-    """(PIL image, None) or (None, a one-line reason)."""
-    try:
-        return data.load_image(path), None
-    except Exception as e:  # missing, unreadable, not an image, a decompression bomb
-        return None, f"cannot use image {path}: {type(e).__name__}: {e}"
 
 
 def too_long(model, question, image):
@@ -80,7 +73,7 @@ def reply(model, conversation, image, sampling):
 
 def repl(model, image, sampling):
     template, conversation = model.template, []
-    print(f"LLaVA ({template.name} template). {COMMANDS}")
+    print(f"LLaVA ({template.name} template: {model.template_why}). {COMMANDS}")
     while True:
         try:
             line = input(f"{template.human}: ").strip()  # bytes that are not UTF-8 read as U+FFFD (see main)
@@ -120,7 +113,8 @@ def repl(model, image, sampling):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", nargs="?", help="the image to talk about (optional)")
-    p.add_argument("--model", default=None, help="model directory or hub id (ours or llava-hf)")
+    p.add_argument("--model", default=None, help="model directory or hub id (ours, llava-hf's or the authors')")
+    p.add_argument("--template", choices=sorted(data.TEMPLATES), help="the prompt's (default: the model's; see README)")
     p.add_argument("-p", "--prompt", default=None, help="one question: print the answer and exit")
     p.add_argument("--temperature", type=cli.number(float, 0), default=0.2, help="0 is greedy")
     p.add_argument("--top-p", type=cli.number(float, 0, 1, above=True), default=1.0, help="nucleus sampling")
@@ -136,7 +130,8 @@ def main(argv=None):
     if path is None:
         sys.exit("chat.py: no trained model found in out/; pass --model DIR or run python toy.py")
     try:
-        model = llava.load(path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = llava.load(path, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                           template=args.template)
     except (OSError, ValueError) as e:
         sys.exit(f"chat.py: cannot load --model {path}: {cli.one_line(e)}")
     model.compile_decoding = args.compile
@@ -146,7 +141,8 @@ def main(argv=None):
         sys.exit(f"chat.py: {error}")
     if error:
         print(error)
-    if args.prompt is not None:  # one-shot: the answer alone on stdout
+    if args.prompt is not None:  # one-shot: the answer alone on stdout (which template, and why, on stderr)
+        print(f"chat.py: the {model.template.name} template ({model.template_why})", file=sys.stderr)
         if why := why_refused(args.prompt, model.template) or too_long(model, args.prompt, image):
             sys.exit(f"chat.py: -p: {why}")
         value = f"{data.IMAGE}\n{args.prompt}" if image is not None else args.prompt

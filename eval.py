@@ -493,6 +493,8 @@ def main(argv=None):
     for command in (mc, bench, sqa):
         command.add_argument("--compile", action="store_true",
                              help="torch.compile the decoding step (a one-time cost, then faster answers)")
+        command.add_argument("--template", choices=sorted(data.TEMPLATES),
+                             help="the prompt's template (default: the model's, and it says why)")
     args = p.parse_args(argv)
 
     try:
@@ -500,7 +502,7 @@ def main(argv=None):
     except FileNotFoundError as e:
         sys.exit(f"eval.py {args.command}: --model {e}")
     if args.command == "scienceqa":
-        runs = evaluate_scienceqa(args.root, args.split, args.out, model_id, lambda: model_or_exit(args.model, args.compile),
+        runs = evaluate_scienceqa(args.root, args.split, args.out, model_id, lambda: model_or_exit(args.model, args.compile, args.template),
                                   args.judge_model, args.judge_url, os.environ.get("OPENAI_API_KEY"),
                                   args.batch_size, args.max_new_tokens, args.format, args.scoring, args.seed,
                                   temperature=0)
@@ -523,8 +525,8 @@ def main(argv=None):
         saved_rows(os.path.join(args.out, "reviews.jsonl"), model=model_id, judge=args.judge_model)  # or refused now
         results = evaluate_bench(None, questions, contexts, references, args.image_folder, args.out,
                                  args.judge_url, args.judge_model, os.environ.get("OPENAI_API_KEY"), model_id,
-                                 load_model=lambda: model_or_exit(args.model, args.compile), dataset=args.dataset,
-                                 timeout=args.timeout, retries=args.retries)
+                                 load_model=lambda: model_or_exit(args.model, args.compile, args.template),
+                                 dataset=args.dataset, timeout=args.timeout, retries=args.retries)
         if results:
             print(bench_table(results))
         missing = len(questions) - results.get("overall", {}).get("n", 0)
@@ -560,7 +562,7 @@ def main(argv=None):
         if made_by != model_id:
             sys.exit(f"--out {args.out}: made by model {made_by!r}, not {model_id!r}; pass another --out, "
                      f"or delete it to start over")
-    model = model_or_exit(args.model, args.compile)
+    model = model_or_exit(args.model, args.compile, args.template)
     results, rows = evaluate_mc(model, questions, args.image_folder, progress=True)
     blind = None if args.no_blind else evaluate_mc(model, questions, args.image_folder, blank=True, progress=True)[0]
     print(table(results, blind))
@@ -638,12 +640,14 @@ def hold_out(out, program, folder=True):
             from None
 
 
-def model_or_exit(path, compile=False):
+def model_or_exit(path, compile=False, template=None):
     """The model at `path` on this machine's GPU (BF16) or CPU, or one line that says why it cannot be
-    loaded. compile: its generation compiles the decoding step."""
+    loaded. compile: its generation compiles the decoding step. template: --template (default: the
+    model's); which one and why is said on stderr."""
     try:
-        model = llava.load(path, device="cuda" if torch.cuda.is_available() else "cpu")
+        model = llava.load(path, device="cuda" if torch.cuda.is_available() else "cpu", template=template)
         model.compile_decoding = compile
+        print(f"eval.py: the {model.template.name} template ({model.template_why})", file=sys.stderr)
         return model
     except (OSError, ValueError) as e:
         sys.exit(f"cannot load --model {path}: {cli.one_line(e)}")

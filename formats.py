@@ -19,6 +19,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelFo
 from transformers.initialization import no_init_weights
 
 from cli import one_line
+from image_files import expand2square, mean_colour
 
 
 AUTHORS_IMAGE_TOKEN_ID = -200  # the authors' IMAGE_TOKEN_INDEX: a position id outside the vocabulary
@@ -82,11 +83,14 @@ def weight_patterns(files):
 # A saved model's settings: its config.json, read in one place
 # ----------------------------------------------------------------------------------------------
 
-def read_settings(path):
+def read_settings(path, name=None):
     """config.json of a saved LLaVA, ours or llava-hf's (model_type "llava") or the authors'
     ("llava_llama"), as the settings LLaVA takes (projector, feature_layer, keep_cls, image_token_id,
-    template) and its parts: layout, text_config, vision_config (llava-hf's) or vision (the
-    authors': where the vision tower is)."""
+    template, pad_to_square) and its parts: layout, text_config, vision_config (llava-hf's) or vision
+    (the authors': where the vision tower is), why (why this template), and for the authors' layout
+    start_end (mm_use_im_start_end), patch_token (mm_use_im_patch_token) and tower_trained
+    (unfreeze_mm_vision_tower: the checkpoint's copy of the tower is the one to use). name: what the
+    user called the model (a hub id or a folder), which the authors' scripts guess the template from."""
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     if config.get("model_type") == "llava":  # llava-hf, or ours
@@ -94,19 +98,47 @@ def read_settings(path):
         projector = config.get("llava_projector", "mlp2x_gelu")
         if projector != "linear" and config.get("projector_hidden_act", "gelu") != "gelu":
             raise ValueError(f"{path}: projector_hidden_act {config['projector_hidden_act']!r} is not supported")
+        why = ("config.json's llava_template" if "llava_template" in config else
+               "a llava-hf checkpoint (config.json names no template): LLaVA-1.5's")
         return dict(layout="llava", projector=projector, feature_layer=llava.vision_feature_layer,
                     keep_cls=llava.vision_feature_select_strategy == "full", image_token_id=llava.image_token_index,
-                    template=config.get("llava_template", "llava15"), text_config=llava.text_config,
+                    template=config.get("llava_template", "llava15"), why=why,
+                    pad_to_square=config.get("llava_pad_to_square", False), text_config=llava.text_config,
                     vision_config=llava.vision_config, vision=None)
     if "mm_vision_tower" in config:  # the authors' LlavaLlamaForCausalLM
+        aspect = config.get("image_aspect_ratio", "square")
+        if aspect not in ("pad", "square", None):
+            raise ValueError(f"{path}/config.json: image_aspect_ratio {aspect!r} (LLaVA-NeXT's) is not supported; "
+                             f"this project reads 'pad' and 'square' (LLaVA and LLaVA-1.5)")
         text_config = AutoConfig.for_model("llama", **{k: v for k, v in config.items() if k != "model_type"})
+        template, why = authors_template(name or path)
         return dict(layout="authors", projector=config.get("mm_projector_type", "linear"),
                     feature_layer=config.get("mm_vision_select_layer", -2),
                     keep_cls=config.get("mm_vision_select_feature", "patch") == "cls_patch",
-                    image_token_id=AUTHORS_IMAGE_TOKEN_ID, template=authors_template(config), text_config=text_config,
-                    vision_config=None, vision=config["mm_vision_tower"])
+                    image_token_id=AUTHORS_IMAGE_TOKEN_ID, template=template, why=why, pad_to_square=aspect == "pad",
+                    text_config=text_config, vision_config=None, vision=config["mm_vision_tower"],
+                    start_end=bool(config.get("mm_use_im_start_end", False)),
+                    patch_token=config.get("mm_use_im_patch_token", True),
+                    tower_trained=bool(config.get("unfreeze_mm_vision_tower", False)))
     raise ValueError(f"{path}/config.json: neither a LLaVA (model_type 'llava') nor the authors' "
                      f"layout (mm_vision_tower); got model_type {config.get('model_type')!r}")
+
+
+def authors_template(name):
+    """The template of an authors' checkpoint, which their config does not record, guessed as their
+    run_llava.py and serve/cli.py guess their conv_mode, from the model's name (get_model_name_from_path:
+    the last part of the path, or the two last for a checkpoint-N folder): "v1" in it is llava_v1
+    (here llava15), otherwise llava_v0 (here the paper's). Returns (template or None, why): None where
+    their guess is a template this project does not have (llama-2, mistral, mpt)."""
+    parts = name.strip("/").split("/")
+    model_name = "_".join(parts[-2:]) if parts[-1].startswith("checkpoint-") else parts[-1]
+    lower = model_name.lower()
+    theirs = next((mode for key, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"),
+                                          ("v1.6-34b", "chatml_direct"), ("v1", "llava_v1"), ("mpt", "mpt"))
+                   if key in lower), "llava_v0")
+    why = (f"the authors' config records no template; their run_llava.py picks {theirs} for a model named "
+           f"{model_name!r}")
+    return {"llava_v1": "llava15", "llava_v0": "paper"}.get(theirs), why
 
 
 IMAGE = "<image>"  # where the image stands in the first human turn of LLaVA's JSON
@@ -123,18 +155,90 @@ def add_image_token(tokenizer):
 
 def load_tokenizer_and_config(path):
     """What data.py needs to render samples for a saved model, without loading its weights."""
-    path = resolve(path)
-    settings = read_settings(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    add_image_token(tokenizer)  # the authors' tokenizer has none (they mark the image with id -200)
+    name, path = path, resolve(path)
+    settings = read_settings(path, name)
+    tokenizer = checkpoint_tokenizer(path, settings)
     vision = settings["vision_config"] or vision_config(settings["vision"])
     n_v = count_image_tokens(vision.image_size, vision.patch_size, settings["keep_cls"])
-    return tokenizer, {"template": settings["template"], "image_token_id": settings["image_token_id"],
+    return tokenizer, {"template": chosen_template(settings, None, path), "image_token_id": settings["image_token_id"],
                        "num_image_tokens": n_v}
 
 
-def authors_template(config):
-    return "llava15" if config.get("mm_projector_type", "linear") != "linear" else "paper"
+def chosen_template(settings, template, path):
+    """The template asked for (--template), else the checkpoint's (settings["template"]), and why."""
+    if template:
+        settings["why"] = "chosen with --template"
+        return template
+    if settings["template"] is None:
+        raise ValueError(f"{path}: {settings['why']}, which this project does not have; "
+                         f"choose one with --template (paper or llava15)")
+    return settings["template"]
+
+
+def checkpoint_tokenizer(path, settings):
+    """A saved model's tokenizer, as it feeds the model: for the authors' layout, as their loader
+    (builder.py) sets it up and their tokenizer_image_token tokenizes prompts (AuthorsTokenizer)."""
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if settings["layout"] == "authors":
+        # builder.py adds these where the saved tokenizer lacks them, in this order (ids as theirs)
+        added = [IMAGE_PATCH] * bool(settings["patch_token"]) + [IMAGE_START, IMAGE_END] * settings["start_end"]
+        tokenizer.add_tokens([t for t in added if t not in tokenizer.get_vocab()], special_tokens=True)
+    add_image_token(tokenizer)  # the authors' tokenizer has none (they mark the image with id -200)
+    return AuthorsTokenizer(tokenizer, settings["start_end"]) if settings["layout"] == "authors" else tokenizer
+
+
+IMAGE_PATCH, IMAGE_START, IMAGE_END = "<im_patch>", "<im_start>", "<im_end>"  # the authors' constants.py
+
+
+class AuthorsTokenizer:
+    """A tokenizer that tokenizes as the authors' tokenizer_image_token (llava/mm_utils.py) does, for
+    their checkpoints, which were trained so (train.py's preprocess_* call it): the text on each side of
+    <image> tokenized on its own, each piece's BOS dropped but the first's. A piece tokenized alone
+    starts with SentencePiece's "▁", so with a legacy-false tokenizer (Vicuna v1.5's) the "\n" after
+    the image is "▁", "\n", a token more than the whole text tokenized at once gives.
+    start_end (mm_use_im_start_end): <im_start> before the image and <im_end> after it, as their
+    scripts write the prompt. Everything else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer, start_end=False):
+        self.tokenizer, self.start_end = tokenizer, start_end
+        # SentencePiece puts "▁" before every piece; tokenizers' Metaspace (transformers 5's LLaMA)
+        # does not before one that starts with a space: a space more gives what theirs gives.
+        pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+        self.space_lost = type(pre).__name__ == "Metaspace" and pre.prepend_scheme != "never"
+
+    def __getattr__(self, name):  # only what the instance lacks; never `tokenizer` itself (copy, pickle)
+        if name == "tokenizer" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def __len__(self):
+        return len(self.tokenizer)
+
+    def __call__(self, text, return_offsets_mapping=False, **kwargs):
+        """Returns input_ids (<image> as its token, where render() expects it) and, if asked, each
+        token's (start, end) characters in `text`; a token added around the image has none (start == end)."""
+        if not isinstance(text, str) or IMAGE not in text or kwargs:
+            return self.tokenizer(text, return_offsets_mapping=return_offsets_mapping, **kwargs)
+        pieces = text.split(IMAGE)
+        ids, offsets, at = [], [], 0
+        for i, piece in enumerate(pieces):
+            before = IMAGE_END if self.start_end and i > 0 else " " if self.space_lost and piece[:1] == " " else ""
+            after = IMAGE_START if self.start_end and i < len(pieces) - 1 else ""
+            encoded = self.tokenizer(before + piece + after, return_offsets_mapping=True)
+            piece_ids, piece_offsets = encoded["input_ids"], encoded["offset_mapping"]
+            if i == 0:
+                skip = int(bool(piece_ids) and piece_ids[0] == self.tokenizer.bos_token_id)  # their `offset`
+                ids, offsets = piece_ids[:skip], piece_offsets[:skip]
+            else:
+                ids.append(self.tokenizer.convert_tokens_to_ids(IMAGE))
+                offsets.append((at - len(IMAGE), at))
+            for token, (a, b) in list(zip(piece_ids, piece_offsets))[skip:]:
+                a, b = (min(max(x - len(before), 0), len(piece)) + at for x in (a, b))
+                ids.append(token)
+                offsets.append((a, b))
+            at += len(piece) + len(IMAGE)
+        encoded = {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        return transformers.BatchEncoding(dict(encoded, offset_mapping=offsets) if return_offsets_mapping else encoded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,10 +321,12 @@ def ids_only_tokenizer(config):
 # A whole LLaVA in the llava-hf layout (and the authors' read), W alone after stage 1
 # ----------------------------------------------------------------------------------------------
 
-def save(model, path, state_dict=None, max_shard_size="5GB"):
+def save(model, path, state_dict=None, max_shard_size="5GB", pad_to_square=None):
     """Write `path` in the llava-hf layout, atomically: a crash leaves the old directory intact.
 
     state_dict: a full state dict gathered elsewhere (FSDP); default the model's own.
+    pad_to_square: whether its images were padded to squares in training (train.py --pad-to-square;
+    default: model.pad_to_square), recorded so that llava.load pads them at inference too.
     """
     from huggingface_hub import save_torch_state_dict
     state_dict = model.state_dict() if state_dict is None else state_dict
@@ -241,7 +347,8 @@ def save(model, path, state_dict=None, max_shard_size="5GB"):
         vision_feature_layer=model.feature_layer,
         vision_feature_select_strategy="full" if model.keep_cls else "default",
         tie_word_embeddings=lm.tie_word_embeddings,
-        llava_projector=model.projector_kind, llava_template=model.template.name)  # ours; transformers ignores them
+        llava_projector=model.projector_kind, llava_template=model.template.name,  # ours; transformers ignores them
+        llava_pad_to_square=model.pad_to_square if pad_to_square is None else pad_to_square)
     config.architectures = ["LlavaForConditionalGeneration"]
 
     tmp = path.rstrip("/") + ".tmp"
@@ -262,16 +369,21 @@ def save(model, path, state_dict=None, max_shard_size="5GB"):
 def load(path, make_model, dtype=torch.float32, device="cpu", vision=None, template=None):
     """A saved LLaVA: ours or llava-hf's, or the authors'. make_model: llava.LLaVA, passed in (the
     plumbing imports no section file). vision: for the authors' layout, where the tower is if not at
-    `mm_vision_tower`. The model is built on `device` with its weights uninitialized, then filled
-    one weight file at a time: memory holds the model and one file, never a second copy.
+    `mm_vision_tower`. template: the one to use (default: the checkpoint's; model.template_why says
+    why). The model is built on `device` with its weights uninitialized, then filled one weight file
+    at a time: memory holds the model and one file, never a second copy.
     Strict: a missing, unexpected or mis-shaped weight is an error that names it."""
-    path = resolve(path)
-    settings = read_settings(path)
-    layout, text_config, config = settings.pop("layout"), settings.pop("text_config"), settings.pop("vision_config")
-    vision = vision or settings.pop("vision")
-    settings.update(template=template or settings["template"])
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    add_image_token(tokenizer)  # the authors' tokenizer has none (they mark the image with id -200)
+    name, path = path, resolve(path)
+    settings = read_settings(path, name)
+    settings["template"] = chosen_template(settings, template, path)
+    tokenizer = checkpoint_tokenizer(path, settings)
+    layout, text_config, config = settings["layout"], settings["text_config"], settings["vision_config"]
+    vision = vision or settings["vision"]
+    # The authors' loader reads the tower from mm_vision_tower; a copy in the checkpoint (saved in the
+    # training dtype) is read only where their config says the tower was trained (clip_encoder.py).
+    tower_from_checkpoint = layout == "llava" or settings["tower_trained"]
+    options = {k: settings[k] for k in ("projector", "feature_layer", "keep_cls", "image_token_id", "template",
+                                        "pad_to_square")}
     files = checkpoint_files(path)
     if layout == "authors":  # the tower's weights are the pretrained CLIP's
         vision_tower, processor = load_vision_tower(vision, dtype)
@@ -281,15 +393,16 @@ def load(path, make_model, dtype=torch.float32, device="cpu", vision=None, templ
             vision_tower = AutoModel.from_config(config, dtype=dtype)
             processor = AutoImageProcessor.from_pretrained(path, backend="pil", trust_remote_code=False)
         language_model = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
-        model = make_model(vision_tower, language_model, tokenizer, processor, **settings)
+        model = make_model(vision_tower, language_model, tokenizer, processor, **options)
+    model.template_why = settings["why"]  # chat.py and eval.py say it
     renames = FROM_CHECKPOINT if layout == "llava" else FROM_AUTHORS
     w_then_identity = model.projector_kind == "linear" and layout == "llava"  # as save() writes W
-    shapes = {rename(k, renames): v for k, v in stored_shapes(files).items()}
-    if w_then_identity:
-        shapes = {k: v for k, v in shapes.items() if not k.startswith("projector.2.")}
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if layout == "authors" and not any(k.startswith("vision_tower.") for k in shapes):
-        expected = {k: v for k, v in expected.items() if not k.startswith("vision_tower.")}  # from mm_vision_tower
+
+    def wanted(k):
+        return not (w_then_identity and k.startswith("projector.2.") or
+                    not tower_from_checkpoint and k.startswith("vision_tower."))
+    shapes = {k: v for k, v in ((rename(k, renames), v) for k, v in stored_shapes(files).items()) if wanted(k)}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if wanted(k)}
     tied = model.language_model.config.tie_word_embeddings
     check_weights(expected, shapes, tied, path)
     for file in files:  # one file in memory at a time
@@ -299,11 +412,19 @@ def load(path, make_model, dtype=torch.float32, device="cpu", vision=None, templ
             if I is not None and not torch.equal(I, torch.eye(len(I), dtype=I.dtype, device=I.device)) \
                     or bias is not None and bias.any():
                 raise ValueError(f"{path}: a linear projector needs multi_modal_projector.linear_2 = identity")
-        model.load_state_dict(weights, strict=False)
+        model.load_state_dict({k: v for k, v in weights.items() if wanted(k)}, strict=False)
         del weights
     if tied:
         model.language_model.tie_weights()
     return model
+
+
+def pixel_values(image_processor, image, pad_to_square=False):
+    """An image (PIL) as the model's input (1, 3, H, W); pad_to_square: padded first, as the authors'
+    process_images does for image_aspect_ratio "pad" (expand2square over the processor's mean colour)."""
+    if pad_to_square:
+        image = expand2square(image.convert("RGB"), mean_colour(image_processor))
+    return image_processor(images=image, return_tensors="pt")["pixel_values"]
 
 
 def save_projector(model, path, state_dict=None):

@@ -40,7 +40,7 @@ def shifted_targets(labels):
 
 class LLaVA(nn.Module):
     def __init__(self, vision_tower, language_model, tokenizer, image_processor, projector="mlp2x_gelu",
-                 feature_layer=-2, keep_cls=False, image_token_id=None, template="paper"):
+                 feature_layer=-2, keep_cls=False, image_token_id=None, template="paper", pad_to_square=False):
         super().__init__()
         n = vision_tower.config.num_hidden_layers  # hidden states: -n - 1 (the input) to n (the last layer)
         if not -n - 1 <= feature_layer <= n:
@@ -52,7 +52,7 @@ class LLaVA(nn.Module):
         self.language_model = language_model  # f_phi, a causal LM with its LM head
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.projector_kind, self.feature_layer, self.keep_cls = projector, feature_layer, keep_cls
-        self.image_token_id = image_token_id
+        self.image_token_id, self.pad_to_square = image_token_id, pad_to_square  # images padded as in training
         self.compile_decoding = False  # generate's default: chat.py and eval.py --compile say True
         self.template = data.get_template(template)
         self.num_image_tokens = formats.count_image_tokens(vision_tower.config.image_size,
@@ -134,20 +134,20 @@ class LLaVA(nn.Module):
         device = self.projector[0].weight.device
         pixel_values = None
         if image is not None:
-            pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"].to(device)
+            pixel_values = formats.pixel_values(self.image_processor, image, self.pad_to_square).to(device)
         return torch.tensor([input_ids], device=device), pixel_values
 
     def prepare_batch(self, conversations, images):
         """Conversations and their images (PIL or None each) -> input_ids (B, T) padded on the left, so
         that every row's next token comes at the same place; pixel_values of the images given
-        (B_img, 3, H, W) or None; attention_mask (B, T), 0 on the padding."""
+        (B_img, 3, H, W) or None; attention_mask (B, T), 0 on the padding (of any id: masked out)."""
         rows, pixels = [], []
         for conversation, image in zip(conversations, images):
             input_ids, pixel_values = self.prepare(conversation, image)
             rows.append(input_ids[0])
             pixels += [] if pixel_values is None else [pixel_values]
         T = max(len(row) for row in rows)
-        input_ids = torch.stack([F.pad(row, (T - len(row), 0), value=self.tokenizer.pad_token_id) for row in rows])
+        input_ids = torch.stack([F.pad(row, (T - len(row), 0), value=self.tokenizer.pad_token_id or 0) for row in rows])
         attention_mask = torch.stack([F.pad(torch.ones_like(row), (T - len(row), 0)) for row in rows])
         return input_ids, torch.cat(pixels) if pixels else None, attention_mask
 

@@ -348,7 +348,7 @@ def export(model, args, rank, bf16):
     if stage.exports == "projector":
         formats.save_projector(model, os.path.join(args.out, "projector.safetensors"), state)
     else:
-        formats.save(model, os.path.join(args.out, "model"), state_dict=state)
+        formats.save(model, os.path.join(args.out, "model"), state_dict=state, pad_to_square=args.pad_to_square)
 
 
 # ----------------------------------------------------------------------------------------------
