@@ -498,11 +498,13 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     try:
-        model_id = model_fingerprint(args.model)  # who answers: every output remembers it
+        model_id = model_fingerprint(args.model)  # who answers: every output remembers it, and the template
+        model_id += f" --template {args.template}" if args.template else ""  # that asks it
     except FileNotFoundError as e:
         sys.exit(f"eval.py {args.command}: --model {e}")
     if args.command == "scienceqa":
-        runs = evaluate_scienceqa(args.root, args.split, args.out, model_id, lambda: model_or_exit(args.model, args.compile, args.template),
+        runs = evaluate_scienceqa(args.root, args.split, args.out, model_id,
+                                  lambda: model_or_exit(args.model, args.compile, args.template),
                                   args.judge_model, args.judge_url, os.environ.get("OPENAI_API_KEY"),
                                   args.batch_size, args.max_new_tokens, args.format, args.scoring, args.seed,
                                   temperature=0)

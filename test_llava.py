@@ -4395,6 +4395,8 @@ def test_evaluation_outputs_remember_their_model(user, tmp_path):
     first = read(tmp_path / "mc.json")
     assert first["model"] == evaluation.model_fingerprint(user["model"]) and first["results"]["overall"]["n"] == 2
     run_ok(user, mc, tmp_path)  # the same model replaces its own results
+    code, _, err = user["programs"].run(expand(user, tmp_path, mc + " --template llava15"))  # asked another way
+    assert code != 0 and "made by model" in err and "--template llava15" in err, err[-2000:]
     out, _ = run_ok(user, "{bench} --judge-url {judge}/ok/v1", tmp_path)
     assert "overall" in out
     results = read(tmp_path / "results.json")
