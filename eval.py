@@ -197,7 +197,8 @@ append_jsonl = disk.append_jsonl
 
 
 def evaluate_bench(model, questions, contexts, references, image_folder, out, judge_url, judge_model,
-                   api_key, model_id=None, load_model=None, dataset="in-the-wild", **client_options):
+                   api_key, model_id=None, load_model=None, dataset="in-the-wild", batch_size=16, max_new_tokens=1024,
+                   **client_options):
     """questions: [{question_id, image, text, category (conv, detail or complex)}], contexts: {image: what
     the judge sees of it, bench_context's text}, references: {question_id: reference answer}; dataset:
     in-the-wild or coco, the judge's rule. Returns {category: relative score etc.} over the questions
@@ -205,21 +206,16 @@ def evaluate_bench(model, questions, contexts, references, image_folder, out, ju
     into the same `out` with another model or judge is refused, never mixed. Each row also remembers
     what it was made from (the question and image; the judge's whole request): a question, image,
     caption or reference changed since is answered or reviewed again, and said. model: the model, or
-    None to call load_model() if some question needs an answer."""
+    None to call load_model() if some question needs an answer; its answers are greedy, `batch_size`
+    questions at once, at most max_new_tokens each (the authors' model_vqa.py: 1024)."""
     hold_out(out, "eval.py bench")
     answers_path, reviews_path = os.path.join(out, "answers.jsonl"), os.path.join(out, "reviews.jsonl")
+    samples = [{"id": q["question_id"], "image": q["image"],  # the image first, as the authors' model_vqa.py asks
+                "conversations": [{"from": "human", "value": f"{data.IMAGE}\n{q['text']}"}]} for q in questions]
     made = {q["question_id"]: inputs(q["text"], os.path.join(image_folder, q["image"])) for q in questions}
-    answers = fresh_rows(saved_rows(answers_path, model=model_id), "question_id", made, "question",
-                         "its text or image changed since it was answered; answered again")
-    answers = {k: r["text"] for k, r in answers.items()}
-    todo = [q for q in questions if q["question_id"] not in answers]
-    model = model if model is not None or not todo else load_model()
-    for q in todo:  # 1. the model's answers, saved one by one
-        image = question_image(image_folder, q["image"], q["question_id"], saved=answers_path)
-        text = model.answer([{"from": "human", "value": f"{data.IMAGE}\n{q['text']}"}], image, temperature=0)
-        answers[q["question_id"]] = text
-        append_jsonl(answers_path, {"question_id": q["question_id"], "model": model_id,
-                                    "inputs": made[q["question_id"]], "text": text})
+    answers = llava_answers(samples, image_folder, answers_path, model_id,  # 1. the model's, a batch at a time
+                            load_model if model is None else lambda: model, batch_size, max_new_tokens,
+                            key="question_id", what="question", made=made)
     requests = {q["question_id"]: judge_messages(contexts[q["image"]], q["text"], references[q["question_id"]],
                                                  answers[q["question_id"]], q["category"], dataset) for q in questions}
     asked = {k: inputs(m) for k, m in requests.items()}
@@ -323,25 +319,28 @@ def model_fingerprint(path):
     return f"{path}@{hashlib.sha1(repr(listing).encode()).hexdigest()[:12]}"
 
 
-def llava_answers(samples, image_folder, path, model_id, load_model, batch_size=32, max_new_tokens=1024):
-    """LLaVA's greedy answer to each sample's question, appended to `path` a batch at a time: a
-    rerun answers only what is missing, or what was asked with another question or image since, and loads the
-    model only then. Returns {id: text}."""
+def llava_answers(samples, image_folder, path, model_id, load_model, batch_size=32, max_new_tokens=1024,
+                  key="id", what="problem", made=None):
+    """LLaVA's greedy answer to each sample's question, appended to `path` a batch at a time (rows named
+    by `key`): a rerun answers only what is missing, or what was asked with another question or image
+    since (made: {id: a hash of them}, default the question turn's and the image's), and loads the model
+    only then. Returns {id: text}."""
     from tqdm import tqdm
-    made = {s["id"]: inputs(s["conversations"][0]["value"],
-                            *([os.path.join(image_folder, s["image"])] if "image" in s else [])) for s in samples}
-    answers = fresh_rows(saved_rows(path, model=model_id), "id", made, "problem",
+    made = made or {s["id"]: inputs(s["conversations"][0]["value"],
+                                    *([os.path.join(image_folder, s["image"])] if "image" in s else []))
+                    for s in samples}
+    answers = fresh_rows(saved_rows(path, model=model_id), key, made, what,
                          "its question or image changed since it was answered; answered again")
     answers = {k: r["text"] for k, r in answers.items()}
     todo = [s for s in samples if s["id"] not in answers]
     model = load_model() if todo else None
     for start in tqdm(range(0, len(todo), batch_size), desc="LLaVA", disable=not todo, leave=False):
         batch = todo[start:start + batch_size]
-        images = [question_image(image_folder, s["image"], s["id"], "problem", path) if "image" in s else None
+        images = [question_image(image_folder, s["image"], s["id"], what, path) if "image" in s else None
                   for s in batch]
         for s, text in zip(batch, model.answer_batch([s["conversations"][:1] for s in batch], images, max_new_tokens)):
             answers[s["id"]] = text
-            append_jsonl(path, {"id": s["id"], "model": model_id, "inputs": made[s["id"]], "text": text})
+            append_jsonl(path, {key: s["id"], "model": model_id, "inputs": made[s["id"]], "text": text})
     return {s["id"]: answers[s["id"]] for s in samples}
 
 
@@ -475,6 +474,8 @@ def main(argv=None):
     bench.add_argument("--timeout", type=cli.number(float, 0, above=True), default=60,
                        help="seconds per try, the whole reply however slowly it comes")
     bench.add_argument("--retries", type=cli.number(int, 0), default=5, help="tries after the first, then stop")
+    bench.add_argument("--batch-size", type=cli.number(int, 1), default=16, help="questions answered at once")
+    bench.add_argument("--max-new-tokens", type=cli.number(int, 1), default=1024, help="as the authors' model_vqa.py")
     sqa = sub.add_parser("scienceqa", help="§5.2: ScienceQA in Table 7's columns, alone and with a teacher")
     sqa.add_argument("--model", required=True, help="model directory or hub id")
     sqa.add_argument("--root", required=True, help="the folder of problems.json, pid_splits.json and images/")
@@ -528,7 +529,8 @@ def main(argv=None):
         results = evaluate_bench(None, questions, contexts, references, args.image_folder, args.out,
                                  args.judge_url, args.judge_model, os.environ.get("OPENAI_API_KEY"), model_id,
                                  load_model=lambda: model_or_exit(args.model, args.compile, args.template),
-                                 dataset=args.dataset, timeout=args.timeout, retries=args.retries)
+                                 dataset=args.dataset, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                 timeout=args.timeout, retries=args.retries)
         if results:
             print(bench_table(results))
         missing = len(questions) - results.get("overall", {}).get("n", 0)

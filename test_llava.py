@@ -2534,9 +2534,9 @@ class Answering:
     def __init__(self, model):
         self.model, self.asked = model, []
 
-    def answer(self, conversation, image, **kwargs):
-        self.asked.append(conversation[0]["value"].split("\n")[-1])
-        return self.model.answer(conversation, image, max_new_tokens=4, **kwargs)
+    def answer_batch(self, conversations, images, max_new_tokens, **kwargs):
+        self.asked += [c[0]["value"].split("\n")[-1] for c in conversations]
+        return self.model.answer_batch(conversations, images, max_new_tokens=4, **kwargs)
 
 
 def test_llava_bench_redoes_what_changed_under_the_same_names(saved, tmp_path, capfd):
@@ -2568,7 +2568,7 @@ def test_llava_bench_redoes_what_changed_under_the_same_names(saved, tmp_path, c
         questions[1] = dict(questions[1], text="q2 corrected")
         asked, reviewed, n, err = rerun()
         assert (asked, reviewed, n) == (["q2 corrected"], ["q2"], 3)
-        assert "question 2: its text or image changed since it was answered; answered again" in err
+        assert "question 2: its question or image changed since it was answered; answered again" in err
         assert "question 2: its question, image, caption, reference or answer changed since its review" in err
         references[3] = "r3 corrected"
         contexts["a.png"] = "A red square on white."
