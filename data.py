@@ -33,7 +33,6 @@ from sample_checks import check_conversation, check_image_name, checked_sample, 
 
 IGNORE = -100  # label of a position that is not trained (PyTorch's cross_entropy ignore_index)
 IMAGE = formats.IMAGE  # where the image stands in the first human turn of LLaVA's JSON
-LETTERS = scienceqa.LETTERS  # multiple-choice options, as ScienceQA letters them
 
 
 # ----------------------------------------------------------------------------------------------

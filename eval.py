@@ -55,7 +55,7 @@ def extract_answer(text, n_options=5):
     the sentence), or a reply that is the letter alone. None if there is no such letter among the
     first n_options, or if the text states two ("The answer is A or B.", "The answer is A. No, the
     answer is B."): only a definite single letter is a choice."""
-    letters = data.LETTERS[:n_options]
+    letters = scienceqa.LETTERS[:n_options]
     stated = set(re.findall(r"answer is \(?([A-Z])\)?(?=[.!]?$|[.!]\s)", text.strip()))
     if stated:
         return stated.pop() if len(stated) == 1 and stated <= set(letters) else None
@@ -407,9 +407,9 @@ def sqa_ensembles(samples, problems, answers, path, url, teacher, api_key, model
             if None not in letters and letters[0] != letters[1]:
                 requery[pid] = final["reply"]
     authors = scienceqa.their_ensembles(problems, answers, replies, requery, seed)
-    index = {pid: -1 if letter is None else data.LETTERS.index(letter) for pid, letter in complement.items()}
+    index = {pid: -1 if letter is None else scienceqa.LETTERS.index(letter) for pid, letter in complement.items()}
     return {"complement": authors[0], "judge": authors[1], "complement, project's rules": index,
-            "judge, project's rules": {pid: -1 if x is None else data.LETTERS.index(x) for pid, x in judge.items()}}
+            "judge, project's rules": {pid: -1 if x is None else scienceqa.LETTERS.index(x) for pid, x in judge.items()}}
 
 
 def evaluate_scienceqa(root, split, out, model_id, load_model, teacher=None, url=None, api_key=None,
@@ -435,7 +435,7 @@ def evaluate_scienceqa(root, split, out, model_id, load_model, teacher=None, url
                             model_id, load_model, batch_size, max_new_tokens)
     if scoring == "strict":
         letters = {pid: extract_answer(answers[pid], len(p["choices"])) for pid, p in problems.items()}
-        chosen = {pid: -1 if x is None else data.LETTERS.index(x) for pid, x in letters.items()}
+        chosen = {pid: -1 if x is None else scienceqa.LETTERS.index(x) for pid, x in letters.items()}
     else:
         chosen = scienceqa.their_scores(problems, answers, scoring, seed)
     runs = {"LLaVA": score_table7(problems, chosen)}
@@ -547,7 +547,7 @@ def main(argv=None):
         turn = q.get("conversations", [None])[0] if isinstance(q, dict) else None
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             sys.exit(f"{args.questions}: question {i} has no 'conversations' with a question first")
-        if n_options(turn["value"]) < 2 or q.get("answer") not in data.LETTERS[:n_options(turn["value"])]:
+        if n_options(turn["value"]) < 2 or q.get("answer") not in scienceqa.LETTERS[:n_options(turn["value"])]:
             sys.exit(f"{args.questions}: question {q.get('id', i)} needs 2 or more options '(A) ...' and an "
                      f"'answer' letter among them")
         try:  # half of an emoji pair (a lone surrogate, cut by a scraper) cannot be tokenized

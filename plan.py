@@ -42,7 +42,7 @@ def add_args(p):
     p.add_argument("--plan-tokens", type=int, help="--plan: tokens per sample (default --max-length)")
     p.add_argument("--gpu", choices=list(PEAK_TFLOPS), default="A100", help="--plan: the GPU, for the time")
     p.add_argument("--plan-table", action="store_true", help="README's table: --plan for 7B and 13B, stages 1 and "
-                                                             "2, 8 and 4 GPUs, micro-batch 1, 4, 16 (~20 min)")
+                                                             "2, 8 and 4 GPUs, micro-batch 1, 4, 16 (~10 min)")
 
 
 # ----------------------------------------------------------------------------------------------

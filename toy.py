@@ -27,6 +27,7 @@ import data
 import disk
 import eval as evaluation
 import llava
+import scienceqa
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -308,8 +309,8 @@ def mc_sample(objects, category, rng, image_first=False, hard=False):
             return None
         question, fact, right = asked
         options = OPTIONS[category]
-    letter = data.LETTERS[options.index(right)]
-    choices = " ".join(f"({data.LETTERS[i]}) {option}" for i, option in enumerate(options))
+    letter = scienceqa.LETTERS[options.index(right)]
+    choices = " ".join(f"({scienceqa.LETTERS[i]}) {option}" for i, option in enumerate(options))
     question, answer = f"Question: {question}\nOptions: {choices}", f"{fact} The answer is {letter}."
     human = f"{data.IMAGE}\n{question}" if image_first else f"{question}\n{data.IMAGE}"
     return {"question": question, "answer": answer, "letter": letter, "category": category,
