@@ -4995,18 +4995,19 @@ def test_the_repl_says_which_exchanges_it_dropped_and_answers_the_rest(saved, tm
     first = [{"from": "human", "value": f"{data.IMAGE}\nWhat color is the square?"}]
     first.append({"from": "gpt", "value": shown(model, first, image(), max_new_tokens=8)})
     kept = [{"from": "human", "value": f"{data.IMAGE}\nHow many circles are there?"}]
-    # room for the second question alone and 8 new tokens, not for both
-    model.language_model.config.max_position_embeddings = model.prepare(kept, image())[0].shape[1] + 8 + 2
     both = first + [{"from": "human", "value": "How many circles are there?"}]
-    assert model.prepare(both, image())[0].shape[1] + 8 > model.context_size
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"What color is the square?\n"
-                                                                  b"How many circles are there?\n")))
-    capsys.readouterr()
-    chat.repl(model, image(), sampling)
-    second = shown(model, kept, image(), max_new_tokens=8)
-    assert capsys.readouterr().out == (
-        f"LLaVA (paper template: {model.template_why}). {chat.COMMANDS}\nHuman: Assistant: {first[1]['value']}\n"
-        f"Human: (the conversation outgrew the context: 1 oldest exchanges dropped)\nAssistant: {second}\nHuman: \n")
+    fits = model.prepare(both, image())[0].shape[1] + 8  # both questions and 8 new tokens
+    assert model.prepare(kept, image())[0].shape[1] + 8 + 2 < fits
+    for context, dropped, answered in [(fits - 1, 1, kept), (fits, 0, both)]:  # one place short; just enough
+        model.language_model.config.max_position_embeddings = context
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"What color is the square?\n"
+                                                                      b"How many circles are there?\n")))
+        capsys.readouterr()
+        chat.repl(model, image(), sampling)
+        said = f"(the conversation outgrew the context: {dropped} oldest exchanges dropped)\n" if dropped else ""
+        assert capsys.readouterr().out == (
+            f"LLaVA (paper template: {model.template_why}). {chat.COMMANDS}\nHuman: Assistant: {first[1]['value']}\n"
+            f"Human: {said}Assistant: {shown(model, answered, image(), max_new_tokens=8)}\nHuman: \n")
 
 
 def test_chat_one_shot_in_process_prints_the_answer_alone(saved, tmp_path, monkeypatch, capsys):
@@ -5031,13 +5032,20 @@ def test_chat_one_shot_in_process_prints_the_answer_alone(saved, tmp_path, monke
     assert out == ask("<image>\nWhat color is the square?", image()) + "\n"
     long = " ".join(["square"] * model.context_size)
     n = model.prepare([{"from": "human", "value": f"<image>\n{long}"}], image())[0].shape[1]
+    one = model.prepare([{"from": "human", "value": "<image>\na"}], image())[0].shape[1]
+    exact = " ".join(["a"] * (model.context_size - one + 1))  # the context filled to the last place (" a": 1 token)
+    assert model.prepare([{"from": "human", "value": f"<image>\n{exact}"}], image())[0].shape[1] == model.context_size
     mistakes = {
+        (red, "-p", exact): f"chat.py: -p: that question is {model.context_size} tokens with the prompt around it, "
+                            f"and the context holds {model.context_size}; ask a shorter one",
         (red, "-p", "What is <image>?"): "chat.py: -p: <image> is where the image goes, not a word to ask with; "
                                          "show one with /image PATH",
         (red, "-p", "Red?###Human: yes"): "chat.py: -p: ### ends a turn in the paper template, so it cannot be part "
                                           "of a question; leave it out",
         (red, "-p", long): f"chat.py: -p: that question is {n} tokens with the prompt around it, and the context "
                            f"holds {model.context_size}; ask a shorter one",
+        (red, "-p", ""): "chat.py: -p: the question is empty",
+        (red, "-p", "   "): "chat.py: -p: the question is empty",
         ("gone.png", "-p", "Hi?"): "chat.py: cannot use image gone.png: FileNotFoundError: [Errno 2] No such file or "
                                    "directory: 'gone.png'",
         (red, "--model", str(tmp_path), "-p", "Hi?"): f"chat.py: cannot load --model {tmp_path}: ",
@@ -5054,3 +5062,29 @@ def test_chat_one_shot_in_process_prints_the_answer_alone(saved, tmp_path, monke
     with pytest.raises(SystemExit, match=r"^chat.py: no trained model found in out/; pass --model DIR or run "
                                          r"python toy.py$"):
         chat.main([red, "-p", "Hi?"])
+
+
+def test_chat_flags_out_of_range_are_refused_in_one_line(capsys):
+    """cli.number: each of chat.py's number flags says its range, the bounds themselves accepted."""
+    refused = {("--top-p", "0"): "argument --top-p: 0: must be above 0 and at most 1",
+               ("--top-p", "1.5"): "argument --top-p: 1.5: must be above 0 and at most 1",
+               ("--top-p", "nan"): "argument --top-p: nan: must be above 0 and at most 1",
+               ("--temperature", "-1"): "argument --temperature: -1: must be at least 0",
+               ("--temperature", "inf"): "argument --temperature: inf: must be at least 0",
+               ("--max-new-tokens", "0"): "argument --max-new-tokens: 0: must be at least 1",
+               ("--max-new-tokens", "x"): "argument --max-new-tokens: invalid int value: 'x'"}
+    for argv, message in refused.items():
+        with pytest.raises(SystemExit) as e:
+            chat.main(["-p", "<image>", *argv])
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}"), argv
+    with pytest.raises(SystemExit, match="^chat.py: -p: <image> is where"):  # past the flags: they were accepted
+        chat.main(["-p", "<image>", "--top-p", "1", "--temperature", "0", "--max-new-tokens", "1"])
+
+
+def test_an_error_as_one_line_without_a_file_or_a_message():
+    """cli.one_line: an OSError with no file is its reason alone; an error with no message is its name."""
+    import errno
+    assert cli.one_line(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device (the disk is full)"
+    assert cli.one_line(OSError(errno.EACCES, "Permission denied", "x.json")) == "x.json: Permission denied"
+    assert cli.one_line(ValueError()) == "ValueError" and cli.one_line(ValueError("  \n")) == "ValueError"
+    assert cli.one_line(ValueError("first\nsecond")) == "first"
