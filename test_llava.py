@@ -5088,3 +5088,59 @@ def test_an_error_as_one_line_without_a_file_or_a_message():
     assert cli.one_line(OSError(errno.EACCES, "Permission denied", "x.json")) == "x.json: Permission denied"
     assert cli.one_line(ValueError()) == "ValueError" and cli.one_line(ValueError("  \n")) == "ValueError"
     assert cli.one_line(ValueError("first\nsecond")) == "first"
+
+
+def test_a_programs_errors_end_it_in_one_line_naming_it(monkeypatch, capsys):
+    """cli.cli, the boundary every program runs in (here chat.py's own main, and real failures): a message
+    gets the program's name once; a file that cannot be read names it; a bad sample says which; Ctrl-C
+    says so and exits 130; a clean exit stays one."""
+    import sample_checks
+    monkeypatch.setattr(sys, "argv", ["chat.py", "-p", "<image> here?"])
+    cases = [(chat.main, "chat.py: -p: <image> is where the image goes, not a word to ask with; show one with /image PATH"),
+             (lambda: sys.exit("no model here"), "chat.py: no model here"),
+             (lambda: open("/nonexistent/x.json"), "chat.py: /nonexistent/x.json: No such file or directory"),
+             (lambda: sample_checks.check_conversation([{"from": "human", "value": " "}], "7", None, "<image>"),
+              "chat.py: sample 7: turn 0 is empty"),
+             (lambda: sys.exit(0), 0), (lambda: sys.exit(3), 3)]
+    for main, said in cases:
+        with pytest.raises(SystemExit) as e:
+            cli.cli(main, "chat.py")
+        assert e.value.code == said
+    def interrupted():
+        raise KeyboardInterrupt
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.cli(interrupted, "chat.py")
+    assert e.value.code == 130 and capsys.readouterr().err == "chat.py: stopped by Ctrl-C\n"
+    with pytest.raises(RuntimeError, match="^a bug$"):  # a bug is not a user's mistake: its traceback shows
+        cli.cli(lambda: (_ for _ in ()).throw(RuntimeError("a bug")), "chat.py")
+    assert cli.cli(lambda: None, "chat.py") is None
+
+
+def test_what_failed_inside_a_checkpoint_error_is_found(tmp_path):
+    """cli.causes, which the checkpoint messages read ("the disk is full", the damaged shard): DCP's error
+    of every rank and what caused each, outermost first, each once."""
+    import errno
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "__0_0.distcp"))
+    try:
+        try:
+            raise KeyError("shard")
+        except KeyError:
+            raise full  # full.__context__: the KeyError
+    except OSError:
+        pass
+    other = ValueError("rank 1: bad tensor")
+    dcp_error = CheckpointException("save failed", {0: _wrap_exception(full), 1: _wrap_exception(other), 2: other})
+    try:
+        try:
+            raise dcp_error
+        except CheckpointException as e:
+            raise RuntimeError("saving failed") from e  # its __cause__ and __context__ both dcp_error
+    except RuntimeError as e:
+        outer = e
+    found = cli.causes(outer)
+    assert [type(x).__name__ for x in found] == ["RuntimeError", "CheckpointException", "OSError", "ValueError",
+                                                 "KeyError"]
+    assert found[1:4] == [dcp_error, full, other] and found[4] is full.__context__
+    assert cli.causes(full) == [full, full.__context__] and cli.causes(other) == [other]
