@@ -4907,15 +4907,15 @@ def test_an_authors_checkpoint_with_image_start_and_end_tokens(authors_llava15, 
 # stay for what is the process itself: Ctrl-C, Ctrl-D and readline in a terminal.
 # ----------------------------------------------------------------------------------------------
 
-import chat  # noqa: E402
+import chat as chat_py  # noqa: E402  (the module; chat() above runs the program)
 
 
 def chat_in_process(argv, lines, monkeypatch, capsys):
-    """chat.main(argv) reading `lines` (bytes) as its piped stdin: (stdout, stderr)."""
+    """chat_py.main(argv) reading `lines` (bytes) as its piped stdin: (stdout, stderr)."""
     import io
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines)))
     capsys.readouterr()
-    chat.main(argv)
+    chat_py.main(argv)
     return capsys.readouterr()
 
 
@@ -4953,14 +4953,14 @@ def test_the_repl_in_process_shows_answers_and_commands_as_a_user_sees_them(save
     after_a_conversation, fresh_blue = ask(conversation, red), ask([q], blue)
     assert after_a_conversation != fresh_red and fresh_blue != fresh_red  # so each comparison can fail
     H, A = "Human: ", "Assistant: "
-    assert out == (f"LLaVA (paper template: config.json's llava_template). {chat.COMMANDS}\n"
+    assert out == (f"LLaVA (paper template: config.json's llava_template). {chat_py.COMMANDS}\n"
                    f"{H}{A}{fresh_red}\n{H}{A}{to_other}\n{H}{H}"
                    f"{H}cannot use image {missing}: FileNotFoundError: [Errno 2] No such file or directory: "
                    f"'{missing}'\n"
                    f"{H}cannot use image {broken}: UnidentifiedImageError: cannot identify image file '{broken}'\n"
                    f"{H}{A}{after_a_conversation}\n"
                    f"{H}(conversation reset)\n{H}{A}{fresh_red}\n"
-                   f"{H}unknown command /dance; {chat.COMMANDS}\n{H}{chat.COMMANDS}\n"
+                   f"{H}unknown command /dance; {chat_py.COMMANDS}\n{H}{chat_py.COMMANDS}\n"
                    f"{H}cannot use image {tmp_path / 'x###y.png'}: FileNotFoundError: [Errno 2] No such file or "
                    f"directory: '{tmp_path / 'x###y.png'}'\n"  # a command is not a question: ### may be in it
                    f"{H}(that question is {limit} tokens with the prompt around it, and the context holds {limit}; "
@@ -4986,7 +4986,7 @@ def test_the_repl_in_process_without_an_image_and_quit(saved, tmp_path, monkeypa
         hello = shown(model, [{"from": "human", "value": "Hello?"}], None, max_new_tokens=4)
         assert out == (f"cannot use image {tmp_path / 'gone.png'}: FileNotFoundError: [Errno 2] No such file or "
                        f"directory: '{tmp_path / 'gone.png'}'\n"
-                       f"LLaVA (paper template: config.json's llava_template). {chat.COMMANDS}\n"
+                       f"LLaVA (paper template: config.json's llava_template). {chat_py.COMMANDS}\n"
                        f"Human: (that question is {n} tokens with the prompt around it, and the context holds "
                        f"{limit}; ask a shorter one)\nHuman: Assistant: {hello}\nHuman: ")
     assert n >= limit
@@ -5009,10 +5009,10 @@ def test_the_repl_says_which_exchanges_it_dropped_and_answers_the_rest(saved, tm
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"What color is the square?\n"
                                                                       b"How many circles are there?\n")))
         capsys.readouterr()
-        chat.repl(model, image(), sampling)
+        chat_py.repl(model, image(), sampling)
         said = f"(the conversation outgrew the context: {dropped} oldest exchanges dropped)\n" if dropped else ""
         assert capsys.readouterr().out == (
-            f"LLaVA (paper template: {model.template_why}). {chat.COMMANDS}\nHuman: Assistant: {first[1]['value']}\n"
+            f"LLaVA (paper template: {model.template_why}). {chat_py.COMMANDS}\nHuman: Assistant: {first[1]['value']}\n"
             f"Human: {said}Assistant: {shown(model, answered, image(), max_new_tokens=8)}\nHuman: \n")
 
 
@@ -5036,12 +5036,12 @@ def test_chat_one_shot_in_process_prints_the_answer_alone(saved, tmp_path, monke
         torch.manual_seed(1)
         return llava.load(path).answer([{"from": "human", "value": "<image>\nWhat color is the square?"}], image(),
                                        max_new_tokens=6, temperature=temperature, top_p=top_p)
-    for flags, temperature, top_p in [([], 0.2, 1.0), (["--temperature", "1.5", "--top-p", "0.5"], 1.5, 0.5)]:
+    for flags, temperature, top_p in [([], 0.2, 1.0), (["--temperature", "1.5", "--top-p", "0.1"], 1.5, 0.1)]:
         torch.manual_seed(1)
         out, _ = chat_in_process([red, "--model", path, "-p", "What color is the square?", "--max-new-tokens", "6",
                                   *flags], b"", monkeypatch, capsys)
         assert out == draw(temperature, top_p) + "\n", flags
-    assert draw(0.2, 1.0) not in (greedy, draw(1.2, 1.0))  # the default temperature can be told apart
+    assert draw(0.2, 1.0) not in (greedy, draw(1.2, 1.0)) and draw(1.5, 0.1) != draw(1.5, 1.0)  # each can fail
     monkeypatch.chdir(tmp_path)  # the default model: the last training run's, else the toy demo's
     os.makedirs("out/toy/stage2")
     os.symlink(path, "out/toy/stage2/model")
@@ -5082,7 +5082,7 @@ def test_chat_one_shot_in_process_prints_the_answer_alone(saved, tmp_path, monke
     os.unlink("out/toy/stage2/model")
     with pytest.raises(SystemExit, match=r"^chat.py: no trained model found in out/; pass --model DIR or run "
                                          r"python toy.py$"):
-        chat.main([red, "-p", "Hi?"])
+        chat_py.main([red, "-p", "Hi?"])
 
 
 def test_chat_flags_out_of_range_are_refused_in_one_line(capsys):
@@ -5098,10 +5098,10 @@ def test_chat_flags_out_of_range_are_refused_in_one_line(capsys):
                ("--device", "gpu"): "argument --device: invalid choice: 'gpu' (choose from 'cuda', 'cpu')"}
     for argv, message in refused.items():
         with pytest.raises(SystemExit) as e:
-            chat.main(["-p", "<image>", *argv])
+            chat_py.main(["-p", "<image>", *argv])
         assert e.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}"), argv
     with pytest.raises(SystemExit, match="^chat.py: -p: <image> is where"):  # past the flags: they were accepted
-        chat.main(["-p", "<image>", "--top-p", "1", "--temperature", "0", "--max-new-tokens", "1", "--compile",
+        chat_py.main(["-p", "<image>", "--top-p", "1", "--temperature", "0", "--max-new-tokens", "1", "--compile",
                    "--device", "cpu", "--template", "paper"])
 
 
@@ -5120,7 +5120,7 @@ def test_a_programs_errors_end_it_in_one_line_naming_it(monkeypatch, capsys):
     says so and exits 130; a clean exit stays one."""
     import sample_checks
     monkeypatch.setattr(sys, "argv", ["chat.py", "-p", "<image> here?"])
-    cases = [(chat.main, "chat.py: -p: <image> is where the image goes, not a word to ask with; show one with /image PATH"),
+    cases = [(chat_py.main, "chat.py: -p: <image> is where the image goes, not a word to ask with; show one with /image PATH"),
              (lambda: sys.exit("no model here"), "chat.py: no model here"),
              (lambda: open("/nonexistent/x.json"), "chat.py: /nonexistent/x.json: No such file or directory"),
              (lambda: sample_checks.check_conversation([{"from": "human", "value": " "}], "7", None, "<image>"),
