@@ -23,6 +23,18 @@ def piece(tokenizer, token, first=False):
     return table[token]
 
 
+_byte_tokens = weakref.WeakKeyDictionary()  # tokenizer -> the ids of its byte-fallback tokens
+
+
+def byte_tokens(tokenizer):
+    """The ids of SentencePiece's byte-fallback tokens ("<0x41>"). A run of them decodes together, each
+    byte as U+FFFD where the run is not UTF-8: a later byte can change how the earlier ones read."""
+    if tokenizer not in _byte_tokens:
+        _byte_tokens[tokenizer] = frozenset(i for t, i in tokenizer.get_vocab().items()
+                                            if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
+    return _byte_tokens[tokenizer]
+
+
 class StopCheck:
     """Where each row's answer ends: at EOS, or at the token that completes the stop string in the
     answer's text, as tokenizer.decode(answer) would show it. The stop string may come split across

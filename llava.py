@@ -207,10 +207,13 @@ class LLaVA(nn.Module):
     def generate_text(self, conversation, image=None, stop=None, **kwargs):
         """The chat's stream: the answer in pieces of text as it is generated, without the stop string."""
         stop = self.template.stop if stop is None else stop
-        ids, shown = [], 0  # shown: how many characters of the answer were yielded
+        ids, shown, byte_ids = [], 0, decoding.byte_tokens(self.tokenizer)  # shown: characters yielded
         for [token] in self.generate(*self.prepare(conversation, image), stop=stop, **kwargs):
             ids.append(token)
-            text = self.answer_text(ids, stop)
+            settled = len(ids)  # a run of byte tokens at the end may yet read otherwise: held back
+            while settled and ids[settled - 1] in byte_ids:
+                settled -= 1
+            text = self.answer_text(ids[:settled], stop)
             # Hold back a tail that may be the start of the stop string or of a multi-byte letter.
             safe = len(text.rstrip("\ufffd"))
             for k in range(max(shown, safe - len(stop) + 1), safe):
