@@ -4565,8 +4565,8 @@ def authors_fixture(*path):
 
 
 def stand_in_tokenizer():
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(HERE, "stand_ins", "vicuna"),
-                                                           trust_remote_code=False)
+    vicuna = os.path.join(HERE, "stand_ins", "vicuna")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(vicuna, trust_remote_code=False)
     formats.add_image_token(tokenizer)
     return tokenizer
 
@@ -4773,8 +4773,8 @@ def test_pad_to_square_pixels_equal_the_authors_process_images(authors_fixtures)
     """Item 3: their process_images for image_aspect_ratio "pad" (expand2square over the mean colour, then
     CLIP's processor), a wide and a tall image, and an image unpadded, value for value."""
     _, pixels = authors_fixtures
-    processor = transformers.AutoImageProcessor.from_pretrained(os.path.join(STAND_INS, "clip"), backend="pil",
-                                                                trust_remote_code=False)
+    clip = os.path.join(STAND_INS, "clip")
+    processor = transformers.AutoImageProcessor.from_pretrained(clip, trust_remote_code=False, backend="pil")
     for name, size in (("wide", (40, 25)), ("tall", (21, 36))):
         assert torch.equal(formats.pixel_values(processor, fixture_picture(*size), True)[0], pixels[f"{name}_pad"])
     assert torch.equal(formats.pixel_values(processor, fixture_picture(40, 25))[0], pixels["wide_plain"])
