@@ -5187,3 +5187,52 @@ def test_what_failed_inside_a_checkpoint_error_is_found(tmp_path):
                                                  "KeyError"]
     assert found[1:4] == [dcp_error, full, other] and found[4] is full.__context__
     assert cli.causes(full) == [full, full.__context__] and cli.causes(other) == [other]
+
+
+# Issue 29, data.py: `show` and the length guess run in-process, as a user reads them.
+
+def test_data_show_in_process_prints_the_sample_as_the_model_reads_it(saved, tmp_path, capsys):
+    """data.py show, whole output: the text, each image run as <image xN>, trained tokens in [[ ]] (no
+    colour into a pipe), and the counts; the model's template unless --template names another."""
+    model, path, _ = saved
+    f = tmp_path / "samples.json"
+    f.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "hi"},
+                                                           {"from": "gpt", "value": "x"}]},
+                             {"id": "b", "image": "b.png", "conversations": CONVERSATION}]))
+    system = ("A chat between a curious {0} and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the {0}'s questions.")
+    expected = {
+        ("--index", "1", "--template", "paper"): (
+            "<s> " + system.format("human") + "###Human: <image x16>\nWhat color is the square?###Assistant:"
+            "[[ The square is red.###]]Human: How many circles are there?###Assistant:[[ There are two circles.###]]"),
+        (): "<s> " + system.format("human") + "###Human: hi###Assistant:[[ x###]]",
+        ("--index", "1", "--template", "llava15"): (
+            "<s> " + system.format("user") + " USER: <image x16>\nWhat color is the square? ASSISTANT:"
+            "[[ The square is red.</s>]]USER: How many circles are there? ASSISTANT:[[ There are two circles.</s>]]"),
+    }
+    for flags, text in expected.items():
+        index, template = (int(flags[1]), flags[3]) if flags else (0, "paper")
+        sample = json.loads(f.read_text())[index]
+        ids, labels = data.render(sample["conversations"], model.tokenizer, template,
+                                  model.image_token_id if "image" in sample else None, model.num_image_tokens)
+        trained = sum(label != data.IGNORE for label in labels)
+        data.main(["show", str(f), "--model", path, *flags])
+        assert capsys.readouterr().out == f"{text}\n-- {len(ids)} tokens, {trained} trained (in [[ ]])\n"
+
+
+def test_length_guess_is_characters_over_four_plus_the_image():
+    """LazyDataset.lengths, what --group-by-length sorts by: the characters of every turn's value // 4,
+    plus N_v for a sample with an image; read from the JSON alone, a malformed sample guessed 0."""
+    class Model:  # what LazyDataset reads from a model: only N_v matters here
+        tokenizer = template = image_processor = image_token_id = None
+        num_image_tokens = 576
+    samples = [
+        {"image": "a.jpg", "conversations": [{"value": "x" * 10}, {"value": "y" * 7}]},  # 17 // 4 + 576
+        {"conversations": [{"value": "x" * 3}]},                                            # 0
+        {"conversations": [{"value": "x" * 9}, "not a turn", {"from": "gpt"}]},              # 2
+        {"image": None, "conversations": [{"value": 12345}]},                               # str(12345): 1
+        {"image": "b.jpg"},                                                                 # 576
+        "not a sample",                                                                     # 0
+    ]
+    dataset = data.LazyDataset("unused.json", "images", Model(), samples=samples)
+    assert dataset.lengths() == [580, 0, 2, 1, 576, 0]
