@@ -364,8 +364,8 @@ def data_loader(dataset, args, world_size, rank, start_step, total_steps, pad_id
                                             prefetch_factor=4 if args.workers else None))
 
 
-def main():
-    args = get_args()
+def main(argv=None):
+    args = get_args(argv)
     if args.plan or args.plan_table:  # simulated at full size, nothing read but configs
         return plan.plan(sys.modules[__name__], args)
     try:
