@@ -5305,3 +5305,95 @@ def test_length_guess_is_characters_over_four_plus_the_image():
     ]
     dataset = data.LazyDataset("unused.json", "images", Model(), samples=samples)
     assert dataset.lengths() == [580, 0, 2, 1, 576, 0]
+
+
+def test_data_teacher_command_asks_for_what_is_missing_and_keeps_what_it_has(tmp_path, monkeypatch, capsys):
+    """data.py teacher in-process, as a user runs it: the key from OPENAI_API_KEY goes to the endpoint
+    only, each reply becomes a sample of LLaVA's JSON with the settings that made it, --limit bounds
+    the images, a rerun asks only for the rest, and an endpoint that refuses ends in one line that
+    says how many samples are kept."""
+    write_coco(tmp_path)
+    teacher = Teacher(faults=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    out = tmp_path / "conversation.jsonl"
+    argv = ["teacher", "--captions", str(tmp_path / "captions.json"), "--instances", str(tmp_path / "instances.json"),
+            "--kind", "conversation", "--out", str(out), "--base-url", teacher.url, "--model", "gpt-4-0314"]
+    sample = lambda i, file: {  # noqa: E731  what the teacher's reply about image i becomes
+        "id": f"{i}_conversation", "image": file, "teacher": {"model": "gpt-4-0314", "kind": "conversation"},
+        "conversations": [{"from": "human", "value": f"<image>\nWhat is in image {i}?"},
+                          {"from": "gpt", "value": f"Something {i}."}]}
+    try:
+        data.main(argv + ["--limit", "2"])
+        assert capsys.readouterr().out == f"{out}: 2 new samples, 0 malformed replies skipped\n"
+        assert disk.read_jsonl(out) == [sample(1, "1.jpg"), sample(2, "2.jpg")]
+        file_name, captions, boxes = teacher_files.coco_annotations(tmp_path / "captions.json",
+                                                                    tmp_path / "instances.json")[1]
+        assert teacher.requests[0]["messages"] == data.teacher_messages(captions, boxes, "conversation")
+        assert teacher.requests[0]["model"] == "gpt-4-0314" and teacher.keys == {"Bearer sk-from-the-environment"}
+        data.main(argv)  # no --limit: image 3 is the one left
+        assert capsys.readouterr().out == f"{out}: 1 new samples, 0 malformed replies skipped\n"
+        assert len(teacher.requests) == 3 and disk.read_jsonl(out)[2] == sample(3, "3.jpg")
+        teacher.failing = {4: 401}  # the next request is refused: not retried
+        other = tmp_path / "other.jsonl"
+        with pytest.raises(SystemExit) as stopped:
+            data.main([*argv[:argv.index("--out")], "--out", str(other), *argv[argv.index("--out") + 2:]])
+        assert str(stopped.value).startswith("the teacher failed (") and "HTTP 401" in str(stopped.value)
+        assert str(stopped.value).endswith(f"; 0 samples are saved in {other}: run the same command again to continue")
+        assert disk.read_jsonl(out) == [sample(1, "1.jpg"), sample(2, "2.jpg"), sample(3, "3.jpg")]
+    finally:
+        teacher.close()
+    assert "sk-from-the-environment" not in out.read_text() + "".join(capsys.readouterr())
+
+
+def test_a_batch_whose_samples_were_all_skipped_still_runs_and_trains_nothing():
+    """collate of skipped samples only: one padding token, attended, with nothing to train, so that a rank
+    still runs its forward and backward in step with the others; the batch's dtypes are transformers'."""
+    batch = data.collate([None, None], pad_id=7)
+    assert batch["input_ids"].tolist() == [[7]] and batch["labels"].tolist() == [[data.IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1]] and batch["pixel_values"] is None
+    assert batch["target_positions"].tolist() == [] and batch["skipped"] == 2
+    assert {batch[k].dtype for k in ("input_ids", "labels", "attention_mask")} == {torch.long}
+    mixed = data.collate([None, {"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([-100, 2, 3]),
+                                 "pixel_values": None}, {"input_ids": torch.tensor([4]), "labels": torch.tensor([4]),
+                                                         "pixel_values": None}], pad_id=0)
+    assert mixed["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]] and mixed["skipped"] == 1
+    assert mixed["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert mixed["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert mixed["target_positions"].tolist() == [0, 1]  # positions whose next token is labelled
+    assert {mixed[k].dtype for k in ("input_ids", "labels", "attention_mask")} == {torch.long}
+
+
+def test_data_show_colours_the_trained_tokens_on_a_terminal_only(saved, tmp_path, monkeypatch):
+    """data.py show on a real terminal (a pseudo-terminal): trained tokens green; NO_COLOR or TERM=dumb,
+    as into a pipe: plain [[ ]]. A sample that cannot be rendered is named by its id and its place."""
+    import pty
+    model, path, _ = saved
+    f = tmp_path / "samples.json"
+    f.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "hi"},
+                                                           {"from": "gpt", "value": "x"}]},
+                             {"conversations": [{"from": "human", "value": "hi"}]}]))
+
+    def shown(**env):
+        for k in ("NO_COLOR", "TERM"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        leader, follower = pty.openpty()
+        with open(follower, "w", closefd=True) as terminal:
+            monkeypatch.setattr(sys, "stdout", terminal)
+            data.main(["show", str(f), "--model", path])
+            terminal.flush()
+        monkeypatch.undo()
+        text = os.read(leader, 65536).decode()
+        os.close(leader)
+        return text
+
+    assert "###Assistant:\x1b[1;32m[[ x###]]\x1b[0m" in shown(TERM="xterm")
+    for env in (dict(TERM="xterm", NO_COLOR="1"), dict(TERM="dumb")):
+        text = shown(**env)
+        assert "###Assistant:[[ x###]]" in text and "\x1b" not in text, env
+    with pytest.raises(data.SampleError, match=re.escape(f"sample 1 ({f}[1]):")):
+        data.main(["show", str(f), "--model", path, "--index", "1"])
+    f.write_text(json.dumps([{"id": "q7", "conversations": [{"from": "gpt", "value": "x"}]}]))
+    with pytest.raises(data.SampleError, match=re.escape(f"sample q7 ({f}[0]):")):
+        data.main(["show", str(f), "--model", path])
