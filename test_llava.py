@@ -5397,3 +5397,63 @@ def test_data_show_colours_the_trained_tokens_on_a_terminal_only(saved, tmp_path
     f.write_text(json.dumps([{"id": "q7", "conversations": [{"from": "gpt", "value": "x"}]}]))
     with pytest.raises(data.SampleError, match=re.escape(f"sample q7 ({f}[0]):")):
         data.main(["show", str(f), "--model", path])
+
+
+def test_eq3_targets_are_the_next_tokens_labels():
+    """shifted_targets: position t's target is label t + 1, the last position has none; has_target marks
+    exactly the positions with one (make_stand_ins trains the LM at those only)."""
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, 8]])
+    targets, has_target = llava.shifted_targets(labels)
+    assert targets.tolist() == [[-100, 5, 6, -100], [7, -100, 8, -100]]
+    assert has_target.tolist() == [[False, True, True, False], [True, False, True, False]]
+
+
+def test_forward_reads_the_attention_mask_and_averages_over_the_trained_tokens(saved):
+    """forward without labels: a row padded on the left, its padding masked out, gives the logits it gives
+    alone. With labels: the mean loss is Eq. 3's, averaged over the trained tokens, even when one token is."""
+    model, _, _ = saved
+    tokenizer = model.tokenizer
+    short = tokenizer("The square is red.")["input_ids"]
+    long = tokenizer("How many circles are there in the picture?")["input_ids"]
+    pad = len(long) - len(short)
+    input_ids = torch.tensor([[0] * pad + short, long])
+    mask = torch.tensor([[0] * pad + [1] * len(short), [1] * len(long)])
+    with torch.no_grad():
+        batch, _ = model(input_ids, attention_mask=mask)
+        alone, _ = model(torch.tensor([short]))
+    assert (batch[0, pad:] - alone[0]).abs().max() < 1e-4
+    assert (batch[0, pad:] - alone[0]).abs().max() < 0.1 * (batch[1, :len(short)] - alone[0]).abs().max()
+    labels = torch.full((1, len(long)), data.IGNORE)
+    labels[0, 5] = long[5]  # one trained token: predicted at position 4
+    with torch.no_grad():
+        logits, loss = model(torch.tensor([long]), labels=labels)
+        full, _ = model(torch.tensor([long]))
+    assert logits.shape == (1, full.shape[-1])
+    expected = torch.nn.functional.cross_entropy(full[0, 4:5].float(), torch.tensor([long[5]]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model(torch.tensor([long]), labels=labels, reduction="sum")[1].item() == pytest.approx(expected.item(),
+                                                                                                   rel=1e-5)
+
+
+def test_the_stream_shows_each_settled_piece_at_once_and_never_an_empty_one(saved):
+    """generate_text while it streams: with a stop string that never comes, each token's text is shown as
+    soon as it is settled (no tail held back for nothing), no piece is empty, and every prefix shown is the
+    answer's; with a stop string that comes, no piece ever shows a character of it."""
+    model, _, _ = saved
+    tokenizer = model.tokenizer
+    ids = generated(model, *model.prepare(CONVERSATION[:3], image()), max_new_tokens=12, stop="")
+    byte_ids = decoding.byte_tokens(tokenizer)
+    pieces = list(model.generate_text(CONVERSATION[:3], image(), max_new_tokens=12, stop="\x00\x01"))
+    assert all(pieces) and "".join(pieces) == tokenizer.decode(ids)
+    settled = [len(tokenizer.decode(ids[:m + 1])) for m in range(len(ids)) if ids[m] not in byte_ids]
+    assert list(itertools.accumulate(len(p) for p in pieces)) == sorted(set(settled) - {0} | {len(tokenizer.decode(ids))})
+    text = tokenizer.decode(ids)
+    ends = [len(tokenizer.decode(ids[:m])) for m in range(3, len(ids) - 1)]
+    for e in ends:  # every stop string across two tokens that the text holds
+        stop = text[e - 1:e + 1]
+        if not stop.isprintable() or "\ufffd" in stop:
+            continue
+        pieces = list(model.generate_text(CONVERSATION[:3], image(), max_new_tokens=12, stop=stop))
+        answer = text.split(stop)[0]
+        assert all(pieces) and "".join(pieces) == answer, stop
+        assert all(answer.startswith("".join(pieces[:k + 1])) for k in range(len(pieces))), stop
