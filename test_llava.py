@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -1060,6 +1061,8 @@ def test_teacher_messages_for_a_coco_annotation(tmp_path):
         assert messages[-1]["content"] == ("A dog on a couch.\nA brown dog sleeps.\n\n"
                                            "dog: [0.100, 0.100, 0.600, 0.600]\ncouch: [0.000, 0.000, 1.000, 1.000]")
         assert "Question:" in messages[2]["content"] or kind == "detail"
+        assert messages[1:-1] == [m for c, b, response in data.SEED_EXAMPLES[kind] for m in (
+            {"role": "user", "content": data.symbolic_context(c, b)}, {"role": "assistant", "content": response})]
 
 
 class Teacher:
@@ -1070,7 +1073,7 @@ class Teacher:
     def __init__(self, faults=True):
         import http.server
         import threading
-        self.requests, self.keys = [], set()
+        self.requests, self.keys, self.pairs = [], set(), 1  # pairs: Question/Answer pairs in each reply
         self.malformed_once, self.slow_once = ({"2"}, True) if faults else (set(), False)
         self.failing = {1: 500, 2: 429} if faults else {}  # request number -> HTTP error
         teacher = self
@@ -1096,7 +1099,7 @@ class Teacher:
                     time.sleep(1.5)
                 query = body["messages"][-1]["content"]
                 image = {"A dog": "1", "Two c": "2", "A bus": "3"}[query[:5]]
-                content = f"Question:\nWhat is in image {image}?\n===\nAnswer:\nSomething {image}.\n===\n"
+                content = f"Question:\nWhat is in image {image}?\n===\nAnswer:\nSomething {image}.\n===\n" * teacher.pairs
                 if image in teacher.malformed_once:
                     teacher.malformed_once.discard(image)
                     content = "I cannot help with that."
@@ -5457,3 +5460,45 @@ def test_the_stream_shows_each_settled_piece_at_once_and_never_an_empty_one(save
         answer = text.split(stop)[0]
         assert all(pieces) and "".join(pieces) == answer, stop
         assert all(answer.startswith("".join(pieces[:k + 1])) for k in range(len(pieces))), stop
+
+
+def test_each_kind_of_teacher_reply_becomes_its_samples(tmp_path):
+    """generate_with_teacher for §3's three kinds: a reasoning reply keeps its first pair only, a detailed
+    description takes one of the paper's detail instructions, chosen by the seed (the same seed, the same
+    samples), every malformed reply is counted, and the client's settings (retries=0: no retry) are used."""
+    annotations = write_coco(tmp_path)
+    teacher = Teacher(faults=False)
+    teacher.pairs = 2
+    run = lambda kind, name, **kw: (  # noqa: E731
+        data.generate_with_teacher(annotations, kind, str(tmp_path / name), teacher.url, "m", None, **kw),
+        disk.read_jsonl(tmp_path / name))
+    try:
+        (new, skipped), rows = run("reasoning", "r.jsonl")
+        assert (new, skipped) == (3, 0)
+        assert rows[0]["conversations"] == [{"from": "human", "value": "<image>\nWhat is in image 1?"},
+                                            {"from": "gpt", "value": "Something 1."}]
+        (_, _), conversation = run("conversation", "c.jsonl")
+        assert len(conversation[0]["conversations"]) == 4  # both pairs
+        (_, _), detail = run("detail", "d.jsonl", seed=3)
+        (_, _), again = run("detail", "e.jsonl", seed=3)
+        rng = random.Random(3)
+        assert [r["conversations"][0]["value"] for r in detail] == [
+            f"<image>\n{rng.choice(data.DETAILED)}" for _ in range(3)] == [r["conversations"][0]["value"] for r in again]
+        assert detail[0]["conversations"][1]["value"] == ("Question:\nWhat is in image 1?\n===\nAnswer:\n"
+                                                          "Something 1.\n===\nQuestion:\nWhat is in image 1?\n===\n"
+                                                          "Answer:\nSomething 1.\n===")
+        teacher.malformed_once = {"1", "3"}
+        assert run("conversation", "m.jsonl")[0] == (1, 2)
+        teacher.failing = {len(teacher.requests) + 1: 500}
+        with pytest.raises(RuntimeError, match="HTTP 500"):
+            run("conversation", "f.jsonl", retries=0)
+    finally:
+        teacher.close()
+
+
+def test_images_are_padded_to_squares_with_clips_mean_colour(saved):
+    """--pad-to-square (LLaVA-1.5's expand2square): the background is CLIP's image_mean x 255, rounded down."""
+    model = saved[0]
+    mean = model.image_processor.image_mean
+    assert data.LazyDataset(None, None, model, samples=[]).background == tuple(int(255 * m) for m in mean)
+    assert tuple(int(255 * m) for m in mean) == (122, 116, 104)  # CLIP's mean, as the authors' padding uses it
