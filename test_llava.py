@@ -154,9 +154,16 @@ def test_a_padded_batch_loses_what_its_samples_lose_alone(saved):
     assert torch.allclose(summed, alone, rtol=1e-5)
 
 
-@pytest.mark.parametrize("feature_layer", [-2, -1, 0, 1])
+@pytest.mark.parametrize("feature_layer", [-2, -1, 0, 1, "-n-1", "n"])
 def test_vision_tower_stops_at_the_feature_layer_with_the_same_features(parts, feature_layer):
-    """Z_v is hidden state `feature_layer` of the whole tower, and the layers after it do not run."""
+    """Z_v is hidden state `feature_layer` of the whole tower, and the layers after it do not run; every one
+    of the n + 1 hidden states can be chosen, from -n-1 (the input) to n (the last layer), and no other."""
+    n = transformers.AutoConfig.from_pretrained(parts[0], trust_remote_code=False).vision_config.num_hidden_layers
+    feature_layer = {"-n-1": -n - 1, "n": n}.get(feature_layer, feature_layer)
+    for outside in (-n - 2, n + 1):
+        with pytest.raises(ValueError, match=rf"feature layer {outside}: the vision encoder has {n} layers; "
+                                             rf"choose -{n + 1}..{n}"):
+            make_model(parts, feature_layer=outside)
     model = make_model(parts, feature_layer=feature_layer)
     whole, _ = formats.load_vision_tower(parts[0])  # the same tower, every layer running
     pixel_values = model.image_processor(images=[image(), image((10, 200, 90))], return_tensors="pt")["pixel_values"]
@@ -171,7 +178,7 @@ def test_vision_tower_stops_at_the_feature_layer_with_the_same_features(parts, f
     finally:
         [h.remove() for h in hooks]
     n_layers = len(model.vision_tower.encoder.layers)
-    assert n_run == {-2: n_layers - 1, -1: n_layers, 0: 0, 1: 1}[feature_layer]  # the layers Z_v needs
+    assert n_run == {-2: n_layers - 1, -1: n_layers, 0: 0, 1: 1, -n - 1: 0, n: n}[feature_layer]  # the layers Z_v needs
     assert torch.equal(ours, expected)
 
 
@@ -5502,3 +5509,57 @@ def test_images_are_padded_to_squares_with_clips_mean_colour(saved):
     mean = model.image_processor.image_mean
     assert data.LazyDataset(None, None, model, samples=[]).background == tuple(int(255 * m) for m in mean)
     assert tuple(int(255 * m) for m in mean) == (122, 116, 104)  # CLIP's mean, as the authors' padding uses it
+
+
+def test_a_text_only_batch_in_training_still_runs_w_and_changes_nothing(parts):
+    """In training a batch without images still runs W, times 0 (under FSDP every rank must join W's
+    gradient reduction): the loss is the one evaluation gives, and W's gradient is there, all zeros.
+    model.train() trains W and f_phi but leaves g in eval mode."""
+    for projector in ("mlp2x_gelu", "linear"):
+        model = make_model(parts, projector=projector)
+        ids, labels = data.render([{"from": "human", "value": "What is a circle?"},
+                                   {"from": "gpt", "value": "A round shape."}], model.tokenizer, "paper")
+        input_ids, labels = torch.tensor([ids]), torch.tensor([labels])
+        with torch.no_grad():
+            _, expected = model.eval()(input_ids, labels=labels)
+        assert model.train() is model and model.training and model.language_model.training
+        assert model.projector.training and not model.vision_tower.training
+        _, loss = model(input_ids, labels=labels)
+        loss.backward()
+        assert loss.item() == expected.item(), projector
+        grads = [p.grad for p in model.projector.parameters()]
+        assert all(g is not None and not g.any() for g in grads), projector
+
+
+def test_images_and_image_positions_must_match(saved):
+    """embed writes H_v over the image positions in order: as many images' visual tokens as positions, or
+    a one-line error (never a silent shift or a dropped image)."""
+    model, _, _ = saved
+    input_ids, pixel_values = model.prepare(CONVERSATION[:1], image())  # (1, T), one image
+    with pytest.raises(ValueError, match=rf"^16 image positions in input_ids but 2 images x 16 visual tokens$"):
+        model.embed(input_ids, torch.cat([pixel_values, pixel_values]))
+    two = torch.cat([input_ids, input_ids], dim=1)
+    with pytest.raises(ValueError, match=rf"^32 image positions in input_ids but 1 images x 16 visual tokens$"):
+        model.embed(two, pixel_values)
+    with pytest.raises(ValueError, match="^input_ids hold image positions but no pixel_values were given$"):
+        model.embed(input_ids)
+
+
+def test_an_answer_ends_before_the_templates_stop_string(saved):
+    """answer and answer_batch without a stop argument stop at the template's <STOP> and leave it out."""
+    import dataclasses
+    model, _, _ = saved
+    tokenizer, template = model.tokenizer, model.template
+    ids = generated(model, *model.prepare(CONVERSATION[:3], image()), max_new_tokens=12, stop="")
+    text = tokenizer.decode(ids)
+    ends = [len(tokenizer.decode(ids[:m])) for m in range(3, len(ids) - 1)]
+    stop = next(text[e - 1:e + 1] for e in ends if text[e - 1:e + 1].isprintable() and "\ufffd" not in text[e - 1:e + 1]
+                and text[e - 1:e + 1].strip() == text[e - 1:e + 1])
+    try:
+        model.template = dataclasses.replace(template, stop=stop)
+        expected = text.split(stop)[0].strip()
+        assert model.answer(CONVERSATION[:3], image(), max_new_tokens=12) == expected
+        text_only = [{"from": "human", "value": "What is a circle?"}]
+        assert model.answer_batch([CONVERSATION[:3], text_only], [image(), None], max_new_tokens=12)[0] == expected
+    finally:
+        model.template = template
