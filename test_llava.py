@@ -5563,3 +5563,21 @@ def test_an_answer_ends_before_the_templates_stop_string(saved):
         assert model.answer_batch([CONVERSATION[:3], text_only], [image(), None], max_new_tokens=12)[0] == expected
     finally:
         model.template = template
+
+
+def test_an_empty_build_reads_no_weights(parts, tmp_path):
+    """llava.build(empty=True) under the meta device (train.py's ranks, --plan): from folders holding configs,
+    tokenizer and preprocessor but no weights, the same model, its parameters without values, in the
+    dtypes asked for, the vocabulary grown by <image> as a real build grows it."""
+    import shutil
+    clip, lm = tmp_path / "clip", tmp_path / "lm"
+    for source, folder in zip(parts, (clip, lm)):
+        shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    with torch.device("meta"):
+        empty = llava.build(str(clip), str(lm), empty=True, dtype=torch.bfloat16, vision_dtype=torch.float16)
+    full = make_model(parts)
+    assert {k: v.shape for k, v in empty.state_dict().items()} == {k: v.shape for k, v in full.state_dict().items()}
+    assert all(p.is_meta for p in empty.parameters())
+    assert (empty.vision_tower.dtype, empty.language_model.dtype, empty.projector[0].weight.dtype) == \
+        (torch.float16, torch.bfloat16, torch.float32)
+    assert len(empty.tokenizer) == empty.language_model.get_input_embeddings().num_embeddings == len(full.tokenizer)
