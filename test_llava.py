@@ -5581,3 +5581,21 @@ def test_an_empty_build_reads_no_weights(parts, tmp_path):
     assert (empty.vision_tower.dtype, empty.language_model.dtype, empty.projector[0].weight.dtype) == \
         (torch.float16, torch.bfloat16, torch.float32)
     assert len(empty.tokenizer) == empty.language_model.get_input_embeddings().num_embeddings == len(full.tokenizer)
+
+
+def test_a_teacher_reply_is_read_block_by_block_or_refused():
+    """parse_teacher_reply, whole: Question/Answer blocks in order become the turns (the image before the
+    first question only; a colon inside a question or answer is text); an Answer first, two Questions in
+    a row, a Question left without its Answer, an empty description are refused, so the sample is skipped."""
+    rng = random.Random(0)
+    assert data.parse_teacher_reply("Question: What time is it: noon?\n===\nAnswer: Noon: 12:00.\n===\n"
+                                    "Question: And then?\n===\nAnswer: Lunch.", "conversation", rng) == [
+        {"from": "human", "value": "<image>\nWhat time is it: noon?"}, {"from": "gpt", "value": "Noon: 12:00."},
+        {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "Lunch."}]
+    for reply in ["Answer: B.\n===\nQuestion: A?", "Question: A?\n===\nQuestion: B?\n===\nAnswer: C.",
+                  "Question: A?\n===\nAnswer: B.\n===\nQuestion: C?", "Question: A?", "Question: A?\n===\nAnswer: ",
+                  "Hello.", ""]:
+        with pytest.raises(ValueError):
+            data.parse_teacher_reply(reply, "conversation", rng)
+    with pytest.raises(ValueError, match="empty description"):
+        data.parse_teacher_reply("  \n", "detail", rng)
