@@ -3812,14 +3812,25 @@ for request in sys.stdin:
     argv, stdin, stdout, stderr, cwd = json.loads(request)
     pid = os.fork()
     if pid == 0:
+        # Under mutmut its trampolines know a module by its name, not as __main__; in its stats run
+        # they record which functions each test reaches, and this run's are handed to the test.
+        mutmut = os.environ.get("MUTANT_UNDER_TEST")
+        if mutmut == "stats":
+            from mutmut.state import state
+            state()._stats.clear()
         os.chdir(cwd)
         for fd, path, flags in [(0, stdin, os.O_RDONLY), (1, stdout, os.O_WRONLY), (2, stderr, os.O_WRONLY)]:
             os.dup2(os.open(path, flags), fd)
         sys.stdin, sys.stdout = open(0, closefd=False), open(1, "w", closefd=False)
         sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")
         sys.argv, code = argv, 0
+        name = os.path.basename(argv[0])[:-len(".py")]
         try:
-            runpy.run_path(argv[0], run_name="__main__")
+            if mutmut and name in sys.modules:
+                import cli
+                cli.cli(sys.modules[name].main, name + ".py")
+            else:
+                runpy.run_path(argv[0], run_name="__main__")
         except SystemExit as e:  # as the interpreter ends on it
             code = e.code if isinstance(e.code, int) or e.code is None else print(e.code, file=sys.stderr) or 1
         except BaseException:
@@ -3827,6 +3838,8 @@ for request in sys.stdin:
             code = 1
         sys.stdout.flush()
         sys.stderr.flush()
+        if mutmut == "stats":
+            json.dump(sorted(state()._stats), open(stdout + ".reached", "w"))
         os._exit(code or 0)
     print(pid, flush=True)
     print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
@@ -3874,6 +3887,10 @@ class Programs:
             if kill_when:
                 kill_once(kill_when, lambda: [pid], lambda: running(pid))
             code = int(self.server.stdout.readline())
+        if os.path.exists(paths[1] + ".reached"):  # mutmut's stats run (see FORK_SERVER)
+            from mutmut.state import state
+            state()._stats.update(json.load(open(paths[1] + ".reached")))
+            os.remove(paths[1] + ".reached")
         return code, *(open(path, errors="replace").read() for path in paths[1:])
 
     def close(self):
@@ -5599,3 +5616,22 @@ def test_a_teacher_reply_is_read_block_by_block_or_refused():
             data.parse_teacher_reply(reply, "conversation", rng)
     with pytest.raises(ValueError, match="empty description"):
         data.parse_teacher_reply("  \n", "detail", rng)
+
+
+def test_a_tokenizer_whose_bos_is_its_eos_keeps_it_first_and_drops_it_last():
+    """render with a byte-level BPE that writes </s> both before the text (its BOS, as OPT's does) and after
+    it: the first stays (the model was trained with it), the appended last one goes (the text already ends
+    with the template's <STOP>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    eos = bpe.token_to_id("</s>")
+    bpe.post_processor = processors.TemplateProcessing(single="</s> $A </s>", special_tokens=[("</s>", eos)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>")
+    conversation = [{"from": "human", "value": "What color is the square?"}, {"from": "gpt", "value": "Red."}]
+    ids, labels = data.render(conversation, tokenizer, "llava15")
+    text, _ = data.conversation_text(conversation, data.get_template("llava15"))
+    assert ids == [eos] + tokenizer(text, add_special_tokens=False)["input_ids"]  # BOS kept, the appended EOS not
+    assert tokenizer.decode(ids).endswith("ASSISTANT: Red.</s>") and labels[0] == data.IGNORE
