@@ -1,4 +1,5 @@
 """Tests: CPU, offline, tiny models built from configs. Run: python -m pytest -q test_llava.py"""
+import argparse
 import contextlib
 import itertools
 import json
@@ -5635,3 +5636,65 @@ def test_a_tokenizer_whose_bos_is_its_eos_keeps_it_first_and_drops_it_last():
     text, _ = data.conversation_text(conversation, data.get_template("llava15"))
     assert ids == [eos] + tokenizer(text, add_special_tokens=False)["input_ids"]  # BOS kept, the appended EOS not
     assert tokenizer.decode(ids).endswith("ASSISTANT: Red.</s>") and labels[0] == data.IGNORE
+
+
+def test_gradient_clipping_scales_to_the_limit_and_zero_means_none():
+    """gradient_norm: the norm before clipping is returned; above --grad-clip the gradients are scaled to
+    it (the default 1.0 included), below it and with --grad-clip 0 they are left as they are."""
+    for clip, norm, after in [(1.0, 5.0, 1.0), (1.0, 0.5, 0.5), (2.5, 5.0, 2.5), (0.0, 5.0, 5.0), (0.0, 0.1, 0.1)]:
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.tensor([0.6, 0.8]) * norm
+        assert train.gradient_norm([p], clip).item() == pytest.approx(norm)
+        assert p.grad.norm().item() == pytest.approx(after), (clip, norm)
+        assert p.grad[0] / p.grad[1] == pytest.approx(0.75)  # the direction kept
+
+
+def test_a_step_stops_when_either_its_loss_or_its_gradient_norm_is_not_finite(tmp_path):
+    """finite_loss: the loss per token of the step, or one line naming the step when the loss or the
+    gradient norm (either alone) is NaN or inf; a finite step returns its loss."""
+    args = argparse.Namespace(out=str(tmp_path))
+    assert train.finite_loss(args, 4, 10, torch.tensor(25.0), torch.tensor(3.0)) == 2.5
+    for loss, norm in [(float("nan"), 1.0), (1.0, float("inf")), (float("inf"), 1.0), (1.0, float("nan"))]:
+        with pytest.raises(SystemExit, match=rf"^train.py: step 5: the loss is {loss / 10:g} and the gradient norm "
+                                             rf"{norm:g}; the run stops before this step changes the weights"):
+            train.finite_loss(args, 4, 10, torch.tensor(loss), torch.tensor(norm))
+
+
+def test_micro_batches_add_up_to_the_gradient_of_the_mean_token_loss(saved):
+    """accumulate over micro-batches (one text-only): the returned loss is the sum over every trained token,
+    and the gradients are world_size x the gradient of that sum over n_tokens, the tokens of all ranks (FSDP
+    then averages over the ranks: every token of the global batch weighs the same)."""
+    import copy
+    model = copy.deepcopy(saved[0]).train()
+    samples = [{"conversations": CONVERSATION, "image": "x"}, {"conversations": CONVERSATION[:2], "image": "x"},
+               {"conversations": [{"from": "human", "value": "What is a circle?"}, {"from": "gpt", "value": "Round."}]}]
+    items = []
+    for s in samples:
+        ids, labels = data.render(s["conversations"], model.tokenizer, model.template,
+                                  model.image_token_id if "image" in s else None, model.num_image_tokens)
+        pixels = formats.pixel_values(model.image_processor, image(), False)[0] if "image" in s else None
+        items.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels})
+    batches = [data.collate(items[:2], 0), data.collate(items[2:], 0)]  # the second without an image
+    n_tokens = sum(len(b["target_positions"]) for b in batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(model(b["input_ids"], b["pixel_values"], b["attention_mask"], labels=b["labels"], reduction="sum")[1]
+                for b in batches)
+    expected = torch.autograd.grad(total / n_tokens, params)
+    for world_size in (1, 2):
+        loss_sum = train.accumulate(model, batches, n_tokens, world_size, torch.device("cpu"), contextlib.nullcontext())
+        assert loss_sum.item() == pytest.approx(total.item(), rel=1e-6)
+        for p, g in zip(params, expected):
+            assert torch.allclose(p.grad, world_size * g, rtol=1e-4, atol=1e-7)
+            p.grad = None
+
+
+def test_each_step_shows_its_loss_and_learning_rate_and_logs_a_row(tmp_path):
+    """log_step: the progress bar's loss, lr and samples/s, as a user reads them, and metrics.jsonl's row."""
+    from tqdm import tqdm
+    import io
+    args = argparse.Namespace(out=str(tmp_path), stage=2)
+    progress = tqdm(total=3, file=io.StringIO())
+    train.log_step(args, progress, 2, 1.234567, 2e-5, 12.345, 1)
+    assert progress.postfix == "loss=1.2346, lr=2.00e-05, samples_s=12.3"
+    assert metrics(tmp_path) == [{"stage": 2, "step": 2, "loss": 1.234567, "lr": 2e-5, "samples_per_s": 12.345,
+                                  "skipped": 1}]
