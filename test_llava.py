@@ -5698,3 +5698,24 @@ def test_each_step_shows_its_loss_and_learning_rate_and_logs_a_row(tmp_path):
     assert progress.postfix == "loss=1.2346, lr=2.00e-05, samples_s=12.3"
     assert metrics(tmp_path) == [{"stage": 2, "step": 2, "loss": 1.234567, "lr": 2e-5, "samples_per_s": 12.345,
                                   "skipped": 1}]
+
+
+def test_train_plan_in_process_simulates_and_trains_nothing(parts, tmp_path, capsys):
+    """train.py --plan through train.main: the simulated step of the settings given, whether it fits, the
+    paper's runs of the stage timed; no process group left behind, nothing written; settings the plan
+    cannot split are one line."""
+    import torch.distributed as dist
+    argv = ["--plan", "--stage", "2", "--vision", parts[0], "--llm", parts[1], "--projector", "random",
+            "--plan-gpus", "2", "--gpu-memory", "80", "--batch-size", "2", "--global-batch", "4",
+            "--plan-tokens", "64", "--dtype", "bf16", "--out", str(tmp_path / "out")]
+    train.main(argv)
+    out = capsys.readouterr().out
+    assert f"\ntrain.py --plan: stage 2, {parts[0]} + {parts[1]}, 2 GPUs, micro-batch 2 x 64 tokens x 1 accumulation " \
+           f"(global batch 4), bf16;" in "\n" + out
+    assert re.search(r"^fits: [\d.]+ GB of the 72 of 80 GB a step may use$", out, re.M)
+    assert [line.split(",")[2].strip() for line in out.splitlines() if line.startswith("time, ")] == [
+        "LLaVA-Instruct-158K", "ScienceQA"]
+    assert not dist.is_initialized() and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match=r"^train.py: --global-batch 4 is not a multiple of --batch-size 2 x "
+                                         r"--plan-gpus 4$"):
+        train.main(argv + ["--plan-gpus", "4"])
