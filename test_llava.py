@@ -5719,3 +5719,42 @@ def test_train_plan_in_process_simulates_and_trains_nothing(parts, tmp_path, cap
     with pytest.raises(SystemExit, match=r"^train.py: --global-batch 4 is not a multiple of --batch-size 2 x "
                                          r"--plan-gpus 4$"):
         train.main(argv + ["--plan-gpus", "4"])
+
+
+def test_each_stage_exports_its_part_in_its_dtype(saved, tmp_path):
+    """export, as STAGES says: stage 1 writes W alone in FP32 whatever the compute dtype; stage 2 writes the
+    whole model in the compute dtype (BF16 with --dtype bf16, FP32 without), with --pad-to-square recorded."""
+    model = saved[0]
+    for stage, bf16, pad in [(1, True, False), (2, False, True), (2, True, False)]:
+        out = tmp_path / f"{stage}-{bf16}"
+        args = argparse.Namespace(stage=stage, out=str(out), pad_to_square=pad)
+        out.mkdir()
+        train.export(model, args, 0, bf16)
+        if stage == 1:
+            assert os.listdir(out) == ["projector.safetensors"]
+            w = load_file(out / "projector.safetensors")
+            assert {k: v.dtype for k, v in w.items()} == {k: torch.float32 for k in model.projector.state_dict()}
+            assert all(torch.equal(w[k], v) for k, v in model.projector.state_dict().items())
+            continue
+        weights = exported(out)
+        assert {v.dtype for v in weights.values()} == {torch.bfloat16 if bf16 else torch.float32}
+        loaded = llava.load(str(out / "model"))
+        assert loaded.pad_to_square == pad
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        assert all(torch.equal(v.to(dtype).float(), loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_adam_trains_only_what_is_trainable_without_weight_decay(parts):
+    """adam (Appendix C: Adam, no weight decay): the frozen parts are not in it, and a step whose gradients
+    are all zero leaves every weight as it was (weight decay would shrink them)."""
+    model = make_model(parts)
+    model.vision_tower.requires_grad_(False)
+    model.language_model.requires_grad_(False)
+    optimizer = train.adam(model, 1e-3)
+    assert [p for g in optimizer.param_groups for p in g["params"]] == list(model.projector.parameters())
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+    before = [p.detach().clone() for p in model.projector.parameters()]
+    for p in model.projector.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.projector.parameters()))
