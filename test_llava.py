@@ -5758,3 +5758,28 @@ def test_adam_trains_only_what_is_trainable_without_weight_decay(parts):
         p.grad = torch.zeros_like(p)
     optimizer.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.projector.parameters()))
+
+
+def test_group_by_length_sorts_each_global_batch_by_the_length_guess(saved, toy_world, monkeypatch):
+    """data_loader with --group-by-length reads each step's samples in order of LazyDataset.lengths
+    (the same samples in the step as without it, the order within the step sorted); without, in
+    micro_batches' own order. Each batch is collated with the pad id given."""
+    world, _ = toy_world
+    model = saved[0]
+    dataset = data.LazyDataset(str(world / "instruct.json"), str(world / "images"), model)
+    read_order, load = [], data.LazyDataset.__getitem__
+    monkeypatch.setattr(data.LazyDataset, "__getitem__", lambda self, i: read_order.append(i) or load(self, i))
+    orders = {}
+    for grouped in (False, True):
+        args = argparse.Namespace(global_batch=8, batch_size=4, seed=0, group_by_length=grouped, workers=0)
+        loader = train.data_loader(dataset, args, 1, 0, 0, 2, pad_id=7)
+        read_order.clear()
+        batches = [next(loader) for _ in range(4)]  # 2 steps of 2 micro-batches
+        orders[grouped] = read_order[:]
+        assert all((b["input_ids"][b["attention_mask"] == 0] == 7).all() for b in batches)
+    lengths = dataset.lengths()
+    assert orders[False] == [i for b in data.micro_batches(len(dataset), 8, 4, 1, 0, 0, 2, seed=0) for i in b]
+    for step in (0, 1):
+        plain, grouped = orders[False][8 * step:8 * step + 8], orders[True][8 * step:8 * step + 8]
+        assert sorted(plain) == sorted(grouped) and grouped == sorted(plain, key=lambda i: lengths[i])
+    assert orders[True] != orders[False]
