@@ -5783,3 +5783,33 @@ def test_group_by_length_sorts_each_global_batch_by_the_length_guess(saved, toy_
         plain, grouped = orders[False][8 * step:8 * step + 8], orders[True][8 * step:8 * step + 8]
         assert sorted(plain) == sorted(grouped) and grouped == sorted(plain, key=lambda i: lengths[i])
     assert orders[True] != orders[False]
+
+
+def test_load_model_freezes_and_types_each_part_as_its_stage_says(train_setup, saved):
+    """load_model in one process: --projector-type builds that W; stage 1 in BF16 keeps g and f_phi
+    frozen in BF16 and W trainable in FP32; --grad-checkpointing recomputes f_phi's activations and
+    gives the gradients a run without it gives."""
+    common, world = train_setup
+    args = lambda *extra: train.get_args(common + ["--data", str(world / "stage1.json"), *extra])  # noqa: E731
+    cpu = torch.device("cpu")
+    linear = train.load_model(args("--projector-type", "linear"), 0, cpu, bf16=False)
+    assert [type(m) for m in linear.projector] == [torch.nn.Linear]
+    stage1 = train.load_model(args("--stage", "1"), 0, cpu, bf16=True)
+    assert (stage1.vision_tower.dtype, stage1.language_model.dtype, stage1.projector[0].weight.dtype) == \
+        (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert {n.split(".")[0] for n, p in stage1.named_parameters() if p.requires_grad} == {"projector"}
+    assert stage1.training and not stage1.vision_tower.training
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = train.load_model(args("--stage", "2", "--projector", "random",
+                                      *(["--grad-checkpointing"] if checkpointing else [])), 0, cpu, bf16=False)
+        assert model.language_model.is_activation_checkpointing == checkpointing
+        ids, labels = data.render(CONVERSATION, model.tokenizer, model.template, model.image_token_id,
+                                  model.num_image_tokens)
+        pixels = formats.pixel_values(model.image_processor, image(), False)
+        _, loss = model(torch.tensor([ids]), pixels, labels=torch.tensor([labels]))
+        loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and all(g is not None for g in grads[True].values())
+    assert all(torch.allclose(grads[True][n], grads[False][n], atol=1e-6) for n in grads[True])

@@ -300,7 +300,7 @@ def load_model(args, rank, device, bf16, mesh=None, read_weights=True):
     for name, part in parts.items():
         part.requires_grad_(name in stage.trains)
     if args.grad_checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if not dist.is_initialized():
         return model.to(device).train()
     shard(model, bf16, mesh)
