@@ -1730,7 +1730,8 @@ def test_stage1_trains_only_w_and_stage2_starts_from_it_in_bf16(train_setup, tmp
     assert [(r["stage"], r["step"], r["skipped"]) for r in rows] == [(1, k, 0) for k in (1, 2, 3, 4)]
     # Warm-up: ceil(3% of 4) = 1 step; then a cosine from the peak to 0 over the 3 steps left.
     assert [r["lr"] for r in rows] == pytest.approx([1e-3, 7.5e-4, 2.5e-4, 0.0], abs=1e-12)
-    assert rows[0]["loss"] == pytest.approx(first_step_loss(fresh, world / "stage1.json", images, 8, 4), rel=1e-5)
+    # In FP32, not under BF16 autocast (which moves this loss by some 8e-6 of itself).
+    assert rows[0]["loss"] == pytest.approx(first_step_loss(fresh, world / "stage1.json", images, 8, 4), rel=1e-6)
     assert sorted(os.listdir(s1)) == [".lock", "metrics.jsonl", "projector.safetensors", "run.json"]
     w = load_file(s1 / "projector.safetensors")
     assert {k: v.dtype for k, v in w.items()} == {k: torch.float32 for k in ["0.weight", "0.bias", "2.weight", "2.bias"]}
@@ -1772,19 +1773,21 @@ def test_stage1_trains_only_w_and_stage2_starts_from_it_in_bf16(train_setup, tmp
 
 
 def test_training_reads_every_epoch_in_its_own_order(train_setup, tmp_path, monkeypatch):
-    """train.py over 2 epochs of 16 samples (global batch 8, no --max-steps): 4 steps, reading the
-    samples in micro_batches' order: every sample once an epoch, the second epoch in another order."""
+    """train.py over 2 epochs of 20 samples (global batch 8, no --max-steps): 2 whole steps an epoch (the
+    4 left over wait for the next epoch's order), 4 steps, reading the samples in micro_batches' order:
+    16 different samples an epoch, the second epoch in another order."""
     common, world = train_setup
-    (tmp_path / "s.json").write_text(json.dumps(read(world / "stage1.json")[:16]))
+    (tmp_path / "s.json").write_text(json.dumps(read(world / "stage1.json")[:20]))
     read_order, load = [], data.LazyDataset.__getitem__  # the real loading, watched
     monkeypatch.setattr(data.LazyDataset, "__getitem__", lambda self, i: read_order.append(i) or load(self, i))
     train.train(train.get_args(common + ["--stage", "1", "--data", str(tmp_path / "s.json"), "--out",
                                          str(tmp_path / "out"), "--global-batch", "8", "--batch-size", "4",
                                          "--epochs", "2", "--checkpoint-every", "0"]))
     assert [m["step"] for m in metrics(tmp_path / "out")] == [1, 2, 3, 4]
-    assert read_order == [i for b in data.micro_batches(16, 8, 4, 1, 0, 0, 4, seed=0) for i in b]
+    assert read_order == [i for b in data.micro_batches(20, 8, 4, 1, 0, 0, 4, seed=0) for i in b]
     first, second = read_order[:16], read_order[16:]
-    assert sorted(first) == sorted(second) == list(range(16)) and first != second
+    assert len(set(first)) == len(set(second)) == 16 and set(first) | set(second) <= set(range(20))
+    assert first != second
 
 
 @pytest.mark.slow
