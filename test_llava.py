@@ -503,6 +503,14 @@ def test_sampling_draws_what_transformers_draws_with_the_same_seed(saved, temper
         assert hf_sample([nucleus, temper]) != ours
 
 
+def stops_across_tokens(tokenizer, ids):
+    """The printable two-character strings of decode(ids) that span the end of token 3, 4, ...: stop
+    strings that arrive split across two tokens (as "###" can come as "#", "##")."""
+    text = tokenizer.decode(ids)
+    ends = [len(tokenizer.decode(ids[:m])) for m in range(3, len(ids) - 1)]  # where tokens 3, 4, ... end
+    return [text[e - 1:e + 1] for e in ends if text[e - 1:e + 1].isprintable() and "\ufffd" not in text[e - 1:e + 1]]
+
+
 def test_streamed_text_never_shows_what_later_bytes_rewrite(saved):
     """Sampled answers of the random stand-in hold runs of byte tokens that are not UTF-8, which decode
     as U+FFFD once the run is whole, however an earlier byte read alone ("F"): the chat never shows a
@@ -534,8 +542,7 @@ def test_streamed_text_is_the_answer_piece_by_piece_and_never_shows_the_stop_str
     def streamed(**settings):
         return "".join(model.generate_text(CONVERSATION[:3], image(), max_new_tokens=12, **settings))
 
-    ends = [len(tokenizer.decode(ids[:m])) for m in range(3, len(ids) - 1)]  # where tokens 3, 4, ... end
-    stop = next(text[e - 1:e + 1] for e in ends if text[e - 1:e + 1].isprintable() and "\ufffd" not in text[e - 1:e + 1])
+    stop = stops_across_tokens(tokenizer, ids)[0]
     assert streamed(stop="") == text
     eos = tokenizer.eos_token
     try:
@@ -569,8 +576,7 @@ def test_generation_stops_at_the_stop_string_and_at_eos(saved):
     finally:
         tokenizer.eos_token = eos
     text = tokenizer.decode(ids)
-    ends = [len(tokenizer.decode(ids[:m])) for m in range(3, len(ids) - 1)]  # where tokens 3, 4, ... end
-    stop = next(text[e - 1:e + 1] for e in ends if text[e - 1:e + 1].isprintable() and "\ufffd" not in text[e - 1:e + 1])
+    stop = stops_across_tokens(tokenizer, ids)[0]
     j = next(j for j in range(len(ids)) if stop in tokenizer.decode(ids[:j + 1]))
     assert generated(model, input_ids, pixel_values, max_new_tokens=12, stop=stop) == ids[:j + 1]
     streamed = list(model.generate_text(CONVERSATION[:3], image(), max_new_tokens=12, stop=stop))
@@ -5479,11 +5485,7 @@ def test_the_stream_shows_each_settled_piece_at_once_and_never_an_empty_one(save
     settled = [len(tokenizer.decode(ids[:m + 1])) for m in range(len(ids)) if ids[m] not in byte_ids]
     assert list(itertools.accumulate(len(p) for p in pieces)) == sorted(set(settled) - {0} | {len(tokenizer.decode(ids))})
     text = tokenizer.decode(ids)
-    ends = [len(tokenizer.decode(ids[:m])) for m in range(3, len(ids) - 1)]
-    for e in ends:  # every stop string across two tokens that the text holds
-        stop = text[e - 1:e + 1]
-        if not stop.isprintable() or "\ufffd" in stop:
-            continue
+    for stop in stops_across_tokens(tokenizer, ids):  # every stop string across two tokens that the text holds
         pieces = list(model.generate_text(CONVERSATION[:3], image(), max_new_tokens=12, stop=stop))
         answer = text.split(stop)[0]
         assert all(pieces) and "".join(pieces) == answer, stop
@@ -5573,9 +5575,7 @@ def test_an_answer_ends_before_the_templates_stop_string(saved):
     tokenizer, template = model.tokenizer, model.template
     ids = generated(model, *model.prepare(CONVERSATION[:3], image()), max_new_tokens=12, stop="")
     text = tokenizer.decode(ids)
-    ends = [len(tokenizer.decode(ids[:m])) for m in range(3, len(ids) - 1)]
-    stop = next(text[e - 1:e + 1] for e in ends if text[e - 1:e + 1].isprintable() and "\ufffd" not in text[e - 1:e + 1]
-                and text[e - 1:e + 1].strip() == text[e - 1:e + 1])
+    stop = next(stop for stop in stops_across_tokens(tokenizer, ids) if stop.strip() == stop)
     try:
         model.template = dataclasses.replace(template, stop=stop)
         expected = text.split(stop)[0].strip()
