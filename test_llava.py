@@ -1702,10 +1702,10 @@ def test_each_stage_defaults_to_the_papers_settings():
     assert (given.lr, given.global_batch, given.epochs, given.batch_size) == (1e-4, 8, 12, 4)
 
 
-def first_step_loss(model, dataset_json, image_folder, global_batch, batch_size, bf16=False):
+def first_step_loss(model, dataset_json, image_folder, global_batch, batch_size, bf16=False, pad_to_square=False):
     """Eq. 3 over train.py's first global batch, computed here: the summed loss of its labelled tokens
     over their count, at the weights the run starts from."""
-    dataset = data.LazyDataset(str(dataset_json), str(image_folder), model)
+    dataset = data.LazyDataset(str(dataset_json), str(image_folder), model, pad_to_square=pad_to_square)
     [indices] = data.micro_batches(len(dataset), global_batch, global_batch, 1, 0, 0, 1, seed=0)
     batch = data.collate([dataset[i] for i in indices], model.tokenizer.pad_token_id)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -1794,6 +1794,29 @@ def test_training_reads_every_epoch_in_its_own_order(train_setup, tmp_path, monk
     first, second = read_order[:16], read_order[16:]
     assert len(set(first)) == len(set(second)) == 16 and set(first) | set(second) <= set(range(20))
     assert first != second
+
+
+def test_pad_to_square_reaches_the_training_images_and_the_warm_up_is_its_share_of_the_steps(train_setup, tmp_path):
+    """--pad-to-square pads the images train.py reads (the first loss is Eq. 3 over padded images, not
+    over the plain ones), and --warmup-ratio 0.6 of 3 steps warms up over ceil(1.8) = 2 of them."""
+    common, world = train_setup
+    samples = read(world / "stage1.json")[:2]
+    (tmp_path / "images").mkdir()
+    for s in samples:  # wide images: padding them to squares changes what CLIP sees
+        image = Image.open(world / "images" / s["image"])
+        image.resize((image.width, image.height // 2)).save(tmp_path / "images" / s["image"])
+    (tmp_path / "s.json").write_text(json.dumps(samples))
+    common = [str(tmp_path / "images") if a == str(world / "images") else a for a in common]
+    torch.manual_seed(0)  # train.py's seed: the same random W at the start
+    fresh = llava.build(common[1], common[3], projector="mlp2x_gelu")
+    train.main(common + ["--stage", "1", "--data", str(tmp_path / "s.json"), "--out", str(tmp_path / "out"),
+                         "--global-batch", "2", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3",
+                         "--warmup-ratio", "0.6", "--pad-to-square", "--checkpoint-every", "0"])
+    rows = metrics(tmp_path / "out")
+    assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3, 0.0], abs=1e-12)
+    padded, plain = (first_step_loss(fresh, tmp_path / "s.json", tmp_path / "images", 2, 2, pad_to_square=pad)
+                     for pad in (True, False))
+    assert rows[0]["loss"] == pytest.approx(padded, rel=1e-6) and abs(padded - plain) > 1e-3
 
 
 @pytest.mark.slow
