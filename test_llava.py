@@ -1778,6 +1778,45 @@ def test_stage1_trains_only_w_and_stage2_starts_from_it_in_bf16(train_setup, tmp
     assert abs(logged - first_step_loss(start, world / "instruct.json", images, 4, 2)) > 1e-4
 
 
+def test_under_torchrun_fsdp_computes_in_bf16_per_layer_group_and_exports_what_it_trained(train_setup, tmp_path,
+                                                                                        monkeypatch):
+    """train.py as torchrun starts it (RANK, WORLD_SIZE, ...; here one rank, in-process, gloo): FSDP2 with
+    every decoder layer a shard group of its own, rank 0's weights broadcast to the shards, computing with
+    every parameter in BF16 (the first loss is Eq. 3 computed so, not autocast's nor FP32's), and the
+    export in BF16 equal to the trained weights. Two or three ranks: the slow torchrun tests."""
+    import socket
+    from torch.distributed.fsdp import FSDPModule
+    common, world = train_setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    try:
+        model, _ = train.train(train.get_args(stage2_args(train_setup, tmp_path, "--max-steps", "2",
+                                                          "--dtype", "bf16")))
+        assert all(isinstance(layer, FSDPModule) for layer in model.language_model.model.layers)
+        assert isinstance(model, FSDPModule) and not isinstance(model.projector, FSDPModule)
+        trained = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    finally:
+        model = None
+        distributed.close()
+    assert {v.dtype for v in exported(tmp_path).values()} == {torch.bfloat16}
+    final = llava.load(str(tmp_path / "model")).state_dict()  # the llava-hf layout, read back
+    assert set(final) == set(trained)
+    assert all(torch.equal(trained[k].to(torch.bfloat16).float(), final[k]) for k in final)
+    torch.manual_seed(0)  # train.py's seed: the same random W
+    start = llava.build(common[1], common[3], projector="mlp2x_gelu", vision_dtype=torch.bfloat16)
+    fp32 = first_step_loss(start, world / "instruct.json", world / "images", 8, 2)
+    autocast = first_step_loss(start, world / "instruct.json", world / "images", 8, 2, bf16=True)
+    for p in start.parameters():  # FSDP's MixedPrecisionPolicy: parameters cast, buffers kept
+        p.data = p.data.to(torch.bfloat16)
+    bf16 = first_step_loss(start, world / "instruct.json", world / "images", 8, 2)
+    logged = metrics(tmp_path)[0]["loss"]
+    assert logged == pytest.approx(bf16, abs=2e-4) and min(abs(logged - fp32), abs(logged - autocast)) > 8e-4
+
+
 def test_training_reads_every_epoch_in_its_own_order(train_setup, tmp_path, monkeypatch):
     """train.py over 2 epochs of 20 samples (global batch 8, no --max-steps): 2 whole steps an epoch (the
     4 left over wait for the next epoch's order), 4 steps, reading the samples in micro_batches' order:
