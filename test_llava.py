@@ -1714,6 +1714,14 @@ def first_step_loss(model, dataset_json, image_folder, global_batch, batch_size,
     return loss.item() / len(batch["target_positions"])
 
 
+def assert_exported_in_bf16(out, trained):
+    """out/model holds every trained weight, in BF16, in the llava-hf layout (read back by llava.load)."""
+    final = llava.load(str(out / "model")).state_dict()
+    assert set(final) == set(trained) and {v.dtype for v in exported(out).values()} == {torch.bfloat16}
+    for k, v in trained.items():
+        assert torch.equal(v.to(torch.bfloat16).float(), final[k]), k
+
+
 def test_stage1_trains_only_w_and_stage2_starts_from_it_in_bf16(train_setup, tmp_path, capsys):
     """§4.2 in-process, as a user runs it (train.main): stage 1 trains W alone and exports it in FP32;
     stage 2 starts from that W, trains W and the LLM, keeps g frozen in BF16, computes in BF16, and
@@ -1763,10 +1771,7 @@ def test_stage1_trains_only_w_and_stage2_starts_from_it_in_bf16(train_setup, tmp
     for k in w:
         assert (w[k] - before["projector." + k]).abs().max() > 1e-3 > (trained["projector." + k] - w[k]).abs().max()
     # The export: every trained weight, in BF16, in the llava-hf layout transformers reads.
-    final = llava.load(str(s2 / "model")).state_dict()
-    assert set(final) == set(trained) and {v.dtype for v in exported(s2).values()} == {torch.bfloat16}
-    for k, v in trained.items():
-        assert torch.equal(v.to(torch.bfloat16).float(), final[k]), k
+    assert_exported_in_bf16(s2, trained)
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(s2 / "model", trust_remote_code=False)
     assert hf.dtype == torch.bfloat16
     # The first loss: Eq. 3 at stage 1's W, computed in BF16 (autocast), not in FP32.
@@ -1802,10 +1807,7 @@ def test_under_torchrun_fsdp_computes_in_bf16_per_layer_group_and_exports_what_i
     finally:
         model = None
         distributed.close()
-    assert {v.dtype for v in exported(tmp_path).values()} == {torch.bfloat16}
-    final = llava.load(str(tmp_path / "model")).state_dict()  # the llava-hf layout, read back
-    assert set(final) == set(trained)
-    assert all(torch.equal(trained[k].to(torch.bfloat16).float(), final[k]) for k in final)
+    assert_exported_in_bf16(tmp_path, trained)
     torch.manual_seed(0)  # train.py's seed: the same random W
     start = llava.build(common[1], common[3], projector="mlp2x_gelu", vision_dtype=torch.bfloat16)
     fp32 = first_step_loss(start, world / "instruct.json", world / "images", 8, 2)
